@@ -1,0 +1,182 @@
+"""
+Reading and writing safetensors files, strictly and safely.
+
+Every weight file in this project goes through here, so the rules hold everywhere:
+- only safetensors are read (no pickle from a file a user was sent);
+- a missing, truncated or corrupt file is reported by name before any tensor is touched;
+- loading into a module is strict: every missing, unexpected or mis-shaped key is listed, with a hint;
+- writes go to a temporary file that is renamed over the target, so a kill mid-write never corrupts the old file.
+"""
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used as asked: the message names the file and the problem."""
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Parse and validate a safetensors header without reading the tensors.
+
+    Returns (entries, metadata): entries maps key -> {"dtype", "shape", "data_offsets"}.
+    Raises CheckpointError for a missing, truncated or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file (truncated or empty?)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}: "
+                                  "not a safetensors file, or truncated")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); is this a .ckpt/.pt pickle renamed? "
+                              "Only safetensors are read.") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors metadata (must map strings to strings)")
+    data_len = size - 8 - n
+    for key, e in header.items():
+        try:
+            dtype, shape, (start, end) = e["dtype"], e["shape"], e["data_offsets"]
+            numel = 1
+            for s in shape:
+                if not isinstance(s, int) or s < 0:
+                    raise ValueError
+                numel *= s
+            ok = (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+                  and end - start == numel * _DTYPE_BYTES[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {key!r}")
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {end} of the data but the file "
+                                  f"holds {data_len}; re-download or re-copy the file")
+    return header, metadata
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    return read_header(path)[1]
+
+
+def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
+                     keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """All (or the named) tensors of a validated file, cast to dtype if given (floating tensors only)."""
+    read_header(path)
+    out = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for k in (f.keys() if keys is None else keys):
+            t = f.get_tensor(k)
+            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def read_sharded(folder: str | os.PathLike, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+    """A Hugging Face folder: `model.safetensors`, or the shards named by `model.safetensors.index.json`."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        out = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(read_safetensors(folder / shard, dtype, device))
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise CheckpointError(f"{index}: keys listed in the index but absent from the shards: {missing[:5]}")
+        return out
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors file and no model.safetensors.index.json "
+                              "(only safetensors are read; convert .bin pickles first)")
+    out = {}
+    for f in files:
+        out.update(read_safetensors(f, dtype, device))
+    return out
+
+
+def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Drop `prefix` from every key if every key has it (ComfyUI/kohya single files use `model.diffusion_model.`)."""
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], what: str,
+                     hint: Callable[[set, set, list], str] | None = None,
+                     allow_missing: Callable[[str], bool] = lambda k: False) -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key.
+
+    `hint(missing, unexpected, mismatched)` may add one sentence of diagnosis; `allow_missing(key)` marks keys
+    a file need not have (e.g. freshly initialised adapter parameters)."""
+    expected = module.state_dict(keep_vars=True)
+    missing = {k for k in expected if k not in sd and not allow_missing(k)}
+    unexpected = {k for k in sd if k not in expected}
+    mismatched = [(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in sd
+                  if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{what}: the weights do not match the model"]
+
+    def listed(name, keys):
+        keys = sorted(keys)
+        more = f" ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+        lines.append(f"  {len(keys)} {name}: " + ", ".join(keys[:20]) + more)
+
+    if missing:
+        listed("missing", missing)
+    if unexpected:
+        listed("unexpected", unexpected)
+    if mismatched:
+        shown = [f"{k} (file {f}, model {m})" for k, f, m in mismatched]
+        listed("mis-shaped", shown)
+    if hint is not None:
+        h = hint(missing, unexpected, mismatched)
+        if h:
+            lines.append("  hint: " + h)
+    raise CheckpointError("\n".join(lines))
+
+
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str,
+                hint: Callable[[set, set, list], str] | None = None,
+                allow_missing: Callable[[str], bool] = lambda k: False, assign: bool = True) -> None:
+    """check_state_dict, then load. With assign=True a model built on the meta device takes the file's tensors
+    as its parameters (no second copy of the weights is ever made)."""
+    check_state_dict(module, sd, what, hint, allow_missing)
+    module.load_state_dict(sd, strict=False, assign=assign)
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """Write safetensors to `path.tmp`, fsync, then rename: a kill mid-write leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,467 @@
+"""
+The FLUX.1 transformer, written from its formulas.
+
+References: black-forest-labs/flux (src/flux/model.py, modules/layers.py, math.py) for the architecture and the
+checkpoint key names; ../shared/design/FLUX_SPEC.md §1-2 and §5 for every constant used here.
+
+Module attribute names ARE the official checkpoint keys (`double_blocks.3.img_attn.qkv.weight`), so
+flux1-dev / flux1-schnell / flux1-kontext-dev safetensors load with no renaming table.
+
+Dimension letters used in the shape comments:
+    B batch, L sequence length (L_txt text tokens, L_img image tokens), D hidden size (3072 for dev),
+    H attention heads (24), Dh head dim (128), C packed latent channels (64 = 16 latent channels x 2 x 2).
+
+Data flow (512x512 RGB with Kontext conditioning, dev sizes):
+    latents [B,16,64,64] --pack--> tokens [B,1024,64]; cat(x_t, x_cond) -> [B,2048,64] --img_in--> [B,2048,3072]
+    T5 [B,512,4096] --txt_in--> [B,512,3072];  t, guidance, CLIP pooled y -> vec [B,3072]
+    19 double blocks (separate img/txt weights, joint attention) -> 38 single blocks on cat(txt, img) [B,2560,3072]
+    -> drop text -> final_layer -> velocity [B,2048,64]; the caller keeps the first 1024 (the x_t tokens).
+
+Semantic conditioning (sem_cross_attn.py) attaches itself as `flux.semantic`; with no module attached the model
+and its state dict are exactly the official ones.
+"""
+
+import math
+from dataclasses import dataclass, field, asdict
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from einops import rearrange
+
+from checkpoint import CheckpointError, read_safetensors, strip_prefix, load_strict
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class FluxParams:
+    in_channels: int  # packed latent channels in (64; 128 for canny/depth, 384 for fill)
+    out_channels: int  # packed channels out (64)
+    vec_in_dim: int  # CLIP pooled width (768)
+    context_in_dim: int  # T5 width (4096)
+    hidden_size: int  # D
+    mlp_ratio: float
+    num_heads: int
+    depth: int  # double-stream blocks
+    depth_single_blocks: int
+    axes_dim: list[int]  # RoPE split of the head dim over the 3 id axes
+    theta: int
+    qkv_bias: bool
+    guidance_embed: bool  # dev / Kontext are guidance-distilled; schnell is not
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _official(guidance_embed: bool) -> FluxParams:
+    return FluxParams(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                      mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                      theta=10_000, qkv_bias=True, guidance_embed=guidance_embed)
+
+
+PRESETS: dict[str, FluxParams] = {
+    "dev": _official(guidance_embed=True),
+    "schnell": _official(guidance_embed=False),
+    "kontext": _official(guidance_embed=True),  # Kontext-dev: same weights layout as dev, trained with cond tokens
+    # CPU-sized: same structure, ~3M parameters. Text widths are small because the tiny default runs without T5/CLIP.
+    "tiny": FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=64, hidden_size=128,
+                       mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=4, axes_dim=[8, 12, 12],
+                       theta=10_000, qkv_bias=True, guidance_embed=False),
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent packing and position ids (one helper each; FLUX's sampling code repeats these per task)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """2x2 patches of the VAE latent become tokens: [B, 16, h, w] -> [B, (h/2)(w/2), 64].
+    Inside a token the channel index is c*4 + ph*2 + pw; tokens run row-major over the (h/2, w/2) grid."""
+    if latents.ndim != 4 or latents.shape[-2] % 2 or latents.shape[-1] % 2:
+        raise ValueError(f"pack expects [B, C, h, w] latents with even h and w, got {tuple(latents.shape)}: "
+                         "image sides must be multiples of 16 pixels")
+    return rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of pack for an image of height x width PIXELS: [B, (H/16)(W/16), 64] -> [B, 16, H/8, W/8]."""
+    h, w = math.ceil(height / 16), math.ceil(width / 16)
+    if tokens.shape[1] != h * w:
+        raise ValueError(f"unpack: {tokens.shape[1]} tokens do not form a {h}x{w} grid for {height}x{width} pixels")
+    return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
+
+
+def image_ids(batch: int, h: int, w: int, index: int = 0, device=None) -> Tensor:
+    """Position ids of an h x w token grid: [B, h*w, 3] with (index, row, col).
+    index 0 marks the generated image; Kontext marks condition tokens with index 1 on the SAME (row, col) grid,
+    so the model knows they are a different image yet spatially aligned with the target."""
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)  # [B, h*w, 3]
+
+
+def text_ids(batch: int, length: int, device=None) -> Tensor:
+    """All text tokens sit at position (0, 0, 0): [B, L_txt, 3]."""
+    return torch.zeros(batch, length, 3, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings: sinusoidal timestep, MLP, rotary positions
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000, time_factor: float = 1000.0) -> Tensor:
+    """[B] (t in [0,1], or a guidance value) -> [B, dim] as concat(cos, sin); t is scaled by 1000 first."""
+    t = time_factor * t
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # [B, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if torch.is_floating_point(t) else emb
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    """Rotation matrices for one id axis: [B, L] -> [B, L, dim/2, 2, 2] (float32).
+    omega_k = theta^(-2k/dim); angle = pos * omega_k; R = [[cos, -sin], [sin, cos]]."""
+    assert dim % 2 == 0
+    omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)  # [dim/2]
+    angle = pos.double()[..., None] * omega  # [B, L, dim/2]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([cos, -sin, sin, cos], dim=-1)  # [B, L, dim/2, 4]
+    return rearrange(rot, "b l d (i j) -> b l d i j", i=2, j=2).float()
+
+
+class EmbedND(nn.Module):
+    """3-axis RoPE: ids [B, L, 3] -> pe [B, 1, L, Dh/2, 2, 2]; head dims split as axes_dim (16 + 56 + 56)."""
+
+    def __init__(self, dim: int, theta: int, axes_dim: list[int]):
+        super().__init__()
+        self.dim, self.theta, self.axes_dim = dim, theta, axes_dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pe = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
+        return pe.unsqueeze(1)  # [B, 1, L, Dh/2, 2, 2]: broadcast over heads
+
+
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate ADJACENT pairs (x[2k], x[2k+1]) of [B, H, L, Dh] by pe [B, 1, L, Dh/2, 2, 2], in float32."""
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)  # [B, H, L, Dh/2, 1, 2]
+    out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]  # row i: R[i,0]*x0 + R[i,1]*x1 -> [B, H, L, Dh/2, 2]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+    """Joint attention with RoPE and no mask (FLUX masks nothing, text padding included).
+    q, k, v [B, H, L, Dh] -> [B, L, H*Dh]."""
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(Dh)
+    return rearrange(x, "B H L D -> B L (H D)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalisation and modulation
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_dtype = x.dtype
+        x = x.float()
+        rrms = torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + 1e-6)  # statistics in fp32
+        return (x * rrms).to(dtype=x_dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of q and k per head: keeps attention logits bounded at bf16 and large widths."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+@dataclass
+class ModulationOut:
+    shift: Tensor  # [B, 1, D]
+    scale: Tensor
+    gate: Tensor
+
+
+class Modulation(nn.Module):
+    """vec -> (shift, scale, gate) once (single blocks) or twice (double blocks: attention and MLP)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.is_double = double
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
+
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)  # [B, D] -> k x [B, 1, D]
+        return ModulationOut(*out[:3]), (ModulationOut(*out[3:]) if self.is_double else None)
+
+
+def modulate(x: Tensor, norm: nn.Module, mod: ModulationOut) -> Tensor:
+    return (1 + mod.scale) * norm(x) + mod.shift
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class SelfAttention(nn.Module):
+    """Holds the per-stream weights of a double block's attention; the attention itself is joint (see below)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # qkv.weight rows are [all q | all k | all v], each head-major: [B, L, 3*D] -> 3 x [B, H, L, Dh]
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for image and text tokens, one attention over both: (img, txt) -> (img, txt)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.num_heads = num_heads
+        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = mlp(hidden_size, mlp_hidden)
+        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, self.img_norm1, img_mod1))  # [B, H, L_img, Dh]
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, self.txt_norm1, txt_mod1))  # [B, H, L_txt, Dh]
+        # text first, matching the order of the ids (and so of pe)
+        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
+                         torch.cat((txt_v, img_v), dim=2), pe)  # [B, L_txt + L_img, D]
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp(modulate(img, self.img_norm2, img_mod2))
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp(modulate(txt, self.txt_norm2, txt_mod2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP on the joint sequence, with one fused input and one fused output linear."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim)  # qkv | mlp in
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)  # attn out | mlp out
+        self.norm = QKNorm(hidden_size // num_heads)
+        self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden_size, double=False)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        mod, _ = self.modulation(vec)
+        qkv, mlp_in = torch.split(self.linear1(modulate(x, self.pre_norm, mod)),
+                                  [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)  # [B, L, 3D], [B, L, 4D]
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        attn = attention(q, k, v, pe)  # [B, L, D]
+        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=-1))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # (shift, scale) in this order: [B, D] each
+        x = (1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :]
+        return self.linear(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Flux(nn.Module):
+    """Rectified-flow transformer on packed latent tokens: predicts the velocity (noise - x0)."""
+
+    def __init__(self, params: FluxParams):
+        super().__init__()
+        self.params = params
+        if params.hidden_size % params.num_heads != 0:
+            raise ValueError(f"hidden_size {params.hidden_size} is not divisible by num_heads {params.num_heads}")
+        pe_dim = params.hidden_size // params.num_heads
+        if sum(params.axes_dim) != pe_dim:
+            raise ValueError(f"axes_dim {params.axes_dim} must sum to the head dim {pe_dim}")
+        if any(d % 2 for d in params.axes_dim):
+            raise ValueError(f"axes_dim {params.axes_dim}: every entry must be even (RoPE rotates pairs)")
+        self.in_channels, self.out_channels = params.in_channels, params.out_channels
+        self.hidden_size, self.num_heads = params.hidden_size, params.num_heads
+        self.pe_embedder = EmbedND(dim=pe_dim, theta=params.theta, axes_dim=params.axes_dim)
+        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
+        self.time_in = MLPEmbedder(in_dim=256, hidden_dim=params.hidden_size)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size)
+        self.guidance_in = MLPEmbedder(256, params.hidden_size) if params.guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
+            for _ in range(params.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio)
+            for _ in range(params.depth_single_blocks))
+        self.final_layer = LastLayer(params.hidden_size, 1, params.out_channels)
+        self.semantic = None  # set by sem_cross_attn.attach(); None keeps the official model and keys
+        self.gradient_checkpointing = False  # recompute block activations in backward: memory for compute
+
+    def _run(self, fn, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return activation_checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                guidance: Tensor | None = None, semantic: Tensor | None = None,
+                semantic_ids: Tensor | None = None) -> Tensor:
+        """
+        img: [B, L_img, 64] packed latents (Kontext: cat(x_t, x_cond) with cond ids axis 0 = 1)
+        img_ids: [B, L_img, 3]; txt: [B, L_txt, context_in_dim]; txt_ids: [B, L_txt, 3]
+        timesteps: [B] in [0, 1] (1 = noise); y: [B, vec_in_dim]; guidance: [B] raw value (dev/Kontext)
+        semantic: [B, N_sem, 64] packed semantic latents, semantic_ids [B, N_sem, 3] (needs an attached module)
+        returns: [B, L_img, 64] velocity for every image token
+        """
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be [B, L, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
+        if img_ids.shape[:2] != img.shape[:2] or txt_ids.shape[:2] != txt.shape[:2]:
+            raise ValueError("ids must be [B, L, 3] matching their tokens: "
+                             f"img {tuple(img.shape)} ids {tuple(img_ids.shape)}, txt {tuple(txt.shape)} "
+                             f"ids {tuple(txt_ids.shape)}")
+        sem = None
+        if semantic is not None:
+            if self.semantic is None:
+                raise ValueError("semantic tokens were given but no semantic module is attached "
+                                 "(see sem_cross_attn.attach)")
+            sem = self.semantic.prepare(semantic, semantic_ids, img_ids)
+            img = self.semantic.on_input(img, sem)  # scheme A adds to the condition tokens; identity otherwise
+
+        img = self.img_in(img)  # [B, L_img, 64] -> [B, L_img, D]
+        vec = self.time_in(timestep_embedding(timesteps, 256))  # [B, D]
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("this is a guidance-distilled model (dev/Kontext): pass guidance, e.g. 3.5")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+        vec = vec + self.vector_in(y)
+        txt = self.txt_in(txt)  # [B, L_txt, context_in_dim] -> [B, L_txt, D]
+
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # [B, 1, L_txt + L_img, Dh/2, 2, 2]
+
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run(block, img, txt, vec, pe)
+            if sem is not None:
+                img = self.semantic.after_double(i, img, sem)
+
+        L_txt = txt.shape[1]
+        x = torch.cat((txt, img), dim=1)  # [B, L_txt + L_img, D]
+        for i, block in enumerate(self.single_blocks):
+            x = self._run(block, x, vec, pe)
+            if sem is not None:  # only the image part attends to the semantic tokens; text stays untouched
+                x = torch.cat((x[:, :L_txt], self.semantic.after_single(i, x[:, L_txt:], sem)), dim=1)
+        img = x[:, L_txt:]  # [B, L_img, D]
+        return self.final_layer(img, vec)  # [B, L_img, out_channels]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading official checkpoints
+
+
+def _flux_hint(params: FluxParams):
+    def hint(missing: set, unexpected: set, mismatched: list) -> str:
+        if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in unexpected):
+            return ("this is a diffusers-format FluxTransformer2DModel; use the original single-file checkpoint "
+                    "(flux1-dev.safetensors), which has BFL key names")
+        if any(k.startswith(("encoder.", "decoder.")) for k in unexpected):
+            return "this is an autoencoder (ae.safetensors), not the transformer"
+        if any(k.startswith("guidance_in.") for k in missing) and not any("guidance_in" in k for k in unexpected):
+            return "the file has no guidance_in: this looks like a flux1-schnell checkpoint; use --preset schnell"
+        if any(k.startswith("guidance_in.") for k in unexpected):
+            return "the file has guidance_in: this looks like a dev/Kontext checkpoint; use --preset dev or kontext"
+        for k, f, m in mismatched:
+            if k == "img_in.weight" and f[1] != m[1]:
+                kind = {128: "a Canny/Depth", 384: "a Fill"}.get(f[1], f"an in_channels={f[1]}")
+                return f"img_in takes {f[1]} channels: this is {kind} checkpoint, not a base text-to-image one"
+            if k == "img_in.weight" and f[0] != m[0]:
+                return (f"the file's hidden size is {f[0]}, the preset's {m[0]}: "
+                        "it is for another model size than the chosen preset")
+        if mismatched:
+            return "shapes differ: the file is for another model size than the chosen preset"
+        if any(".lora_" in k or "lora_unet" in k for k in unexpected):
+            return "the file holds LoRA weights: load it with lora.py on top of the base model"
+        return ""
+    return hint
+
+
+def load_flux(path, params: FluxParams | str = "dev", device="cpu", dtype=torch.bfloat16) -> Flux:
+    """Build on the meta device and take the file's tensors as parameters (no second copy of 24 GB).
+    Accepts the official BFL keys with or without the `model.diffusion_model.` prefix."""
+    if isinstance(params, str):
+        if params not in PRESETS:
+            raise ValueError(f"unknown preset {params!r}; choose from {sorted(PRESETS)}")
+        params = PRESETS[params]
+    sd = read_safetensors(path, dtype=dtype, device=device)
+    sd = strip_prefix(sd, "model.diffusion_model.")
+    with torch.device("meta"):
+        model = Flux(params)
+    load_strict(model, sd, what=f"FLUX transformer {path}", hint=_flux_hint(params))
+    return model.to(device)
+
+
+def detect_preset(path) -> str:
+    """Guess a preset from a checkpoint's keys without loading tensors (dev and Kontext share a layout)."""
+    from checkpoint import read_header
+    keys = set(strip_prefix(dict.fromkeys(read_header(path)[0]), "model.diffusion_model."))
+    if "double_blocks.0.img_attn.norm.key_norm.scale" not in keys:
+        raise CheckpointError(f"{path}: not a FLUX transformer checkpoint (no double_blocks.0.img_attn.* keys)")
+    return "dev" if "guidance_in.in_layer.weight" in keys else "schnell"
