@@ -1,0 +1,354 @@
+"""
+Semantic conditioning: the semantic map as an independent control signal for FLUX (../shared/design/SEED_DESIGN.md).
+
+The semantic image is encoded into tokens on the image's own token grid, and image tokens consult them:
+
+    semantic image [B,3,H,W] --frozen FLUX VAE--> [B,16,H/8,W/8] --pack--> [B,N,64] --projection--> [B,N,D]
+                             (or a light trainable CNN: [B,3,H,W] --4 stride-2 convs--> [B,D,H/16,W/16] -> [B,N,D])
+
+Schemes (pick one with SemanticConfig.scheme):
+- "xattn" (scheme B, the default): a SemanticCrossAttention after every chosen double-stream block (on the image
+  stream) and single-stream block (on the image part of the joint sequence; text tokens are untouched):
+  queries from image tokens, keys/values from semantic tokens, QK RMSNorm as FLUX does, RoPE on BOTH sides with
+  their (row, col) positions so a region attends to the class at its own location, LayerNorm on the output and a
+  learnable scale initialised to 0.   img <- img + scale * LN(CrossAttn(img, sem))
+- "zeroconv" (scheme A): a ControlNet-style zero-initialised convolution on the packed semantic latents, added to
+  the x_cond tokens (the last N image tokens in Kontext order) before img_in.
+- "adapter" (scheme C): after each chosen block a gated adapter (semantic self-attention, image->semantic
+  cross-attention, feed-forward):   img <- img + gate * Adapter(img, sem), gate initialised to 0.
+The pixel "overlay" baseline needs no module: it is a data transform (see `overlay`).
+
+Every scheme is exactly the identity at initialisation, so training starts from the pretrained model.
+The module attaches as `flux.semantic`; its parameters are the only ones the `warmup` stage trains.
+"""
+
+import re
+from dataclasses import dataclass, asdict
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from flux_model import Flux, EmbedND, RMSNorm, apply_rope, pack
+
+SCHEMES = ("xattn", "zeroconv", "adapter")
+
+
+@dataclass
+class SemanticConfig:
+    scheme: str = "xattn"  # xattn (B) | zeroconv (A) | adapter (C)
+    encoder: str = "vae"  # vae: FLUX-VAE latents + projection | cnn: light trainable CNN on the semantic image
+    blocks: str = "all"  # all | double | single | every:K (every K-th block of each kind)
+    num_heads: int = 0  # 0: the transformer's own head count
+    inner_dim: int = 0  # attention width; 0: the transformer's hidden size. Smaller saves parameters.
+    mlp_ratio: float = 2.0  # adapter feed-forward width (scheme C)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; choose from {SCHEMES}")
+        if self.encoder not in ("vae", "cnn"):
+            raise ValueError(f"unknown semantic encoder {self.encoder!r}; choose vae or cnn")
+        if self.scheme == "zeroconv" and self.encoder != "vae":
+            raise ValueError("scheme zeroconv adds to the x_cond latent tokens, so it takes the VAE latents (encoder vae)")
+        if not re.fullmatch(r"all|double|single|every:[1-9]\d*", self.blocks):
+            raise ValueError(f"blocks must be all, double, single or every:K, got {self.blocks!r}")
+
+
+def chosen_blocks(blocks: str, n_double: int, n_single: int) -> tuple[list[int], list[int]]:
+    """Which double and single blocks get a semantic module."""
+    if blocks == "all":
+        return list(range(n_double)), list(range(n_single))
+    if blocks == "double":
+        return list(range(n_double)), []
+    if blocks == "single":
+        return [], list(range(n_single))
+    k = int(blocks.split(":")[1])
+    return list(range(0, n_double, k)), list(range(0, n_single, k))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Semantic encoders
+
+
+class LatentProjection(nn.Module):
+    """Packed VAE latents of the semantic image -> semantic tokens: [B, N, 64] -> [B, N, D]."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, tuple[int, int] | None]:
+        if tokens.ndim != 3:
+            raise ValueError(f"the vae semantic encoder takes packed latents [B, N, 64], got {tuple(tokens.shape)}")
+        return self.net(tokens), None
+
+
+class CNNEncoder(nn.Module):
+    """A light trainable encoder straight from pixels, same token grid as the VAE path (/16):
+    [B, 3, H, W] -> [B, D, H/16, W/16] -> [B, N, D]."""
+
+    def __init__(self, dim: int, width: int = 32):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width]
+        layers = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(chans[-1], dim, 3, stride=2, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if image.ndim != 4 or image.shape[1] != 3 or image.shape[-1] % 16 or image.shape[-2] % 16:
+            raise ValueError("the cnn semantic encoder takes the semantic image [B, 3, H, W] with sides multiples "
+                             f"of 16, got {tuple(image.shape)}")
+        feat = self.net(image)  # [B, 3, H, W] -> [B, D, H/16, W/16]
+        return rearrange(feat, "b d h w -> b (h w) d"), tuple(feat.shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention between image and semantic tokens
+
+
+@dataclass
+class SemanticContext:
+    """Computed once per forward, shared by every block's module."""
+    tokens: Tensor  # [B, N, D] semantic tokens
+    raw: Tensor | None  # [B, N, 64] packed latents (scheme A)
+    grid: tuple[int, int]  # (rows, cols) of the semantic token grid
+    q_pe: Tensor  # [B, 1, L_img, Dh/2, 2, 2] RoPE of image tokens (spatial axes only)
+    k_pe: Tensor  # [B, 1, N, Dh/2, 2, 2] RoPE of semantic tokens
+
+
+def sdpa_or_record(q: Tensor, k: Tensor, v: Tensor, record: list | None) -> Tensor:
+    """Fused attention normally; with a recorder, the explicit softmax so the weights can be kept.
+    q [B, H, Lq, Dh], k/v [B, H, N, Dh] -> [B, H, Lq, Dh]."""
+    if record is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)  # [B,H,Lq,N]
+    record.append(weights.mean(dim=1).detach())  # heads averaged: [B, Lq, N]
+    return (weights.to(v.dtype) @ v)
+
+
+class CrossAttention(nn.Module):
+    """Queries from x [B, L, D], keys/values from ctx [B, N, D]; QK RMSNorm and RoPE as FLUX's attention."""
+
+    def __init__(self, dim: int, inner_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, inner_dim)
+        self.to_kv = nn.Linear(dim, 2 * inner_dim)
+        self.q_norm = RMSNorm(inner_dim // num_heads)
+        self.k_norm = RMSNorm(inner_dim // num_heads)
+        self.proj = nn.Linear(inner_dim, dim)
+
+    def forward(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor, record: list | None = None) -> Tensor:
+        q = rearrange(self.to_q(x), "B L (H D) -> B H L D", H=self.num_heads)  # [B, H, L, Dh]
+        k, v = rearrange(self.to_kv(ctx), "B N (K H D) -> K B H N D", K=2, H=self.num_heads)  # 2 x [B, H, N, Dh]
+        q, k = self.q_norm(q).to(v), self.k_norm(k).to(v)
+        q, k = apply_rope(q, q_pe), apply_rope(k, k_pe)
+        out = sdpa_or_record(q, k, v, record)  # [B, H, L, Dh]
+        return self.proj(rearrange(out, "B H L D -> B L (H D)"))  # [B, L, D]
+
+
+class SemanticCrossAttention(nn.Module):
+    """Scheme B, one injection point:  img <- img + scale * LN(CrossAttn(img, sem)); scale starts at 0."""
+
+    def __init__(self, dim: int, inner_dim: int, num_heads: int):
+        super().__init__()
+        self.attn = CrossAttention(dim, inner_dim, num_heads)
+        self.norm = nn.LayerNorm(dim)
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, img: Tensor, ctx: SemanticContext, record: list | None = None) -> Tensor:
+        return img + self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe, record))
+
+
+class SemanticAdapter(nn.Module):
+    """Scheme C, one injection point: semantic self-attention, image->semantic cross-attention, feed-forward;
+    img <- img + gate * adapter(img, sem); gate starts at 0."""
+
+    def __init__(self, dim: int, inner_dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.sem_norm = nn.LayerNorm(dim)
+        self.self_attn = CrossAttention(dim, inner_dim, num_heads)  # semantic tokens attend to themselves
+        self.img_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.cross_attn = CrossAttention(dim, inner_dim, num_heads)
+        self.ff_norm = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.ff = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, img: Tensor, ctx: SemanticContext, record: list | None = None) -> Tensor:
+        s = self.sem_norm(ctx.tokens)
+        s = ctx.tokens + self.self_attn(s, s, ctx.k_pe, ctx.k_pe)  # [B, N, D]
+        h = self.cross_attn(self.img_norm(img), s, ctx.q_pe, ctx.k_pe, record)  # [B, L_img, D]
+        h = h + self.ff(self.ff_norm(h))
+        return img + self.gate * h
+
+
+class ZeroConv(nn.Module):
+    """Scheme A: packed semantic latents on their grid -> conv -> zero conv -> added to the x_cond tokens.
+    Only the last conv is zero-initialised (as ControlNet's), so gradients reach every weight from step 1."""
+
+    def __init__(self, channels: int = 64, hidden: int = 64):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.zero = nn.Conv2d(hidden, channels, 1)
+        nn.init.zeros_(self.zero.weight)
+        nn.init.zeros_(self.zero.bias)
+        self.scale = nn.Parameter(torch.ones(1))  # strength, the only thing the finetune stage adjusts
+
+    def forward(self, raw: Tensor, grid: tuple[int, int]) -> Tensor:
+        x = rearrange(raw, "b (h w) c -> b c h w", h=grid[0], w=grid[1])  # [B, N, 64] -> [B, 64, h, w]
+        x = self.zero(F.silu(self.conv(x)))
+        return self.scale * rearrange(x, "b c h w -> b (h w) c")  # [B, N, 64]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The module attached to Flux
+
+
+class SemanticModule(nn.Module):
+    """Everything semantic, under one prefix (`semantic.`) of the state dict.
+    Flux.forward calls prepare() once, on_input() before img_in, after_double()/after_single() after blocks."""
+
+    def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
+                 theta: int = 10_000):
+        super().__init__()
+        config.validate()
+        self.config = config
+        heads = config.num_heads or num_heads
+        inner = config.inner_dim or hidden_size
+        if inner % heads or (inner // heads) % 4:
+            raise ValueError(f"inner_dim {inner} / num_heads {heads} must give a head dim that is a multiple of 4 "
+                             "(RoPE rotates pairs on 2 spatial axes)")
+        head_dim = inner // heads
+        # RoPE over (row, col) only: the first id axis (target 0 / condition 1) carries no spatial meaning here, so
+        # x_t and x_cond queries both line up with the semantic token at their own location.
+        self.pe = EmbedND(dim=head_dim, theta=theta, axes_dim=[head_dim // 2, head_dim // 2])
+        self.double_ids, self.single_ids = chosen_blocks(config.blocks, depth, depth_single)
+        self.record = None  # a dict name -> list of attention maps when recording (see record_attention)
+
+        if config.scheme == "zeroconv":
+            self.zeroconv = ZeroConv()
+            return
+        self.encoder = LatentProjection(64, hidden_size) if config.encoder == "vae" else CNNEncoder(hidden_size)
+
+        def make():
+            if config.scheme == "xattn":
+                return SemanticCrossAttention(hidden_size, inner, heads)
+            return SemanticAdapter(hidden_size, inner, heads, config.mlp_ratio)
+        self.double_blocks = nn.ModuleDict({str(i): make() for i in self.double_ids})
+        self.single_blocks = nn.ModuleDict({str(i): make() for i in self.single_ids})
+
+    # -- called by Flux.forward ------------------------------------------------------------------------------------
+    def prepare(self, semantic: Tensor, semantic_ids: Tensor | None, img_ids: Tensor) -> SemanticContext:
+        B = img_ids.shape[0]
+        if self.config.scheme == "zeroconv":
+            tokens, grid = semantic, None
+        else:
+            tokens, grid = self.encoder(semantic)  # [B, N, D]
+        if semantic.shape[0] != B:
+            raise ValueError(f"semantic batch {semantic.shape[0]} != image batch {B}")
+        N = tokens.shape[1]
+        if semantic_ids is None:
+            # The semantic map is the target's size, so its tokens sit on the target grid: the first N image ids.
+            semantic_ids = img_ids[:, :N]
+        if semantic_ids.shape[:2] != (B, N):
+            raise ValueError(f"semantic_ids {tuple(semantic_ids.shape)} do not match {N} semantic tokens")
+        if grid is None:
+            grid = (int(semantic_ids[0, :, 1].max()) + 1, int(semantic_ids[0, :, 2].max()) + 1)
+        if grid[0] * grid[1] != N:
+            raise ValueError(f"{N} semantic tokens do not fill their {grid[0]}x{grid[1]} id grid")
+        return SemanticContext(tokens=tokens, raw=semantic if self.config.scheme == "zeroconv" else None, grid=grid,
+                               q_pe=self.pe(img_ids[..., 1:]), k_pe=self.pe(semantic_ids[..., 1:]))
+
+    def on_input(self, img: Tensor, ctx: SemanticContext) -> Tensor:
+        if self.config.scheme != "zeroconv":
+            return img
+        N = ctx.raw.shape[1]
+        if img.shape[1] < 2 * N:
+            raise ValueError("scheme zeroconv adds to the x_cond tokens, which must follow x_t (Kontext order); "
+                             f"got {img.shape[1]} image tokens for {N} semantic tokens")
+        # [x_t | x_cond + zeroconv(sem)]: x_cond are the last N tokens
+        return torch.cat((img[:, :-N], img[:, -N:] + self.zeroconv(ctx.raw, ctx.grid)), dim=1)
+
+    def _inject(self, kind: str, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
+        if self.config.scheme == "zeroconv":
+            return img
+        modules = self.double_blocks if kind == "double" else self.single_blocks
+        key = str(i)
+        if key not in modules:
+            return img
+        record = None
+        if self.record is not None:
+            record = self.record.setdefault(f"{kind}.{i}", [])
+        return modules[key](img, ctx, record)
+
+    def after_double(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
+        return self._inject("double", i, img, ctx)
+
+    def after_single(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
+        return self._inject("single", i, img, ctx)
+
+    # -- for training stages and visualisation ---------------------------------------------------------------------
+    def strength_parameters(self) -> list[nn.Parameter]:
+        """The scales (B), gates (C) or zero-conv strength (A): what the finetune stage trains."""
+        return [p for n, p in self.named_parameters() if n.endswith(("scale", "gate")) and p.numel() == 1]
+
+    def record_attention(self, on: bool = True):
+        """Opt in to keeping the cross-attention weights (heads averaged) per block: self.record[name] is a list of
+        [B, L_img, N] maps, one per forward call. Off: the fused attention path is used."""
+        self.record = {} if on else None
+
+
+def attach(model: Flux, config: SemanticConfig, dtype: torch.dtype | None = None) -> SemanticModule:
+    """Create the semantic module for this transformer and attach it as model.semantic, on the model's device and
+    in `dtype` (default: the model's; training keeps it fp32 under bf16 autocast)."""
+    if model.semantic is not None:
+        raise ValueError("a semantic module is already attached")
+    p = model.params
+    module = SemanticModule(config, p.hidden_size, p.num_heads, p.depth, p.depth_single_blocks, p.theta)
+    ref = model.img_in.weight
+    if ref.device.type != "meta":
+        module.to(device=ref.device, dtype=dtype or ref.dtype)
+    model.semantic = module
+    return module
+
+
+def detach(model: Flux) -> SemanticModule | None:
+    module = model.semantic
+    if module is not None:
+        del model.semantic  # removes it from the registered submodules
+        model.semantic = None
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def semantic_input(config: SemanticConfig, sem_image: Tensor, vae=None) -> Tensor:
+    """What Flux.forward's `semantic=` takes for this config: packed VAE latents [B, N, 64] for the vae encoder and
+    scheme A, the semantic image itself [B, 3, H, W] in [-1, 1] for the cnn encoder."""
+    if config.encoder == "cnn" and config.scheme != "zeroconv":
+        return sem_image
+    if vae is None:
+        raise ValueError("the vae semantic encoder needs the FLUX autoencoder to encode the semantic image")
+    with torch.no_grad():
+        return pack(vae.encode(sem_image))  # [B, 3, H, W] -> [B, 16, H/8, W/8] -> [B, N, 64]
+
+
+def overlay(rgb: Tensor, sem: Tensor, alpha: float = 0.5) -> Tensor:
+    """The pixel-fusion baseline the design replaces: the semantic image alpha-blended into the RGB image.
+    Both [B, 3, H, W] in [-1, 1]."""
+    if rgb.shape != sem.shape:
+        raise ValueError(f"overlay needs images of one size, got rgb {tuple(rgb.shape)} and semantic {tuple(sem.shape)}")
+    return (1 - alpha) * rgb + alpha * sem
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
