@@ -1,0 +1,827 @@
+"""
+Paired data for visible -> infrared generation: loading, checking, importing and synthesising
+(visible RGB, semantic map, infrared) triples.
+
+Dataset layout (what PairedDataset reads and every command here writes):
+
+    root/rgb/<stem>.png    visible image
+    root/sem/<stem>.png    semantic map: colours from the class palette, or an index image of label ids
+    root/ir/<stem>.png     infrared image, 8-bit or 16-bit grey
+    root/classes.json      optional; without it the synthetic classes (DEFAULT_CLASSES) are used
+
+Files pair up by stem; .png .jpg .jpeg .bmp .tif .tiff are read (any case). Sides must be multiples of 16
+(8x VAE downsampling times FLUX's 2x2 patches); otherwise pass size=S (--size S): the shorter side is resized
+to S and the centre SxS is cropped. Sizes that disagree inside a pair are an error, never silently resized.
+
+classes.json:
+    {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "hot": false}, ...]}
+"hot" marks classes that are hot targets in infrared (people, running engines); evaluation uses it for the
+hallucination and miss rates. ids are 0..65535, colours and names unique, "hot" defaults to false.
+
+How image modes are read (PIL modes; every loader first applies the EXIF orientation, like a photo viewer):
+    load_rgb  -> [3, H, W] float in [-1, 1]
+        RGB as is; L and 1 are replicated to 3 channels; P goes through its palette; CMYK/YCbCr are converted.
+        Alpha (RGBA, LA, PA) is DROPPED, not composited: RGB-T datasets such as MFNet keep thermal in the 4th
+        channel, and treating it as transparency would darken the picture by temperature.
+        16-bit grey (I;16*, I) is scaled by 65535.
+    load_ir   -> [1, H, W] float in [0, 1]
+        8-bit grey (L, 1, LA) is scaled by 255 and 16-bit grey (I;16*, I) by 65535, so 8- and 16-bit files
+        of the same scene agree. Colour files (RGB, P, ...) are reduced to the mean of their channels: exact
+        for grey stored as RGB (LLVIP, FLIR), meaningless for false-colour IR, which cannot be inverted.
+    load_semantic -> (ids [H, W] long, colour [3, H, W] float in [-1, 1])
+        Index images (L, P, 1, I;16*, I; LA/PA with alpha dropped) hold label ids; for P that is the
+        palette INDEX, whatever colour the file's own palette gives it. Colour images (RGB, RGBA with alpha
+        dropped, ...) are mapped back through the class palette, and a colour that is not in it is an error
+        (JPEG artefacts and anti-aliased edges are the usual cause: keep semantic maps lossless). The
+        returned colour is always re-rendered from the ids with the class palette.
+    32-bit float images (F) are refused: their scale is unknown.
+Every problem with a file or folder raises DataError (a ValueError) whose message names the file.
+
+Commands (python data.py -h):
+    synth OUT --count N --size S [--seed K]   synthetic scenes whose semantic map knows what RGB cannot
+    import-mfnet SRC OUT / import-fmb SRC OUT   convert the public RGB-T segmentation sets to this layout
+    check ROOT [--size S]                      decode every pair and print a summary
+    example OUT --seed K                       one 128x128 scene as OUT/{rgb,sem,ir}.png (see examples/)
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin  # noqa: F401
+from tqdm import tqdm
+
+FOLDERS = ("rgb", "sem", "ir")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Only these decoders may run (imported above so they are registered): PIL would otherwise hand some files
+# (EPS) to external programs. Phone JPEGs that PIL calls MPO come through the JPEG decoder.
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+MULTIPLE = 16  # 8x VAE downsampling * 2x2 patch packing
+
+
+class DataError(ValueError):
+    """A file, folder or class table that cannot be used: the message names it and says what is wrong."""
+
+
+# -----------------------------------------------------------------------------
+# Classes
+
+@dataclass(frozen=True)
+class SemClass:
+    id: int
+    name: str
+    color: tuple[int, int, int]
+    hot: bool = False
+
+
+def _classes(rows) -> tuple[SemClass, ...]:
+    return tuple(SemClass(i, name, tuple(color), hot) for i, name, color, hot in rows)
+
+
+# Synthetic scenes (make_scene). poster / car_parked look exactly like person / car_running in RGB.
+DEFAULT_CLASSES = _classes([
+    (0, "sky", (70, 130, 180), False),
+    (1, "road", (128, 64, 128), False),
+    (2, "building", (70, 70, 70), False),
+    (3, "vegetation", (107, 142, 35), False),
+    (4, "person", (220, 20, 60), True),
+    (5, "poster", (255, 170, 0), False),
+    (6, "car_running", (0, 0, 142), True),
+    (7, "car_parked", (0, 170, 170), False),
+])
+
+# MFNet (Ha et al. 2017), colours as in the RTFNet visualisation. Hot = car, person, bike is OUR choice:
+# MFNet does not say which cars are running, so parked cars count as hot and miss rates on them are pessimistic.
+MFNET_CLASSES = _classes([
+    (0, "unlabeled", (0, 0, 0), False),
+    (1, "car", (64, 0, 128), True),
+    (2, "person", (64, 64, 0), True),
+    (3, "bike", (0, 128, 192), True),
+    (4, "curve", (0, 0, 192), False),
+    (5, "car_stop", (128, 128, 0), False),
+    (6, "guardrail", (64, 64, 128), False),
+    (7, "color_cone", (192, 128, 128), False),
+    (8, "bump", (192, 64, 0), False),
+])
+
+# FMB (SegMiF, Liu et al. 2023), Cityscapes-like colours. Hot = people and motor vehicles is OUR choice:
+# a bicycle has no engine (its rider is a person), traffic lights are too small and too dim to count.
+FMB_CLASSES = _classes([
+    (0, "unlabeled", (0, 0, 0), False),
+    (1, "road", (128, 64, 128), False),
+    (2, "sidewalk", (244, 35, 232), False),
+    (3, "building", (70, 70, 70), False),
+    (4, "traffic_light", (250, 170, 30), False),
+    (5, "traffic_sign", (220, 220, 0), False),
+    (6, "vegetation", (107, 142, 35), False),
+    (7, "sky", (70, 130, 180), False),
+    (8, "person", (220, 20, 60), True),
+    (9, "car", (0, 0, 142), True),
+    (10, "truck", (0, 0, 70), True),
+    (11, "bus", (0, 60, 100), True),
+    (12, "motorcycle", (0, 0, 230), True),
+    (13, "bicycle", (119, 11, 32), False),
+    (14, "pole", (153, 153, 153), False),
+])
+
+
+def validate_classes(classes, where="classes") -> tuple[SemClass, ...]:
+    """Check a class table: non-empty, ids 0..65535, colours 3 ints in 0..255, ids/colours/names unique."""
+    classes = tuple(classes)
+    if not classes:
+        raise DataError(f"{where}: no classes")
+    seen = {"id": {}, "color": {}, "name": {}}
+    for c in classes:
+        if isinstance(c.id, bool) or not isinstance(c.id, int) or not 0 <= c.id <= 65535:
+            raise DataError(f"{where}: class {c.name!r} has id {c.id!r}; ids are integers 0..65535")
+        if not isinstance(c.name, str) or not c.name:
+            raise DataError(f"{where}: class id {c.id} has name {c.name!r}; names are non-empty strings")
+        if (len(c.color) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255
+                                     for v in c.color)):
+            raise DataError(f"{where}: class {c.name!r} has color {list(c.color)}; "
+                            "colours are [r, g, b], ints 0..255")
+        if not isinstance(c.hot, bool):
+            raise DataError(f"{where}: class {c.name!r} has hot {c.hot!r}; hot is true or false")
+        for key, value in (("id", c.id), ("color", tuple(c.color)), ("name", c.name)):
+            if value in seen[key]:
+                raise DataError(f"{where}: classes {seen[key][value]!r} and {c.name!r} share the {key} {value}")
+            seen[key][value] = c.name
+    return classes
+
+
+def load_classes(path=None) -> tuple[SemClass, ...]:
+    """Read and validate a classes.json; None gives DEFAULT_CLASSES."""
+    if path is None:
+        return DEFAULT_CLASSES
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read class table ({type(e).__name__}: {e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list):
+        raise DataError(f'{path}: expected {{"classes": [{{"id", "name", "color", "hot"}}, ...]}}')
+    classes = []
+    for i, entry in enumerate(doc["classes"]):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: classes[{i}] is not an object")
+        missing = {"id", "name", "color"} - entry.keys()
+        unknown = entry.keys() - {"id", "name", "color", "hot"}  # strict, so a typo like "colour" is caught
+        if missing or unknown:
+            raise DataError(f"{path}: classes[{i}] missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+        color = entry["color"]
+        if not isinstance(color, list):
+            raise DataError(f"{path}: classes[{i}] color {color!r} is not a list [r, g, b]")
+        classes.append(SemClass(entry["id"], entry["name"], tuple(color), entry.get("hot", False)))
+    return validate_classes(classes, where=str(path))
+
+
+def save_classes(classes, path):
+    """Write a classes.json, one class per line."""
+    rows = [json.dumps({"id": c.id, "name": c.name, "color": list(c.color), "hot": c.hot}) for c in classes]
+    Path(path).write_text('{"classes": [\n  ' + ",\n  ".join(rows) + "\n]}\n", encoding="utf-8")
+
+
+def hot_ids(classes) -> list[int]:
+    return [c.id for c in classes if c.hot]
+
+
+def palette(classes) -> np.ndarray:
+    """uint8 [max_id + 1, 3]: row i is the colour of class id i (black for unused ids)."""
+    lut = np.zeros((max(c.id for c in classes) + 1, 3), np.uint8)
+    for c in classes:
+        lut[c.id] = c.color
+    return lut
+
+
+def render_semantic(ids, classes) -> torch.Tensor:
+    """Label ids [..., H, W] (tensor or array) -> colour [..., 3, H, W] float in [-1, 1] via the class palette."""
+    lut = torch.from_numpy(palette(classes)).float() / 127.5 - 1
+    ids = torch.as_tensor(ids).long()
+    return lut[ids].movedim(-1, -3).contiguous()  # [..., H, W, 3] -> [..., 3, H, W]
+
+
+# -----------------------------------------------------------------------------
+# Reading one image
+
+def _open(path) -> Image.Image:
+    """Decode an image fully and apply its EXIF orientation. Any failure -> DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with Image.open(path, formats=PIL_FORMATS) as img:
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:
+                pass  # unreadable EXIF: keep the pixels as stored, as most viewers do
+    except Exception as e:  # PIL's decoders raise a zoo of types on bad input (OSError, SyntaxError, struct.error...)
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
+                        "expected an uncorrupted PNG/JPEG/BMP/TIFF file") from e
+    if img.width == 0 or img.height == 0:
+        raise DataError(f"{path}: image is empty ({img.width}x{img.height})")
+    return img
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only: cheap enough for thousands of files."""
+    path = Path(path)
+    try:
+        with Image.open(path, formats=PIL_FORMATS) as img:
+            w, h = img.size
+            # PNG.getexif() decodes the whole image when no EXIF was seen yet; only ask when the header had one.
+            has_exif = img.format != "PNG" or any(k in img.info for k in ("exif", "XML:com.adobe.xmp", "xmp"))
+            try:
+                orientation = img.getexif().get(0x0112, 1) if has_exif else 1
+            except Exception:
+                orientation = 1  # same leniency as _open
+    except Exception as e:
+        raise DataError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # these orientations swap the sides
+
+
+def _is_int_grey(img) -> bool:
+    return img.mode == "I" or img.mode.startswith("I;16")
+
+
+def _grey16(img, path) -> np.ndarray:
+    """16-bit grey (I;16*, I) -> int64 [H, W], checked to lie in 0..65535."""
+    a = np.asarray(img).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise DataError(f"{path}: mode {img.mode} values span {a.min()}..{a.max()}, outside 16-bit 0..65535")
+    return a
+
+
+def _refuse_float(img, path):
+    if img.mode == "F":
+        raise DataError(f"{path}: 32-bit float image (mode F) has no known scale; save it as 8- or 16-bit")
+
+
+def _as_rgb(img) -> Image.Image:
+    """8-bit modes -> RGB: alpha dropped, P through its palette, grey replicated."""
+    if img.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these only to their straight forms
+        img = img.convert(img.mode.upper())
+    return img.convert("RGB")
+
+
+def _rgb01(img, path) -> np.ndarray:
+    """Any supported mode -> float32 [H, W, 3] in [0, 1]."""
+    _refuse_float(img, path)
+    if _is_int_grey(img):
+        return np.repeat(_grey16(img, path)[..., None] / 65535.0, 3, axis=2).astype(np.float32)
+    return np.asarray(_as_rgb(img), np.float32) / 255.0
+
+
+def _ir01(img, path) -> tuple[np.ndarray, int]:
+    """Any supported mode -> (float32 [H, W] in [0, 1], bit depth of the source: 8 or 16)."""
+    _refuse_float(img, path)
+    if _is_int_grey(img):
+        return (_grey16(img, path) / 65535.0).astype(np.float32), 16
+    if img.mode in ("L", "1", "LA", "La"):
+        return np.asarray(img.getchannel(0).convert("L"), np.float32) / 255.0, 8
+    return _rgb01(img, path).mean(axis=2), 8  # grey stored as colour: the channels are equal
+
+
+def _color_code(rgb: np.ndarray) -> np.ndarray:
+    """[..., 3] ints -> [...] one int per colour (0xRRGGBB)."""
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _semantic_ids(img, path, classes) -> np.ndarray:
+    """Index or colour semantic image -> int64 [H, W] of label ids, every one of them a class id."""
+    _refuse_float(img, path)
+    if _is_int_grey(img):
+        ids = _grey16(img, path)
+    elif img.mode in ("L", "P", "1", "LA", "PA", "La"):
+        ids = np.asarray(img.getchannel(0)).astype(np.int64)  # for P: the palette index IS the label id
+    else:
+        return _ids_from_colours(np.asarray(_as_rgb(img), np.int64), path, classes)
+    valid = np.zeros(65536, bool)
+    valid[[c.id for c in classes]] = True
+    ok = (ids >= 0) & (ids <= 65535)
+    ok[ok] = valid[ids[ok]]
+    if not ok.all():
+        bad, counts = np.unique(ids[~ok], return_counts=True)
+        listed = ", ".join(f"{b} x {n} px" for b, n in list(zip(bad, counts))[:10])
+        raise DataError(f"{path}: label id(s) not in the class table: {listed}{' ...' if len(bad) > 10 else ''}; "
+                        f"known ids: {sorted(c.id for c in classes)}")
+    return ids
+
+
+def _ids_from_colours(rgb: np.ndarray, path, classes) -> np.ndarray:
+    """[H, W, 3] colours -> [H, W] ids through the class palette; a colour not in it is an error."""
+    code = _color_code(rgb)                                                       # [H, W, 3] -> [H, W]
+    table = sorted((int(_color_code(np.array(c.color))), c.id) for c in classes)
+    known, known_ids = np.array([k for k, _ in table]), np.array([i for _, i in table], np.int64)
+    pos = np.clip(np.searchsorted(known, code), 0, len(known) - 1)  # a sorted lookup, no per-pixel dict
+    ok = known[pos] == code
+    if not ok.all():
+        bad, counts = np.unique(code[~ok], return_counts=True)
+        top = np.argsort(-counts)[:5]
+        listed = ", ".join(f"({b >> 16}, {(b >> 8) & 255}, {b & 255}) x {n} px"
+                           for b, n in zip(bad[top], counts[top]))
+        lossy = Path(path).suffix.lower() in (".jpg", ".jpeg")
+        hint = " (JPEG invents colours: keep semantic maps PNG)" if lossy else ""
+        raise DataError(f"{path}: {len(bad)} colour(s) not in the class palette, {int(counts.sum())} px in all: "
+                        f"{listed}{' ...' if len(bad) > 5 else ''}{hint}")
+    return known_ids[pos]
+
+
+def load_rgb(path) -> torch.Tensor:
+    """Visible image -> float [3, H, W] in [-1, 1]."""
+    rgb = _rgb01(_open(path), path)
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous() * 2 - 1  # [H, W, 3] in [0,1] -> [3, H, W] in [-1,1]
+
+
+def load_ir(path) -> torch.Tensor:
+    """Infrared image -> float [1, H, W] in [0, 1] (8-bit / 255, 16-bit / 65535)."""
+    ir, _ = _ir01(_open(path), path)
+    return torch.from_numpy(ir)[None]  # [H, W] -> [1, H, W]
+
+
+def load_semantic(path, classes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantic map -> (ids long [H, W], colour float [3, H, W] in [-1, 1] rendered from the ids)."""
+    ids = torch.from_numpy(_semantic_ids(_open(path), path, classes))
+    return ids, render_semantic(ids, classes)
+
+
+def ir_to_rgb(ir: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] in [0, 1] -> [B, 3, H, W] in [-1, 1]: the VAE takes 3 channels."""
+    if ir.dim() < 3 or ir.shape[-3] != 1:
+        raise DataError(f"ir_to_rgb: expected [B, 1, H, W], got {list(ir.shape)}")
+    return (ir * 2 - 1).repeat_interleave(3, dim=-3)
+
+
+def rgb_to_ir(rgb: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> [B, 1, H, W] in [0, 1], the mean of the channels (clamped)."""
+    if rgb.dim() < 3 or rgb.shape[-3] != 3:
+        raise DataError(f"rgb_to_ir: expected [B, 3, H, W], got {list(rgb.shape)}")
+    return ((rgb.mean(dim=-3, keepdim=True) + 1) / 2).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# Folders of pairs
+
+def _list_images(folder) -> dict[str, Path]:
+    """stem -> path for the image files in a folder. Hidden files and other extensions are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTS or not p.is_file():
+            continue
+        if p.stem in files:
+            raise DataError(f"{folder}: two files share the stem {p.stem!r}: {files[p.stem].name} and {p.name}")
+        files[p.stem] = p
+    return files
+
+
+def _match_stems(where, files: dict[str, dict[str, Path]]) -> list[str]:
+    """Stems present in every folder; any stem missing from some folder is an error listing them."""
+    every = set.union(*(set(f) for f in files.values()))
+    if not every:
+        raise DataError(f"{where}: no images ({', '.join(IMAGE_EXTS)}) in {', '.join(k + '/' for k in files)}")
+    problems = []
+    for folder, found in files.items():
+        missing = sorted(every - set(found))
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+            problems.append(f"  {len(missing)} stem(s) missing from {folder}/: {shown}")
+    if problems:
+        raise DataError(f"{where}: file stems do not match across {', '.join(k + '/' for k in files)}\n"
+                        + "\n".join(problems))
+    return sorted(every)
+
+
+def _center_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """[C, H, W] -> [C, size, size]: shorter side resized to `size`, then the centre cropped."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        # antialias: no aliasing when shrinking rgb/ir. Semantic ids use NEAREST, which must never mix labels.
+        x = F.interpolate(x[None].float(), size=(nh, nw), mode=mode, antialias=mode == "bicubic")[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top:top + size, left:left + size]
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """(rgb, sem, ir) triples from root/{rgb,sem,ir}/<stem>.* (see the module docstring).
+
+    size=None keeps each image's size (sides must be multiples of 16); size=S gives SxS: shorter side
+    resized to S (BICUBIC with antialias for rgb/ir, NEAREST for semantic ids so they stay valid labels),
+    then centre-cropped. classes: None -> root/classes.json if present, else DEFAULT_CLASSES; or a path, or
+    a sequence of SemClass.
+
+    item = {"name": stem, "rgb": [3,S,S] in [-1,1], "sem": colour [3,S,S] in [-1,1], "sem_ids": [S,S] long,
+            "ir": [1,S,S] in [0,1]}
+    """
+
+    def __init__(self, root, size=None, classes=None):
+        self.root = root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such dataset folder")
+        missing = [d + "/" for d in FOLDERS if not (root / d).is_dir()]
+        if missing:
+            raise DataError(f"{root}: missing folder(s) {', '.join(missing)}; expected {root}/rgb, sem, ir "
+                            "with matching file stems")
+        valid_size = isinstance(size, int) and not isinstance(size, bool) and size > 0 and size % MULTIPLE == 0
+        if size is not None and not valid_size:
+            raise DataError(f"{root}: size={size!r}; it must be a positive multiple of {MULTIPLE}")
+        self.size = size
+        if classes is None:
+            classes = root / "classes.json" if (root / "classes.json").is_file() else None
+        if classes is None or isinstance(classes, (str, Path)):
+            self.classes = load_classes(classes)
+        else:
+            self.classes = validate_classes(classes)
+        self.files = {d: _list_images(root / d) for d in FOLDERS}
+        self.names = _match_stems(root, self.files)
+
+        # Check every pair from the headers alone; decoding all files here would make startup slow.
+        self.sizes, mismatched, unaligned = [], [], []
+        for name in self.names:
+            sizes = {d: image_size(self.files[d][name]) for d in FOLDERS}
+            if len(set(sizes.values())) > 1:
+                mismatched.append(f"  {name}: " + ", ".join(f"{d} {w}x{h}" for d, (w, h) in sizes.items()))
+            w, h = sizes["rgb"]
+            if w % MULTIPLE or h % MULTIPLE:
+                unaligned.append(f"{name} {w}x{h}")
+            self.sizes.append((w, h))
+        if mismatched:
+            raise DataError(f"{root}: {len(mismatched)} pair(s) whose rgb/sem/ir sizes disagree (align them; "
+                            "they are not resized silently):\n" + "\n".join(mismatched[:10])
+                            + (f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""))
+        if unaligned and size is None:
+            raise DataError(f"{root}: {len(unaligned)} pair(s) have sides that are not multiples of {MULTIPLE} "
+                            f"(e.g. {', '.join(unaligned[:3])}); pass size=S (--size S) to resize the shorter "
+                            "side to S and centre-crop SxS")
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        name = self.names[i]
+        paths = {d: self.files[d][name] for d in FOLDERS}
+        rgb = load_rgb(paths["rgb"])                             # [3, H, W]
+        ids, sem = load_semantic(paths["sem"], self.classes)     # [H, W], [3, H, W]
+        ir = load_ir(paths["ir"])                                # [1, H, W]
+        shapes = {"rgb": tuple(rgb.shape[-2:]), "sem": tuple(ids.shape), "ir": tuple(ir.shape[-2:])}
+        if len(set(shapes.values())) > 1:  # the header check can miss an orientation stored after the pixels
+            raise DataError(f"{self.root}: pair {name!r} decodes to different sizes (HxW): {shapes}")
+        if self.size is not None:
+            rgb = _center_square(rgb, self.size, "bicubic").clamp(-1, 1)  # bicubic overshoots the range
+            ir = _center_square(ir, self.size, "bicubic").clamp(0, 1)
+            ids = _center_square(ids[None].float(), self.size, "nearest-exact")[0].long()  # exact for ids < 2^24
+            sem = render_semantic(ids, self.classes)
+        return {"name": name, "rgb": rgb, "sem": sem, "sem_ids": ids, "ir": ir}
+
+
+def check(root, size=None, progress=False) -> str:
+    """Decode every pair of a dataset folder; return a printable summary, or raise DataError listing failures."""
+    ds = PairedDataset(root, size=size)
+    n_ids = max(c.id for c in ds.classes) + 1
+    pixels, images = torch.zeros(n_ids, dtype=torch.long), torch.zeros(n_ids, dtype=torch.long)
+    ir_min, ir_max, ir_sum, ir_n, failures = 1.0, 0.0, 0.0, 0, []
+    for i in tqdm(range(len(ds)), desc="check", disable=not progress):
+        try:
+            item = ds[i]
+        except DataError as e:
+            failures.append(str(e))
+            continue
+        counts = torch.bincount(item["sem_ids"].flatten(), minlength=n_ids)
+        pixels += counts
+        images += counts > 0
+        ir = item["ir"]
+        ir_min, ir_max = min(ir_min, ir.min().item()), max(ir_max, ir.max().item())
+        ir_sum, ir_n = ir_sum + ir.sum().item(), ir_n + ir.numel()
+    if failures:
+        raise DataError(f"{root}: {len(failures)} of {len(ds)} pair(s) failed to load:\n"
+                        + "\n".join(failures[:10]) + ("\n..." if len(failures) > 10 else ""))
+    sizes = Counter(ds.sizes)
+    lines = [f"{root}: {len(ds)} pairs",
+             "sizes on disk: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items())),
+             f"served as: {'%dx%d (resize + centre crop)' % (size, size) if size else 'stored size'}",
+             f"ir: min {ir_min:.3f} mean {ir_sum / max(ir_n, 1):.3f} max {ir_max:.3f}",
+             f"{'id':>5} {'name':<16} {'hot':<4} {'pixels':>8} {'images':>7}"]
+    total = max(pixels.sum().item(), 1)
+    for c in ds.classes:
+        lines.append(f"{c.id:>5} {c.name:<16} {'yes' if c.hot else 'no':<4} "
+                     f"{100 * pixels[c.id].item() / total:7.2f}% {images[c.id].item():>7}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Writing pairs, and importers for public RGB-T segmentation sets
+
+def _new_layout(out) -> Path:
+    out = Path(out)
+    for d in FOLDERS:
+        if (out / d).is_dir() and any((out / d).iterdir()):
+            raise DataError(f"{out / d}: not empty; write into a new folder so old pairs are not mixed in")
+        (out / d).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_pair(out, name, rgb, ids, ir, classes):
+    """rgb uint8 [H, W, 3], ids [H, W], ir uint8 or uint16 [H, W] -> out/{rgb,sem,ir}/name.png."""
+    Image.fromarray(np.ascontiguousarray(rgb, np.uint8)).save(out / "rgb" / f"{name}.png")
+    Image.fromarray(palette(classes)[ids]).save(out / "sem" / f"{name}.png")  # colour, viewable as is
+    Image.fromarray(np.ascontiguousarray(ir)).save(out / "ir" / f"{name}.png")  # uint16 -> 16-bit grey PNG
+
+
+def import_mfnet(src, out, progress=False) -> int:
+    """MFNet: src/images/*.png are 4-channel RGB-T (0-2 RGB, 3 thermal), src/labels/*.png label ids 0..8."""
+    src = Path(src)
+    files = {"images": _list_images(src / "images"), "labels": _list_images(src / "labels")}
+    names = _match_stems(src, files)
+    out = _new_layout(out)
+    for name in tqdm(names, desc="import-mfnet", disable=not progress):
+        img_path, label_path = files["images"][name], files["labels"][name]
+        img = _open(img_path)
+        if img.mode != "RGBA":
+            raise DataError(f"{img_path}: mode {img.mode}; MFNet images are 4-channel RGB-T PNGs "
+                            "(thermal = 4th channel)")
+        rgbt = np.asarray(img)                                                   # [H, W, 4] uint8
+        ids = _semantic_ids(_open(label_path), label_path, MFNET_CLASSES)        # [H, W]
+        if ids.shape != rgbt.shape[:2]:
+            raise DataError(f"{src}: pair {name!r}: image {rgbt.shape[1]}x{rgbt.shape[0]} "
+                            f"but label {ids.shape[1]}x{ids.shape[0]}")
+        _write_pair(out, name, rgbt[..., :3], ids, rgbt[..., 3], MFNET_CLASSES)
+    save_classes(MFNET_CLASSES, out / "classes.json")
+    return len(names)
+
+
+def import_fmb(src, out, progress=False) -> int:
+    """FMB: src/Visible, src/Infrared, src/Label (ids 0..14) with matching stems; point src at one split."""
+    src = Path(src)
+    if not (src / "Visible").is_dir() and any((src / s / "Visible").is_dir() for s in ("train", "test")):
+        raise DataError(f"{src}: no Visible/ here, but a split folder has one; "
+                        "import FMB/train and FMB/test separately")
+    files = {d: _list_images(src / d) for d in ("Visible", "Infrared", "Label")}
+    names = _match_stems(src, files)
+    out = _new_layout(out)
+    for name in tqdm(names, desc="import-fmb", disable=not progress):
+        p = {d: files[d][name] for d in files}
+        rgb = np.round(_rgb01(_open(p["Visible"]), p["Visible"]) * 255).astype(np.uint8)  # [H, W, 3]
+        ir, bits = _ir01(_open(p["Infrared"]), p["Infrared"])                             # [H, W] in [0,1]
+        ir = np.round(ir * 65535).astype(np.uint16) if bits == 16 else np.round(ir * 255).astype(np.uint8)
+        ids = _semantic_ids(_open(p["Label"]), p["Label"], FMB_CLASSES)
+        shapes = {"Visible": rgb.shape[:2], "Infrared": ir.shape, "Label": ids.shape}
+        if len(set(shapes.values())) > 1:
+            raise DataError(f"{src}: pair {name!r} sizes disagree (HxW): {shapes}")
+        _write_pair(out, name, rgb, ids, ir, FMB_CLASSES)
+    save_classes(FMB_CLASSES, out / "classes.json")
+    return len(names)
+
+
+# -----------------------------------------------------------------------------
+# Synthetic scenes: the semantic map knows what the RGB image cannot show
+#
+# A poster is a printed life-size person and a parked car looks like a running one: both are drawn by the same
+# code, from the same parameter distribution, at the same places, so no RGB model can tell them apart. Only
+# the semantic map says which figures and cars are hot. A generator that ignores it must hallucinate heat on
+# posters or miss it on people.
+#
+# IR value ("temperature") per class, before blur and noise; per-scene and per-object offsets add +-0.03.
+#                  day    night
+TEMPERATURE = {
+    "sky":         (0.08, 0.05),   # clear sky radiates little
+    "road":        (0.42, 0.30),   # asphalt warms in the sun
+    "building":    (0.36, 0.32),
+    "vegetation":  (0.26, 0.22),   # transpiration keeps leaves cool
+    "poster":      (0.34, 0.28),   # ambient paper
+    "car_parked":  (0.40, 0.27),   # ambient metal, sun-warmed by day
+    "person":      (0.82, 0.84),   # clothed body; head +0.08
+    "car_running": (0.80, 0.80),   # body; engine +0.12, wheels +0.15, windows -0.04
+}
+PART_DELTA = {"head": 0.08, "engine": 0.12, "wheel": 0.15, "window": -0.04}  # hot kinds; cold ones: window only
+# Hot kinds stay >= 0.73 and cold ones <= 0.45 before blur (sigma 0.4-1.0 px at 128 px) and noise (sigma
+# 0.003-0.012), so one threshold separates them: on 300 scenes 99.9% of hot-class pixels lie above it and 99.98%
+# of cold ones below (the rest are blurred edges), and every hot region's mean IR is above, every cold one's below.
+HOT_THRESHOLD = 0.6
+_ID = {c.name: c.id for c in DEFAULT_CLASSES}
+
+
+def sample_scene(rng: np.random.Generator, size: int) -> dict:
+    """Draw every random choice of a scene. render_scene(scene) is then a pure function of it."""
+    S = size
+    u = rng.uniform
+    scene = {"size": S, "night": bool(rng.random() < 0.4), "horizon": u(0.35, 0.5) * S,
+             "sky": u(0.85, 1.1), "road": [u(80, 110)] * 3, "buildings": [], "trees": [], "objects": [],
+             "offset": {k: u(-0.03, 0.03) for k in ("sky", "road", "building", "vegetation")},
+             "blur": u(0.4, 1.0) * S / 128, "noise": u(0.003, 0.012), "seeds": rng.integers(2**32, size=2)}
+    x = u(-0.1, 0.05) * S
+    while x < S:
+        w = u(0.15, 0.35) * S
+        scene["buildings"].append({"x0": x, "x1": x + w, "h": u(0.12, 0.4) * S,
+                                   "color": [u(90, 200)] * 3 + np.array([u(0, 40), u(0, 20), 0]),
+                                   "window": u(0.03, 0.06) * S})
+        x += w + u(0, 0.12) * S
+    for _ in range(rng.integers(0, 4)):
+        scene["trees"].append({"x": u(0, 1) * S, "h": u(0.15, 0.3) * S, "r": u(0.06, 0.12) * S,
+                               "color": [u(30, 70), u(100, 150), u(25, 50)]})
+    ground = S - scene["horizon"]
+    for _ in range(rng.integers(1, 5)):
+        by = scene["horizon"] + u(0.15, 1.0) * ground  # base on the ground; nearer objects are lower and larger
+        d = (by - scene["horizon"]) / ground
+        is_car, hot = rng.random() < 0.5, rng.random() < 0.5  # the kind is a coin flip independent of the looks
+        obj = {"by": by, "cx": u(0.05, 0.95) * S, "offset": u(-0.03, 0.03)}
+        if is_car:
+            obj.update(kind="car_running" if hot else "car_parked", w=S * (0.25 + 0.45 * d),
+                       facing=int(rng.choice([-1, 1])),
+                       color=np.array([[235, 235, 235], [30, 30, 35], [170, 170, 175], [180, 30, 30],
+                                       [30, 60, 160]][rng.integers(5)]) + u(-15, 15, 3))
+        else:
+            obj.update(kind="person" if hot else "poster", h=S * (0.2 + 0.35 * d),
+                       skin=np.array([[240, 200, 170], [200, 150, 110], [140, 95, 60]][rng.integers(3)])
+                       + u(-10, 10, 3),
+                       shirt=u(30, 230, 3), trousers=u(20, 120, 3))
+        scene["objects"].append(obj)
+    scene["objects"].sort(key=lambda o: o["by"])  # painter's order: far first
+    return scene
+
+
+class _Canvas:
+    """RGB, label ids and temperature painted together, so the three always agree."""
+
+    def __init__(self, size):
+        self.S = size
+        self.rgb = np.zeros((size, size, 3), np.float32)   # 0..255
+        self.ids = np.zeros((size, size), np.uint8)
+        self.temp = np.zeros((size, size), np.float32)
+
+    def _window(self, x0, y0, x1, y1):
+        c = lambda v: int(np.clip(round(v), 0, self.S))
+        return c(y0), c(y1), c(x0), c(x1)
+
+    def rect(self, x0, y0, x1, y1, color, cls, temp, pattern=None):
+        r0, r1, c0, c1 = self._window(x0, y0, x1, y1)
+        if r1 > r0 and c1 > c0:
+            m = np.ones((r1 - r0, c1 - c0), bool) if pattern is None else pattern(r0, r1, c0, c1)
+            self._paint(r0, r1, c0, c1, m, color, cls, temp)
+
+    def ellipse(self, cx, cy, rx, ry, color, cls, temp):
+        r0, r1, c0, c1 = self._window(cx - rx, cy - ry, cx + rx + 1, cy + ry + 1)
+        yy, xx = np.mgrid[r0:r1, c0:c1] + 0.5  # pixel centres
+        self._paint(r0, r1, c0, c1, ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1, color, cls, temp)
+
+    def _paint(self, r0, r1, c0, c1, m, color, cls, temp):
+        self.rgb[r0:r1, c0:c1][m] = color
+        self.ids[r0:r1, c0:c1][m] = cls
+        self.temp[r0:r1, c0:c1][m] = temp
+
+
+def _draw_figure(cv, o, t):
+    """Person silhouette: legs, torso, arms, head. Posters call this with the same o, only cls/t differ."""
+    h, cx, by, cls = o["h"], o["cx"], o["by"], _ID[o["kind"]]
+    head = PART_DELTA["head"] if o["kind"] == "person" else 0.0
+    cv.rect(cx - 0.15 * h, by - 0.46 * h, cx - 0.02 * h, by, o["trousers"], cls, t)
+    cv.rect(cx + 0.02 * h, by - 0.46 * h, cx + 0.15 * h, by, o["trousers"], cls, t)
+    cv.rect(cx - 0.17 * h, by - 0.78 * h, cx + 0.17 * h, by - 0.44 * h, o["shirt"], cls, t)
+    cv.rect(cx - 0.25 * h, by - 0.76 * h, cx - 0.18 * h, by - 0.48 * h, o["shirt"], cls, t)
+    cv.rect(cx + 0.18 * h, by - 0.76 * h, cx + 0.25 * h, by - 0.48 * h, o["shirt"], cls, t)
+    cv.ellipse(cx, by - 0.89 * h, 0.1 * h, 0.11 * h, o["skin"], cls, t + head)
+
+
+def _draw_car(cv, o, t):
+    """Side view: body, engine hood (same paint, hotter when running), cabin, windows, wheels."""
+    w, cx, by, f, cls = o["w"], o["cx"], o["by"], o["facing"], _ID[o["kind"]]
+    hot = o["kind"] == "car_running"
+    wr = 0.11 * w
+    bottom, top = by - 0.6 * wr, by - 0.6 * wr - 0.26 * w
+    cv.rect(cx - 0.5 * w, top, cx + 0.5 * w, bottom, o["color"], cls, t)
+    x_hood = (cx + 0.2 * w, cx + 0.5 * w) if f > 0 else (cx - 0.5 * w, cx - 0.2 * w)
+    cv.rect(x_hood[0], top, x_hood[1], bottom, o["color"], cls, t + (PART_DELTA["engine"] if hot else 0))
+    c0, c1 = cx - 0.3 * w - 0.05 * w * f, cx + 0.25 * w - 0.05 * w * f  # cabin sits towards the rear
+    cv.rect(c0, top - 0.2 * w, c1, top, o["color"], cls, t)
+    glass, tw = (45, 55, 70), t + PART_DELTA["window"]
+    cv.rect(c0 + 0.04 * w, top - 0.17 * w, (c0 + c1) / 2 - 0.02 * w, top - 0.02 * w, glass, cls, tw)
+    cv.rect((c0 + c1) / 2 + 0.02 * w, top - 0.17 * w, c1 - 0.04 * w, top - 0.02 * w, glass, cls, tw)
+    for x in (cx - 0.3 * w, cx + 0.3 * w):
+        cv.ellipse(x, by - wr, wr, wr, (25, 25, 25), cls, t + (PART_DELTA["wheel"] if hot else 0))
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur with edge padding (numpy only)."""
+    r = max(1, math.ceil(3 * sigma))
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma**2))
+    k /= k.sum()
+    H, W = img.shape
+    p = np.pad(img, r, mode="edge")
+    p = sum(k[i] * p[i:i + H, :] for i in range(2 * r + 1))   # [H+2r, W+2r] -> [H, W+2r]
+    return sum(k[i] * p[:, i:i + W] for i in range(2 * r + 1))  # [H, W+2r] -> [H, W]
+
+
+def render_scene(scene: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scene description -> (rgb uint8 [S, S, 3], sem ids uint8 [S, S], ir uint16 [S, S])."""
+    S, night, hz = scene["size"], scene["night"], scene["horizon"]
+    T = lambda name: TEMPERATURE[name][int(night)] + scene["offset"].get(name, 0.0)
+    cv = _Canvas(S)
+    rows = np.linspace(0, 1, max(1, round(hz)))[:, None]
+    sky = (np.array([90, 150, 220]) * (1 - rows) + np.array([180, 210, 240]) * rows) * scene["sky"]
+    cv.rect(0, 0, S, hz, 0, _ID["sky"], T("sky"))
+    cv.rgb[:len(rows)] = np.clip(sky, 0, 255)[:, None, :]  # vertical gradient, brighter at the horizon
+    cv.rect(0, hz, S, S, scene["road"], _ID["road"], T("road"))
+    dash = lambda r0, r1, c0, c1: np.broadcast_to(((np.arange(r0, r1) // max(2, S // 24)) % 2 == 0)[:, None],
+                                                  (r1 - r0, c1 - c0))
+    cv.rect(0.49 * S, hz + 0.1 * (S - hz), 0.51 * S + 1, S, (220, 220, 220), _ID["road"], T("road") - 0.03, dash)
+    for b in scene["buildings"]:
+        cv.rect(b["x0"], hz - b["h"], b["x1"], hz, b["color"], _ID["building"], T("building"))
+        p = b["window"]
+        grid = lambda r0, r1, c0, c1, p=p: ((np.arange(r0, r1)[:, None] % p < p / 2)
+                                            & (np.arange(c0, c1)[None, :] % p < p / 2))
+        cv.rect(b["x0"] + p / 2, hz - b["h"] + p / 2, b["x1"] - p / 2, hz - p, b["color"] * 0.55,
+                _ID["building"], T("building"), grid)
+    for tr in scene["trees"]:
+        cv.rect(tr["x"] - 0.015 * S, hz - tr["h"], tr["x"] + 0.015 * S, hz + 0.02 * S, (90, 60, 30),
+                _ID["vegetation"], T("vegetation"))
+        cv.ellipse(tr["x"], hz - tr["h"], tr["r"], tr["r"] * 1.2, tr["color"], _ID["vegetation"], T("vegetation"))
+    for o in scene["objects"]:
+        t = T(o["kind"]) + o["offset"]
+        (_draw_car if o["kind"].startswith("car") else _draw_figure)(cv, o, t)
+
+    rgb_rng, ir_rng = (np.random.default_rng(int(s)) for s in scene["seeds"])
+    rgb = cv.rgb
+    if night:  # dark, low contrast, bluish, noisy; no headlights: lights would give away a running car
+        rgb = rgb * 0.22 + np.array([4, 5, 12]) + rgb_rng.normal(0, 4, rgb.shape)
+    ir = _blur(cv.temp, scene["blur"]) + ir_rng.normal(0, scene["noise"], cv.temp.shape)  # optics, then sensor
+    return (np.clip(np.round(rgb), 0, 255).astype(np.uint8), cv.ids.copy(),
+            np.round(np.clip(ir, 0, 1) * 65535).astype(np.uint16))
+
+
+def make_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One random scene: (rgb uint8 [S, S, 3], sem ids uint8 [S, S], ir uint16 [S, S]). Uses DEFAULT_CLASSES."""
+    return render_scene(sample_scene(rng, size))
+
+
+def write_synth(out, count, size, seed=0, progress=False) -> int:
+    """count scenes as out/{rgb,sem,ir}/NNNNNN.png + classes.json. Scene i depends only on (seed, i)."""
+    if size < MULTIPLE or size % MULTIPLE:
+        raise DataError(f"synth: size {size} must be a positive multiple of {MULTIPLE}")
+    out = _new_layout(out)
+    for i in tqdm(range(count), desc="synth", disable=not progress):
+        rgb, ids, ir = make_scene(np.random.default_rng([seed, i]), size)
+        _write_pair(out, f"{i:06d}", rgb, ids, ir, DEFAULT_CLASSES)
+    save_classes(DEFAULT_CLASSES, out / "classes.json")
+    return count
+
+
+def write_example(out, seed, size=128):
+    """One scene as out/rgb.png, out/sem.png, out/ir.png (IR stored 8-bit to keep the example tiny)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rgb, ids, ir = make_scene(np.random.default_rng(seed), size)
+    Image.fromarray(rgb).save(out / "rgb.png")
+    Image.fromarray(palette(DEFAULT_CLASSES)[ids]).save(out / "sem.png")
+    Image.fromarray(np.round(ir / 257).astype(np.uint8)).save(out / "ir.png")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("synth", help="write synthetic scenes")
+    p.add_argument("out")
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("import-mfnet", "import-fmb"):
+        p = sub.add_parser(name, help=f"convert {name[7:].upper()} to rgb/ sem/ ir/ + classes.json")
+        p.add_argument("src")
+        p.add_argument("out")
+    p = sub.add_parser("check", help="decode every pair of a dataset folder and summarise it")
+    p.add_argument("root")
+    p.add_argument("--size", type=int, default=None)
+    p = sub.add_parser("example", help="one 128x128 scene as OUT/{rgb,sem,ir}.png")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "synth":
+            n = write_synth(args.out, args.count, args.size, args.seed, progress=True)
+            print(f"wrote {n} scenes to {args.out}")
+        elif args.cmd in ("import-mfnet", "import-fmb"):
+            n = (import_mfnet if args.cmd == "import-mfnet" else import_fmb)(args.src, args.out, progress=True)
+            print(f"imported {n} pairs into {args.out}")
+        elif args.cmd == "check":
+            print(check(args.root, args.size, progress=True))
+        elif args.cmd == "example":
+            write_example(args.out, args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,613 @@
+"""
+Tests for data.py: image-mode rules, every DataError, the importers on fake MFNet/FMB folders, synthetic scenes
+(determinism and the decoy property), the committed examples, and a fuzz test that only DataError escapes.
+"""
+
+import copy
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from data import DataError, SemClass  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ID = {c.name: c.id for c in data.DEFAULT_CLASSES}
+COLOR = {c.name: c.color for c in data.DEFAULT_CLASSES}
+
+
+def save(arr_or_img, path, mode=None, **kw):
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img, mode)
+    img.save(path, **kw)
+    return Path(path)
+
+
+def exif_bytes(orientation):
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    return ex.tobytes()
+
+
+# -----------------------------------------------------------------------------
+# Image-mode rules
+
+def test_rgb_modes_grey_replicated_alpha_dropped_palette_applied(tmp_path):
+    L = save(np.array([[0, 51, 255]], np.uint8), tmp_path / "l.png")
+    assert torch.allclose(data.load_rgb(L), torch.tensor([0, 0.2, 1.0]).expand(3, 1, 3) * 2 - 1, atol=1e-6)
+
+    rgba = np.array([[[200, 100, 50, 0], [10, 20, 30, 255]]], np.uint8)  # alpha 0 must NOT blacken the pixel
+    x = data.load_rgb(save(rgba, tmp_path / "rgba.png"))
+    assert torch.allclose((x + 1) * 127.5, torch.tensor(rgba[0, :, :3].T[:, None, :], dtype=torch.float), atol=1e-3)
+
+    la = save(np.array([[[100, 0]]], np.uint8), tmp_path / "la.png", mode="LA")
+    assert torch.allclose((data.load_rgb(la) + 1) * 127.5, torch.full((3, 1, 1), 100.0), atol=1e-3)
+
+    p = Image.new("P", (2, 1))
+    p.putpalette([0, 0, 0, 10, 20, 30])
+    p.putdata([1, 0])
+    x = data.load_rgb(save(p, tmp_path / "p.png"))
+    assert torch.allclose((x[:, 0, 0] + 1) * 127.5, torch.tensor([10.0, 20, 30]), atol=1e-3)
+
+    one = save(Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1"), tmp_path / "one.png")
+    assert data.load_rgb(one).tolist() == [[[-1.0, 1.0]]] * 3
+
+    cmyk = save(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), tmp_path / "cmyk.jpg")
+    assert data.load_rgb(cmyk).shape == (3, 4, 4) and data.load_rgb(cmyk).min() > 0.9  # no ink = white
+
+
+def test_16bit_grey_scaled_by_65535_and_8bit_by_255(tmp_path):
+    v16 = np.array([[0, 13107, 65535]], np.uint16)
+    v8 = np.array([[0, 51, 255]], np.uint8)
+    want = torch.tensor([[[0.0, 0.2, 1.0]]])
+    assert torch.allclose(data.load_ir(save(v16, tmp_path / "a.png")), want, atol=1e-6)
+    assert Image.open(tmp_path / "a.png").mode == "I;16"
+    assert torch.allclose(data.load_ir(save(v8, tmp_path / "b.png")), want, atol=1e-6)
+    assert torch.allclose(data.load_ir(save(v16.astype(np.int32), tmp_path / "c.tif", mode="I")), want, atol=1e-6)
+    grey_rgb = np.repeat(v8[..., None], 3, axis=2)  # LLVIP/FLIR store IR as 3 equal channels
+    assert torch.allclose(data.load_ir(save(grey_rgb, tmp_path / "d.png")), want, atol=1e-6)
+    assert torch.allclose(data.load_rgb(tmp_path / "a.png"), (want * 2 - 1).expand(3, 1, 3), atol=1e-6)
+
+
+def test_exif_orientation_is_applied_by_every_loader_and_the_size_check(tmp_path):
+    img = np.zeros((16, 32, 3), np.uint8)  # stored 32 wide x 16 high: left half red, right half blue
+    img[:, :16, 0] = 255
+    img[:, 16:, 2] = 255
+    jpg = save(img, tmp_path / "r.jpg", exif=exif_bytes(6), quality=95)  # 6: display rotated 90 deg clockwise
+    x = data.load_rgb(jpg)
+    assert x.shape == (3, 32, 16)
+    assert x[0, 2, 8] > 0.5 and x[2, 2, 8] < -0.5   # the red left half is now on top
+    assert x[2, -3, 8] > 0.5 and x[0, -3, 8] < -0.5
+    assert data.image_size(jpg) == (16, 32)
+
+    ids = np.zeros((16, 32), np.uint8)
+    ids[:, 16:] = ID["person"]
+    sem = save(ids, tmp_path / "s.png", exif=exif_bytes(6))
+    got, _ = data.load_semantic(sem, data.DEFAULT_CLASSES)
+    assert got.shape == (32, 16) and (got[:16] == 0).all() and (got[16:] == ID["person"]).all()
+    assert data.load_ir(save(ids, tmp_path / "i.png", exif=exif_bytes(8))).shape == (1, 32, 16)
+
+    root = tmp_path / "ds"  # rotated JPEG + upright PNGs of the displayed size form a valid pair
+    for d in data.FOLDERS:
+        (root / d).mkdir(parents=True)
+    save(img, root / "rgb" / "x.jpg", exif=exif_bytes(6))
+    save(np.zeros((32, 16), np.uint8), root / "sem" / "x.png")
+    save(np.zeros((32, 16), np.uint8), root / "ir" / "x.png")
+    assert data.PairedDataset(root)[0]["rgb"].shape == (3, 32, 16)
+
+
+def test_semantic_palette_image_indices_are_ids_not_colours(tmp_path):
+    p = Image.new("P", (3, 1))
+    p.putpalette([1, 2, 3, 4, 5, 6, 7, 8, 9])  # colours unrelated to the class palette
+    p.putdata([0, 1, 2])
+    ids, colour = data.load_semantic(save(p, tmp_path / "p.png"), data.DEFAULT_CLASSES)
+    assert ids.dtype == torch.long and ids.tolist() == [[0, 1, 2]]
+    assert torch.allclose((colour[:, 0, 1] + 1) * 127.5, torch.tensor(COLOR["road"], dtype=torch.float), atol=1e-3)
+
+
+def test_semantic_index_and_colour_images_give_the_same_ids(tmp_path):
+    ids = np.array([[0, 4, 5], [6, 7, 1]], np.uint8)
+    lut = data.palette(data.DEFAULT_CLASSES)
+    for path in (save(ids, tmp_path / "l.png"), save(ids.astype(np.uint16), tmp_path / "i16.png"),
+                 save(lut[ids], tmp_path / "rgb.png"),
+                 save(np.concatenate([lut[ids], np.zeros((2, 3, 1), np.uint8)], 2), tmp_path / "rgba.png")):
+        got, colour = data.load_semantic(path, data.DEFAULT_CLASSES)
+        assert got.tolist() == ids.tolist(), path.name
+        assert torch.equal(colour, data.render_semantic(got, data.DEFAULT_CLASSES))
+        assert colour.shape == (3, 2, 3) and colour.min() >= -1 and colour.max() <= 1
+
+
+# -----------------------------------------------------------------------------
+# DataError cases: each names the file and the problem
+
+def test_unknown_colour_names_file_colour_and_pixel_count(tmp_path):
+    img = np.zeros((2, 3, 3), np.uint8)
+    img[:] = COLOR["road"]
+    img[0, :] = (1, 2, 3)
+    with pytest.raises(DataError, match=r"odd\.png.*\(1, 2, 3\) x 3 px"):
+        data.load_semantic(save(img, tmp_path / "odd.png"), data.DEFAULT_CLASSES)
+    with pytest.raises(DataError, match="JPEG"):  # lossy semantic maps get a hint
+        data.load_semantic(save(np.full((8, 8, 3), 37, np.uint8), tmp_path / "s.jpg"), data.DEFAULT_CLASSES)
+
+
+def test_unknown_label_id_names_file_id_and_count(tmp_path):
+    with pytest.raises(DataError, match=r"ids\.png.*9 x 2 px"):
+        data.load_semantic(save(np.array([[9, 9, 0]], np.uint8), tmp_path / "ids.png"), data.DEFAULT_CLASSES)
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "junk", "truncated", "gif", "float", "int-range"])
+def test_unreadable_files_raise_dataerror_naming_the_file(tmp_path, case):
+    path = tmp_path / f"bad_{case}.png"
+    if case == "folder":
+        path.mkdir()
+    elif case == "junk":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    elif case == "truncated":
+        save(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8), path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "gif":  # PIL can read it, but only PNG/JPEG/BMP/TIFF decoders are allowed to run
+        Image.new("L", (4, 4)).save(path, format="GIF")
+    elif case == "float":
+        path = save(np.zeros((2, 2), np.float32), tmp_path / "bad_float.tif", mode="F")
+    elif case == "int-range":
+        path = save(np.array([[70000]], np.int32), tmp_path / "bad_int-range.tif", mode="I")
+    for load in (data.load_rgb, data.load_ir, lambda p: data.load_semantic(p, data.DEFAULT_CLASSES)):
+        with pytest.raises(DataError, match=re.escape(path.name)):
+            load(path)
+
+
+def write_classes(path, classes):
+    import json
+    path.write_text(json.dumps({"classes": classes}))
+    return path
+
+
+def test_load_classes_roundtrip_and_default(tmp_path):
+    data.save_classes(data.FMB_CLASSES, tmp_path / "c.json")
+    assert data.load_classes(tmp_path / "c.json") == data.FMB_CLASSES
+    assert data.load_classes(None) == data.DEFAULT_CLASSES
+    got = data.load_classes(write_classes(tmp_path / "h.json", [{"id": 3, "name": "a", "color": [1, 2, 3]}]))
+    assert got == (SemClass(3, "a", (1, 2, 3), False),)  # "hot" defaults to false
+    assert data.hot_ids(data.DEFAULT_CLASSES) == [ID["person"], ID["car_running"]]
+
+
+@pytest.mark.parametrize("classes, problem", [
+    ([{"id": 0, "name": "a", "color": [0, 0, 0]}, {"id": 0, "name": "b", "color": [1, 1, 1]}], "share the id 0"),
+    ([{"id": 0, "name": "a", "color": [5, 5, 5]}, {"id": 1, "name": "b", "color": [5, 5, 5]}], "share the color"),
+    ([{"id": 0, "name": "a", "color": [0, 0, 256]}], "colours are"),
+    ([{"id": 0, "name": "a", "color": [0, 0]}], "colours are"),
+    ([{"id": 0, "name": "a", "color": "red"}], "not a list"),
+    ([{"id": -1, "name": "a", "color": [0, 0, 0]}], "ids are"),
+    ([{"id": 0, "name": "a", "color": [0, 0, 0], "hot": "yes"}], "hot is"),
+    ([{"id": 0, "name": "a", "colour": [0, 0, 0]}], "unknown keys"),
+    ([], "no classes"),
+])
+def test_bad_class_tables_are_rejected(tmp_path, classes, problem):
+    path = write_classes(tmp_path / "classes.json", classes)
+    with pytest.raises(DataError, match=re.escape(problem)) as e:
+        data.load_classes(path)
+    assert str(path) in str(e.value)
+
+
+def test_unparseable_class_file(tmp_path):
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"c\.json"):
+        data.load_classes(tmp_path / "c.json")
+    with pytest.raises(DataError, match="nope"):
+        data.load_classes(tmp_path / "nope.json")
+
+
+# -----------------------------------------------------------------------------
+# PairedDataset
+
+def make_root(root, names=("a",), hw=(32, 32)):
+    for d in data.FOLDERS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for n in names:
+        save(np.zeros((*hw, 3), np.uint8), root / "rgb" / f"{n}.png")
+        save(np.zeros(hw, np.uint8), root / "sem" / f"{n}.png")
+        save(np.zeros(hw, np.uint8), root / "ir" / f"{n}.png")
+    return root
+
+
+def test_dataset_item_keys_shapes_ranges(tmp_path):
+    data.write_synth(tmp_path, 3, 32, seed=1)
+    ds = data.PairedDataset(tmp_path)
+    assert len(ds) == 3 and ds.classes == data.DEFAULT_CLASSES
+    item = ds[1]
+    assert set(item) == {"name", "rgb", "sem", "sem_ids", "ir"} and item["name"] == "000001"
+    assert item["rgb"].shape == (3, 32, 32) and item["rgb"].dtype == torch.float32
+    assert item["sem"].shape == (3, 32, 32) and item["sem_ids"].shape == (32, 32)
+    assert item["sem_ids"].dtype == torch.long
+    assert item["ir"].shape == (1, 32, 32)
+    assert -1 <= item["rgb"].min() and item["rgb"].max() <= 1 and 0 <= item["ir"].min() and item["ir"].max() <= 1
+    raw = np.asarray(Image.open(tmp_path / "ir" / "000001.png"), np.float64) / 65535
+    assert np.allclose(item["ir"][0].numpy(), raw, atol=1e-6)
+    assert torch.equal(item["sem"], data.render_semantic(item["sem_ids"], ds.classes))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["rgb"].shape == (3, 3, 32, 32) and batch["name"] == ["000000", "000001", "000002"]
+
+
+def test_dataset_uses_root_classes_json(tmp_path):
+    make_root(tmp_path)
+    save(np.full((32, 32, 3), 9, np.uint8), tmp_path / "sem" / "a.png")
+    write_classes(tmp_path / "classes.json", [{"id": 5, "name": "x", "color": [9, 9, 9], "hot": True}])
+    assert (data.PairedDataset(tmp_path)[0]["sem_ids"] == 5).all()
+    with pytest.raises(DataError, match=r"a\.png"):  # explicit classes win over the file
+        data.PairedDataset(tmp_path, classes=data.DEFAULT_CLASSES)[0]
+
+
+def test_dataset_missing_folder(tmp_path):
+    make_root(tmp_path)
+    for f in (tmp_path / "ir").iterdir():
+        f.unlink()
+    (tmp_path / "ir").rmdir()
+    with pytest.raises(DataError, match="missing folder.*ir/"):
+        data.PairedDataset(tmp_path)
+    with pytest.raises(DataError, match="no such dataset folder"):
+        data.PairedDataset(tmp_path / "nowhere")
+
+
+def test_dataset_empty(tmp_path):
+    for d in data.FOLDERS:
+        (tmp_path / d).mkdir()
+    (tmp_path / "rgb" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no images"):
+        data.PairedDataset(tmp_path)
+
+
+def test_dataset_mismatched_stems_listed_with_counts(tmp_path):
+    make_root(tmp_path, names=["a", "b"])
+    for i in range(13):
+        save(np.zeros((32, 32, 3), np.uint8), tmp_path / "rgb" / f"extra{i:02d}.png")
+    (tmp_path / "ir" / "b.png").unlink()
+    with pytest.raises(DataError) as e:
+        data.PairedDataset(tmp_path)
+    msg = str(e.value)
+    assert "13 stem(s) missing from sem/" in msg and "extra00" in msg and "and 3 more" in msg
+    assert "14 stem(s) missing from ir/" in msg and "missing from rgb/" not in msg
+
+
+def test_dataset_duplicate_stem_in_one_folder(tmp_path):
+    make_root(tmp_path)
+    save(np.zeros((32, 32, 3), np.uint8), tmp_path / "rgb" / "a.jpg")
+    with pytest.raises(DataError, match="a.jpg and a.png|a.png and a.jpg"):
+        data.PairedDataset(tmp_path)
+
+
+def test_dataset_size_disagreement_names_pair_and_sizes(tmp_path):
+    make_root(tmp_path, names=["a", "b"])
+    save(np.zeros((48, 32), np.uint8), tmp_path / "ir" / "b.png")
+    with pytest.raises(DataError, match=r"b: rgb 32x32, sem 32x32, ir 32x48"):
+        data.PairedDataset(tmp_path)
+    with pytest.raises(DataError, match="32x48"):  # never silently resized, even when size is given
+        data.PairedDataset(tmp_path, size=16)
+
+
+def test_dataset_non_multiple_of_16_needs_size(tmp_path):
+    make_root(tmp_path, hw=(24, 40))
+    with pytest.raises(DataError, match=r"multiples of 16.*a 40x24.*--size"):
+        data.PairedDataset(tmp_path)
+    with pytest.raises(DataError, match="positive multiple of 16"):
+        data.PairedDataset(tmp_path, size=20)
+    assert data.PairedDataset(tmp_path, size=16)[0]["rgb"].shape == (3, 16, 16)
+
+
+def test_dataset_size_crops_centre_and_keeps_ids_valid(tmp_path):
+    make_root(tmp_path, hw=(32, 48))
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    save(rgb, tmp_path / "rgb" / "a.png")
+    stripes = np.array([0, 4, 5, 6])[np.arange(48) // 3 % 4]  # thin stripes: a smooth filter would blend ids
+    save(np.broadcast_to(stripes, (32, 48)).astype(np.uint8), tmp_path / "sem" / "a.png")
+    item = data.PairedDataset(tmp_path, size=32)[0]  # shorter side already 32: a pure centre crop
+    want = torch.from_numpy(rgb[:, 8:40]).permute(2, 0, 1).float()  # [32, 32, 3] -> [3, 32, 32]
+    assert torch.allclose((item["rgb"] + 1) * 127.5, want, atol=1e-3)
+    assert item["sem_ids"].tolist() == np.broadcast_to(stripes[8:40], (32, 32)).tolist()
+    small = data.PairedDataset(tmp_path, size=16)[0]
+    assert small["sem_ids"].shape == (16, 16) and set(small["sem_ids"].unique().tolist()) <= {0, 4, 5, 6}
+    assert small["rgb"].min() >= -1 and small["rgb"].max() <= 1 and small["ir"].min() >= 0
+
+
+def test_ir_rgb_conversions_roundtrip():
+    ir = torch.rand(2, 1, 8, 8)
+    rgb = data.ir_to_rgb(ir)
+    assert rgb.shape == (2, 3, 8, 8) and torch.equal(rgb[:, 0], rgb[:, 2]) and rgb.min() >= -1
+    assert torch.allclose(data.rgb_to_ir(rgb), ir, atol=1e-6)
+    with pytest.raises(DataError, match="expected"):
+        data.ir_to_rgb(rgb)
+    with pytest.raises(DataError, match="expected"):
+        data.rgb_to_ir(ir)
+
+
+# -----------------------------------------------------------------------------
+# Importers
+
+def fake_mfnet(src, names=("00001D", "00002N"), hw=(32, 48)):
+    (src / "images").mkdir(parents=True)
+    (src / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for n in names:
+        save(rng.integers(0, 256, (*hw, 4), dtype=np.uint8), src / "images" / f"{n}.png")
+        save(rng.integers(0, 9, hw, dtype=np.uint8), src / "labels" / f"{n}.png")
+    return src
+
+
+def test_import_mfnet_splits_rgbt_and_writes_classes(tmp_path):
+    src, out = fake_mfnet(tmp_path / "mf"), tmp_path / "out"
+    assert data.import_mfnet(src, out) == 2
+    rgbt = np.asarray(Image.open(src / "images" / "00002N.png"))
+    assert np.array_equal(np.asarray(Image.open(out / "rgb" / "00002N.png")), rgbt[..., :3])
+    assert np.array_equal(np.asarray(Image.open(out / "ir" / "00002N.png")), rgbt[..., 3])
+    labels = np.asarray(Image.open(src / "labels" / "00002N.png"))
+    sem = np.asarray(Image.open(out / "sem" / "00002N.png"))
+    assert np.array_equal(sem, data.palette(data.MFNET_CLASSES)[labels])
+    classes = data.load_classes(out / "classes.json")
+    assert classes == data.MFNET_CLASSES and len(classes) == 9
+    assert {c.name for c in classes if c.hot} == {"car", "person", "bike"}
+    item = data.PairedDataset(out)[1]
+    assert item["sem_ids"].tolist() == labels.tolist() and item["rgb"].shape == (3, 32, 48)
+
+
+def test_import_mfnet_errors(tmp_path):
+    src = fake_mfnet(tmp_path / "mf")
+    (src / "labels" / "00002N.png").unlink()
+    with pytest.raises(DataError, match="1 stem.*missing from labels/: 00002N"):
+        data.import_mfnet(src, tmp_path / "o1")
+    save(np.zeros((32, 48, 3), np.uint8), src / "images" / "00001D.png")
+    (src / "images" / "00002N.png").unlink()
+    with pytest.raises(DataError, match=r"00001D\.png.*4-channel"):
+        data.import_mfnet(src, tmp_path / "o2")
+    make_root(tmp_path / "full")
+    with pytest.raises(DataError, match="not empty"):
+        data.import_mfnet(fake_mfnet(tmp_path / "mf2"), tmp_path / "full")
+
+
+def fake_fmb(src, hw=(32, 48)):
+    for d in ("Visible", "Infrared", "Label"):
+        (src / d).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for n in ("00001", "00002"):
+        save(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), src / "Visible" / f"{n}.png")
+        save(rng.integers(0, 15, hw, dtype=np.uint8), src / "Label" / f"{n}.png")
+    ir = rng.integers(0, 256, hw, dtype=np.uint8)
+    save(np.repeat(ir[..., None], 3, 2), src / "Infrared" / "00001.png")  # grey stored as RGB
+    save(ir.astype(np.uint16) * 257, src / "Infrared" / "00002.png")       # 16-bit
+    return src, ir
+
+
+def test_import_fmb_keeps_bit_depth_and_ids(tmp_path):
+    (src, ir), out = fake_fmb(tmp_path / "fmb"), tmp_path / "out"
+    assert data.import_fmb(src, out) == 2
+    assert np.array_equal(np.asarray(Image.open(out / "ir" / "00001.png")), ir)
+    assert Image.open(out / "ir" / "00002.png").mode == "I;16"
+    classes = data.load_classes(out / "classes.json")
+    assert len(classes) == 15 and [c.id for c in classes] == list(range(15))
+    assert {c.name for c in classes if c.hot} == {"person", "car", "truck", "bus", "motorcycle"}
+    ds = data.PairedDataset(out)
+    assert torch.allclose(ds[0]["ir"], ds[1]["ir"], atol=1e-6)  # 8-bit and 16-bit files of one scene agree
+    labels = np.asarray(Image.open(src / "Label" / "00002.png"))
+    assert ds[1]["sem_ids"].tolist() == labels.tolist()
+
+
+def test_import_fmb_errors(tmp_path):
+    src, _ = fake_fmb(tmp_path / "FMB" / "train")
+    with pytest.raises(DataError, match="split"):
+        data.import_fmb(tmp_path / "FMB", tmp_path / "o0")
+    save(np.full((32, 48), 255, np.uint8), src / "Label" / "00002.png")  # 255 "ignore" is not an FMB class
+    with pytest.raises(DataError, match=r"00002\.png.*255 x 1536 px"):
+        data.import_fmb(src, tmp_path / "o1")
+    save(np.zeros((32, 32), np.uint8), src / "Label" / "00002.png")
+    with pytest.raises(DataError, match="00002.*sizes disagree"):
+        data.import_fmb(src, tmp_path / "o2")
+
+
+# -----------------------------------------------------------------------------
+# Synthetic scenes
+
+def test_synth_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for root, seed in ((a, 5), (b, 5), (c, 6)):
+        data.write_synth(root, 4, 32, seed=seed)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 13  # 4 pairs x 3 + classes.json
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
+    r1, r2 = data.make_scene(np.random.default_rng(3), 48), data.make_scene(np.random.default_rng(3), 48)
+    assert all(np.array_equal(x, y) for x, y in zip(r1, r2))
+    assert [x.dtype for x in r1] == [np.uint8, np.uint8, np.uint16] and r1[0].shape == (48, 48, 3)
+
+
+SWAP = {"person": "poster", "poster": "person", "car_running": "car_parked", "car_parked": "car_running"}
+
+
+def test_decoys_rgb_is_identical_whatever_the_heat(tmp_path):
+    """Swapping person<->poster and running<->parked changes the labels and the IR, never one RGB byte."""
+    checked = set()
+    for seed in range(25):
+        scene = data.sample_scene(np.random.default_rng(seed), 64)
+        swapped = copy.deepcopy(scene)
+        for o in swapped["objects"]:
+            o["kind"] = SWAP[o["kind"]]
+        (rgb, ids, ir), (rgb2, ids2, ir2) = data.render_scene(scene), data.render_scene(swapped)
+        assert np.array_equal(rgb, rgb2)
+        for name in ("person", "car_running"):
+            now_cold = ids == ID[name]  # these pixels become poster / car_parked
+            if now_cold.sum() > 20:
+                assert (ids2[now_cold] == ID[SWAP[name]]).all()
+                assert ir[now_cold].mean() / 65535 > data.HOT_THRESHOLD > ir2[now_cold].mean() / 65535
+                checked.add(name)
+    assert checked == {"person", "car_running"}
+
+
+def test_decoys_ir_separates_while_rgb_statistics_match():
+    region_ir = {k: [] for k in SWAP}
+    colours = {k: [] for k in SWAP}
+    hot_px, cold_px = [], []
+    hot = np.isin(np.arange(8), data.hot_ids(data.DEFAULT_CLASSES))
+    for i in range(150):
+        rgb, ids, ir = data.make_scene(np.random.default_rng([7, i]), 64)
+        x = ir / 65535
+        hot_px.append(x[hot[ids]])
+        cold_px.append(x[~hot[ids]])
+        for k in SWAP:
+            m = ids == ID[k]
+            if m.sum() > 20:
+                region_ir[k].append(x[m].mean())
+                colours[k].append(rgb[m].mean(0))
+    T = data.HOT_THRESHOLD
+    assert max(region_ir["poster"]) < 0.5 < T < min(region_ir["person"])
+    assert max(region_ir["car_parked"]) < 0.5 < T < min(region_ir["car_running"])
+    assert (np.concatenate(hot_px) > T).mean() > 0.99 and (np.concatenate(cold_px) < T).mean() > 0.999
+    for a, b in (("person", "poster"), ("car_running", "car_parked")):
+        assert len(colours[a]) > 20 and len(colours[b]) > 20
+        assert np.abs(np.mean(colours[a], 0) - np.mean(colours[b], 0)).max() < 20  # same drawing distribution
+
+
+def test_scenes_have_frequent_decoys_and_day_night():
+    scenes = [data.sample_scene(np.random.default_rng([0, i]), 64) for i in range(300)]
+    kinds = [{o["kind"] for o in s["objects"]} for s in scenes]
+    assert all(1 <= len(s["objects"]) <= 4 for s in scenes)
+    for k in ("poster", "car_parked", "person", "car_running"):
+        assert 0.35 < np.mean([k in ks for ks in kinds]) < 0.65, k
+    night = [s["night"] for s in scenes]
+    assert 0.25 < np.mean(night) < 0.55
+    day_rgb = [data.render_scene(s)[0] for s, n in zip(scenes[:40], night) if not n]
+    night_rgb = [data.render_scene(s)[0] for s, n in zip(scenes[:40], night) if n]
+    assert np.mean([r.mean() for r in night_rgb]) < 0.4 * np.mean([r.mean() for r in day_rgb])
+    assert np.mean([r.std() for r in night_rgb]) < 0.5 * np.mean([r.std() for r in day_rgb])
+
+
+def test_synth_is_fast():
+    t = time.perf_counter()
+    for i in range(200):
+        data.make_scene(np.random.default_rng(i), 128)
+    assert time.perf_counter() - t < 10  # ~0.5 s on 2 cores; 200 scenes must take seconds, not minutes
+
+
+def test_examples_are_reproducible_and_show_the_decoy(tmp_path):
+    readme = (REPO / "examples" / "README.md").read_text()
+    cmd = re.search(r"python data\.py example examples --seed (\d+)", readme)
+    assert cmd, "examples/README.md must give the command that remakes the examples"
+    data.main(["example", str(tmp_path), "--seed", cmd.group(1)])
+    for n in ("rgb.png", "sem.png", "ir.png"):
+        committed = (REPO / "examples" / n).read_bytes()
+        assert committed == (tmp_path / n).read_bytes() and len(committed) < 16_000, n
+    ids, _ = data.load_semantic(REPO / "examples" / "sem.png", data.DEFAULT_CLASSES)
+    present = set(ids.unique().tolist())
+    assert {ID["person"], ID["poster"]} <= present and present & {ID["car_running"], ID["car_parked"]}
+    ir = data.load_ir(REPO / "examples" / "ir.png")[0]
+    assert ir[ids == ID["person"]].mean() > data.HOT_THRESHOLD > ir[ids == ID["poster"]].mean()
+
+
+def test_cli_synth_and_check(tmp_path, capsys):
+    data.main(["synth", str(tmp_path / "s"), "--count", "3", "--size", "32", "--seed", "2"])
+    data.main(["check", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "3 pairs" in out and "32x32 (3)" in out and re.search(r"4 person\s+yes", out)
+    with pytest.raises(SystemExit) as e:
+        data.main(["check", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_check_reports_pairs_that_fail_to_decode(tmp_path):
+    data.write_synth(tmp_path, 3, 32)
+    p = tmp_path / "ir" / "000002.png"
+    p.write_bytes(p.read_bytes()[:-40])  # header intact, pixels cut: only decoding finds it
+    with pytest.raises(DataError, match=r"(?s)1 of 3 pair.*000002\.png"):
+        data.check(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# Fuzz: whatever is on disk, only DataError escapes
+
+FULL = tuple(SemClass(i, f"c{i}", (i, i, i)) for i in range(256))  # every 8-bit id valid, grey colours
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr"]
+FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def random_image(mode, w, h, seed):
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-5, 70000, (h, w)).astype(np.int32), "I")
+    if mode == "F":
+        return Image.fromarray(rng.random((h, w), dtype=np.float32), "F")
+    base = Image.fromarray(rng.choice([0, 1, 4, 255], (h, w, 3)).astype(np.uint8) if seed % 2
+                           else rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return base.convert(mode) if mode != "PA" else base.convert("P").convert("PA")
+
+
+images = st.tuples(st.sampled_from(MODES), st.sampled_from(["png", "jpg", "bmp", "tif"]),
+                   st.integers(1, 20), st.integers(1, 20), st.integers(0, 2**16), st.integers(0, 8))
+
+
+def write_random(path, spec):
+    mode, ext, w, h, seed, orient = spec
+    kw = {"exif": exif_bytes(orient)} if orient and ext in ("png", "jpg") else {}
+    try:
+        random_image(mode, w, h, seed).save(path.with_suffix("." + ext), **kw)
+    except (OSError, ValueError, KeyError):
+        return None  # PIL cannot write this mode in this format
+    return path.with_suffix("." + ext)
+
+
+def try_load_all(path, must_load=False):
+    for classes in (data.DEFAULT_CLASSES, FULL):
+        try:
+            ids, colour = data.load_semantic(path, classes)
+            assert ids.dtype == torch.long and colour.shape == (3, *ids.shape)
+        except DataError as e:
+            assert path.name in str(e)
+    try:
+        x = data.load_rgb(path)
+        assert x.shape[0] == 3 and x.min() >= -1 and x.max() <= 1
+        ir = data.load_ir(path)
+        assert ir.shape == (1, *x.shape[1:]) and ir.min() >= 0 and ir.max() <= 1
+    except DataError as e:
+        assert not must_load, f"a valid image was refused: {e}"
+        assert path.name in str(e)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the corrupt EXIF it skips
+@FUZZ
+@given(st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"BM", b"II*\x00", b"MM\x00*"]),
+       st.binary(max_size=300))
+def test_fuzz_random_bytes_raise_only_dataerror(magic, body):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.png"
+        path.write_bytes(magic + body)
+        try_load_all(path)
+
+
+@FUZZ
+@given(images)
+def test_fuzz_random_images_in_random_modes(spec):
+    with tempfile.TemporaryDirectory() as d:
+        path = write_random(Path(d) / "img", spec)
+        if path is not None:
+            try_load_all(path, must_load=spec[0] not in ("F", "I"))  # F has no scale; I may leave 0..65535
+
+
+@FUZZ
+@given(images, images, images, st.sampled_from([None, 16]))
+def test_fuzz_random_dataset_folders(rgb, sem, ir, size):
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        for folder, spec in zip(data.FOLDERS, (rgb, sem, ir)):
+            (root / folder).mkdir()
+            write_random(root / folder / "x", spec)
+        try:
+            ds = data.PairedDataset(root, size=size, classes=FULL)
+            item = ds[0]
+            assert item["rgb"].shape[1:] == item["sem_ids"].shape == item["ir"].shape[1:]
+        except DataError:
+            pass

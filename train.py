@@ -1,0 +1,627 @@
+"""
+Staged training of semantic-guided infrared generation on FLUX (rectified flow, Kontext-style conditioning).
+
+    python train.py --stage warmup                       # backbone frozen: only the semantic modules learn
+    python train.py --stage joint --init runs/warmup/final.safetensors      # + LoRA on the backbone
+    python train.py --stage finetune --init runs/joint/final.safetensors    # only the strength scales/gates
+    torchrun --nproc_per_node 8 train.py --stage joint ...                  # data parallel over GPUs
+    python train.py --stage ae / --stage base            # the tiny demo's own autoencoder and base (weights/demo)
+
+With no official FLUX checkpoint in weights/, everything runs on the tiny demo preset and synthetic scenes.
+
+One training step (the shapes for 512x512, dev sizes):
+    x0 = pack(VAE(ir))            [B, 1024, 64]     (latents cached on disk once; the VAE encoder is then freed)
+    x_cond = pack(VAE(rgb))       [B, 1024, 64]     (overlay baseline: VAE(blend(rgb, sem)))
+    t ~ logit-normal, shifted by resolution;  noise ~ N(0, I)
+    x_t = (1 - t) x0 + t noise;   target v = noise - x0
+    v_pred = flux(cat(x_t, x_cond), ids, txt, t, y, guidance, semantic=sem)[:, :1024]   (cond outputs dropped)
+    loss = mean((v_pred - v)^2)
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+import data
+from checkpoint import CheckpointError, read_safetensors, save_atomic, read_header
+from flux_model import Flux, PRESETS, pack, unpack, image_ids, load_flux
+from sample import (ROOT, Setup, find_setup, text_condition, build_model, run_config, time_shift, get_lin_function,
+                    get_noise, get_schedule, denoise, grid, cache_dir, to_pil_rgb, to_pil_gray, DEFAULT_PROMPT)
+from sem_cross_attn import SemanticConfig, overlay
+from vae import AutoEncoder, AE_PRESETS, load_ae, save_ae
+
+STAGES = ("warmup", "joint", "finetune", "base", "ae")
+SCHEMES = ("xattn", "zeroconv", "adapter", "overlay", "none")
+# which earlier stage's output an --init may come from
+INIT_FROM = {"warmup": ("warmup",), "joint": ("warmup", "joint"), "finetune": ("warmup", "joint", "finetune"),
+             "base": ("base",), "ae": ()}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "warmup"
+    scheme: str = "xattn"  # xattn (B) | zeroconv (A) | adapter (C) | overlay (pixel blend baseline) | none
+    data: str = ""  # dataset folder (rgb/, sem/, ir/); default: the synthetic set, generated on first use
+    size: int = 0  # resize + centre-crop to SxS; 0 keeps the files' size (multiples of 16)
+    out: str = ""  # default runs/<stage>
+    init: str = ""  # the previous stage's output
+    resume: bool = False  # continue from <out>/resume.pt
+    steps: int = 0  # 0: the stage's default
+    batch_size: int = 8  # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 0.0  # 0: the stage's default
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    t_sampling: str = "logit_normal"  # logit_normal | uniform | shifted (logit-normal, then FLUX's resolution shift)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    guidance: float = 1.0  # fixed guidance input for guidance-distilled bases (dev/Kontext), as kohya/x-flux train
+    prompt: str = DEFAULT_PROMPT
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    sem_encoder: str = "vae"  # vae | cnn
+    sem_blocks: str = "all"  # all | double | single | every:K
+    sem_heads: int = 0
+    sem_inner_dim: int = 0
+    overlay_alpha: float = 0.5
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    sample_every: int = 0  # 0: at the end only
+    sample_steps: int = 10
+    ckpt_every: int = 100
+    device: str = ""
+    progress: bool = True
+
+
+STAGE_DEFAULTS = {  # steps, lr
+    "warmup": (1000, 1e-4), "joint": (1000, 5e-5), "finetune": (200, 1e-3), "base": (4000, 3e-4), "ae": (3000, 1e-3),
+}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            choices = {"stage": STAGES, "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
+                       "sem_encoder": ("vae", "cnn")}.get(f.name)
+            ap.add_argument(name, type=kind, default=f.default, choices=choices)
+    cfg = TrainConfig(**vars(ap.parse_args(argv)))
+    steps, lr = STAGE_DEFAULTS[cfg.stage]
+    cfg.steps, cfg.lr = cfg.steps or steps, cfg.lr or lr
+    cfg.out = cfg.out or str(ROOT / "runs" / cfg.stage)
+    return cfg
+
+
+def fail(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+
+def init_distributed(cfg: TrainConfig):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: encoded once, cached on disk
+
+
+def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedDataset:
+    root = Path(cfg.data) if cfg.data else ROOT / "data" / "synth"
+    if not cfg.data and not root.is_dir():
+        if setup.kind != "demo":
+            fail("pass --data DIR (rgb/, sem/, ir/): the synthetic set is for the tiny demo")
+        if master:
+            print(f"generating the synthetic training set in {root} (python data.py synth)")
+            data.write_synth(root, count=512, size=128, seed=0, progress=cfg.progress)
+        if dist.is_initialized():
+            dist.barrier()
+    ds = data.PairedDataset(root, size=cfg.size or None)
+    if len(ds) == 0:
+        fail(f"{root}: empty dataset")
+    return ds
+
+
+def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:
+    h = hashlib.sha256()
+    for name in ds.names:
+        for d in data.FOLDERS:
+            st = ds.files[d][name].stat()
+            h.update(f"{d}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    st = Path(ae_path).stat()
+    h.update(f"{ae_path}:{st.st_size}:{st.st_mtime_ns}:{ds.size}".encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device, dtype, cache_dir: Path,
+                   master: bool) -> dict:
+    """Latents of every pair: {"ir", "rgb", "sem", "overlay"} [N, 16, h, w], semantic pixels [N, 3, H, W] (uint8, for
+    the cnn encoder) and ids. Computed once per (dataset, autoencoder, size) and then read from disk."""
+    path = cache_dir / f"latents-{cache_key(ds, ae_path)}-a{cfg.overlay_alpha}.safetensors"
+    if path.is_file():
+        return read_safetensors(path)
+    if master:
+        from tqdm import tqdm
+        out = {k: [] for k in ("ir", "rgb", "sem", "overlay", "sem_pixels", "sem_ids")}
+        it = tqdm(range(len(ds)), desc="encoding latents", disable=not cfg.progress)
+        for i in it:
+            item = ds[i]
+            rgb, sem = item["rgb"][None].to(device, dtype), item["sem"][None].to(device, dtype)
+            ir = data.ir_to_rgb(item["ir"][None]).to(device, dtype)
+            batch = torch.cat([ir, rgb, sem, overlay(rgb, sem, cfg.overlay_alpha)])  # [4, 3, H, W]
+            z = ae.encode(batch).float().cpu()  # [4, 16, H/8, W/8]
+            for k, zk in zip(("ir", "rgb", "sem", "overlay"), z):
+                out[k].append(zk)
+            out["sem_pixels"].append(((item["sem"] + 1) * 127.5).round().to(torch.uint8))
+            out["sem_ids"].append(item["sem_ids"].to(torch.int32))
+        shapes = {tuple(t.shape) for t in out["ir"]}
+        if len(shapes) > 1:
+            fail(f"{ds.root}: images of different sizes {sorted(shapes)[:3]}; pass --size S to train on one size")
+        latents = {k: torch.stack(v) for k, v in out.items()}
+        save_atomic(latents, path, {"dataset": str(ds.root), "count": str(len(ds))})
+    if dist.is_initialized():
+        dist.barrier()
+    return read_safetensors(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What trains in each stage
+
+
+def select_trainable(model: Flux, stage: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """warmup: semantic modules; joint: semantic + LoRA; finetune: the strength scales/gates; base: everything.
+    Everything else gets requires_grad=False and stays out of the optimiser."""
+    model.requires_grad_(False)
+    if stage == "base":
+        names = {n for n, _ in model.named_parameters()}
+    elif stage == "warmup":
+        names = {n for n, _ in model.named_parameters() if n.startswith("semantic.")}
+    elif stage == "joint":
+        names = {n for n, _ in model.named_parameters() if n.startswith("semantic.") or ".lora_" in n}
+    elif stage == "finetune":
+        strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
+        names = {n for n, p in model.named_parameters() if id(p) in strengths}
+    else:
+        raise ValueError(stage)
+    params = [(n, p) for n, p in model.named_parameters() if n in names]
+    for _, p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def run_metadata(cfg: TrainConfig, setup: Setup, stage_cfg: dict) -> dict:
+    return {"config": json.dumps(stage_cfg), "base": setup.flux.name, "ae": setup.ae.name,
+            "train_args": json.dumps(asdict(cfg))}
+
+
+def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
+    """The self-description written into every output (sample.py rebuilds the model from it)."""
+    c = {"stage": cfg.stage, "scheme": cfg.scheme, "base_preset": setup.preset, "base_file": setup.flux.name,
+         "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size}
+    if cfg.scheme in ("xattn", "zeroconv", "adapter"):
+        c["semantic"] = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
+                                       num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim).to_dict()
+    if cfg.stage in ("joint", "finetune"):
+        c["lora_rank"], c["lora_alpha"] = cfg.lora_rank, cfg.lora_alpha
+    return c
+
+
+def check_init(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
+    """An --init must come from an earlier stage of the same scheme, base and module layout: checked before any work."""
+    if not cfg.init:
+        if cfg.stage == "finetune":
+            fail("--stage finetune adjusts a trained model: pass --init runs/joint/final.safetensors")
+        return None
+    got = run_config(cfg.init)
+    if got.get("stage") not in INIT_FROM[cfg.stage]:
+        fail(f"--init {cfg.init} is a {got.get('stage')!r} output; --stage {cfg.stage} starts from "
+             f"{' or '.join(INIT_FROM[cfg.stage])}")
+    for key in ("scheme", "base_preset", "semantic"):
+        if got.get(key) != want.get(key):
+            fail(f"--init {cfg.init} has {key}={got.get(key)!r} but this run has {want.get(key)!r}")
+    if got.get("lora_rank") and want.get("lora_rank") and got["lora_rank"] != want["lora_rank"]:
+        fail(f"--init {cfg.init} has LoRA rank {got['lora_rank']} but this run asks for {want['lora_rank']}")
+    return got
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rectified flow
+
+
+def sample_t(n: int, cfg: TrainConfig, seq_len: int, g: torch.Generator) -> Tensor:
+    """Training times in (0, 1): logit-normal (SD3) concentrates on the middle, where the velocity is hardest."""
+    if cfg.t_sampling == "uniform":
+        return torch.rand(n, generator=g)
+    t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=g))
+    if cfg.t_sampling == "shifted":  # the same resolution shift sampling uses
+        t = time_shift(get_lin_function()(seq_len), 1.0, t)
+    return t
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+class Stopper:
+    """SIGINT/SIGTERM ask the loop to write a resume state and exit after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def close(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, log_bins):
+    """Resume state with no pickle of objects: tensors, numbers and lists, read back with weights_only=True."""
+    state = {"step": step, "params": {n: p.detach().cpu() for n, p in trainable}, "optimizer": opt.state_dict(),
+             "rng": g.get_state(), "t_bins": log_bins}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def write_weights(path: Path, model: Flux, stage: str, meta: dict):
+    """Only what the stage adds to the base (semantic + LoRA); the base stage writes the whole transformer."""
+    sd = model.state_dict()
+    if stage != "base":
+        sd = {k: v for k, v in sd.items() if k.startswith("semantic.") or ".lora_" in k}
+    save_atomic(sd, path, meta)
+
+
+def semantic_batch(latents: dict, idx: Tensor, semcfg: SemanticConfig | None, device) -> Tensor | None:
+    """What Flux.forward's `semantic=` takes, from the cache: packed latents, or pixels for the cnn encoder."""
+    if semcfg is None:
+        return None
+    if semcfg.encoder == "cnn" and semcfg.scheme != "zeroconv":
+        return latents["sem_pixels"][idx].to(device).float() / 127.5 - 1  # uint8 -> [B, 3, H, W] in [-1, 1]
+    return pack(latents["sem"][idx].to(device))  # [B, 16, h, w] -> [B, N, 64]
+
+
+@torch.no_grad()
+def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, latents: dict, idx: Tensor, device,
+                dtype, text: tuple, out: Path, step: int):
+    """RGB | semantic | target | prediction for a few training pairs, sampled with the current weights from the
+    cached latents (the VAE encoder is not needed)."""
+    B = len(idx)
+    lh, lw = latents["ir"].shape[-2:]
+    H, W = lh * 8, lw * 8
+    h, w = lh // 2, lw // 2
+    txt, txt_ids, y = text
+    cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
+    semcfg = model.semantic.config if model.semantic is not None else None
+    inp = dict(x_cond=pack(latents[cond_key][idx].to(device, dtype)),
+               img_ids=torch.cat([image_ids(B, h, w, device=device), image_ids(B, h, w, index=1, device=device)], 1),
+               txt=txt.expand(B, -1, -1), txt_ids=txt_ids.expand(B, -1, -1), y=y.expand(B, -1),
+               semantic=None if semcfg is None else semantic_batch(latents, idx, semcfg, device).to(dtype))
+    was_training = model.training
+    model.eval()
+    x = pack(get_noise(B, H, W, seed=0, device=device, dtype=dtype))
+    x = denoise(model, x, inp, get_schedule(cfg.sample_steps, h * w, shift=setup.preset != "schnell"),
+                cfg.guidance if model.params.guidance_embed else None)
+    model.train(was_training)
+    pred = data.rgb_to_ir(ae.decode(unpack(x, H, W)).float().clamp(-1, 1))  # [B, 1, H, W]
+    rgb = ae.decode(latents["rgb"][idx].to(device, dtype)).float().clamp(-1, 1)
+    target = data.rgb_to_ir(ae.decode(latents["ir"][idx].to(device, dtype)).float().clamp(-1, 1))
+    sem = latents["sem_pixels"][idx].float() / 127.5 - 1
+    rows = [[to_pil_rgb(rgb[i]), to_pil_rgb(sem[i]), to_pil_gray(target[i]), to_pil_gray(pred[i])] for i in range(B)]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{step:06d}.png"
+    grid(rows, ["RGB", "semantic", "target", "prediction"]).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny demo's autoencoder (--stage ae): the analog of FLUX's pretrained ae.safetensors
+
+
+def train_ae(cfg: TrainConfig, setup: Setup, device, master: bool) -> int:
+    ds = dataset_for(cfg, setup, master)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ae = AutoEncoder(AE_PRESETS["tiny"]).to(device)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # all three kinds of image the model will see: visible, semantic, infrared (as 3 channels)
+    images = []
+    for i in range(len(ds)):
+        it = ds[i]
+        images += [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]]
+    images = torch.stack(images)  # [3N, 3, H, W]
+    from tqdm import tqdm
+    bar = tqdm(range(cfg.steps), desc="ae", disable=not (master and cfg.progress))
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x = images[torch.randint(len(images), (cfg.batch_size,), generator=g)].to(device)
+        mean, logvar = ae.encode_dist(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
+        rec = ae.decoder(z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+        opt.step()
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    # FLUX's scale/shift make latents zero-mean, unit-variance; re-estimate them for this autoencoder
+    with torch.no_grad():
+        means = torch.cat([ae.encode_dist(images[i:i + 64].to(device))[0].cpu() for i in range(0, len(images), 64)])
+    ae.params.shift_factor = float(means.mean())
+    ae.params.scale_factor = float(1.0 / means.std())
+    out = Path(cfg.out) / "ae.safetensors"
+    save_ae(ae, out, {"train_args": json.dumps(asdict(cfg))})
+    print(f"wrote {out} (shift {ae.params.shift_factor:.4f}, scale {ae.params.scale_factor:.4f})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    rank, world, device = init_distributed(cfg)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        setup = find_setup()
+    except CheckpointError as e:
+        fail(str(e))
+    if master:
+        print(setup.describe())
+    out = Path(cfg.out)
+    if cfg.stage == "ae":
+        if setup.kind != "demo":
+            fail("--stage ae trains the tiny demo autoencoder; FLUX's ae.safetensors is already trained")
+        return train_ae(cfg, setup, device, master)
+
+    # ---- validate everything before any work starts
+    if cfg.stage == "warmup" and cfg.scheme in ("overlay", "none"):
+        fail(f"--stage warmup trains only semantic modules, and scheme {cfg.scheme!r} has none: use --stage joint")
+    if cfg.stage == "finetune" and cfg.scheme in ("overlay", "none"):
+        fail(f"--stage finetune trains the semantic strengths, and scheme {cfg.scheme!r} has none")
+    if cfg.stage == "base" and cfg.scheme != "none":
+        fail("--stage base trains the RGB-conditioned base model: use --scheme none")
+    want = stage_config(cfg, setup)
+    init_cfg = check_init(cfg, setup, want)
+    resume_path = out / "resume.pt"
+    if cfg.resume and not resume_path.is_file():
+        fail(f"--resume: no {resume_path} (was the run started with --out {out}?)")
+
+    use_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if use_cuda else torch.float32  # base weights; trainable weights stay fp32
+
+    # ---- latents (VAE encoder used once, then freed) and the prompt embedding
+    ds = dataset_for(cfg, setup, master)
+    ae = load_ae(setup.ae, device=device, dtype=dtype)
+    latents = encode_dataset(ds, ae, setup.ae, cfg, device, dtype, cache_dir() / "latents", master)
+    del ae.encoder  # not needed in the loop (the decoder stays for the sample grids)
+    N, _, lh, lw = latents["ir"].shape
+    L = (lh // 2) * (lw // 2)
+    txt, txt_ids, y = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)
+
+    # ---- model: base + this stage's modules; then the previous stage's weights
+    if cfg.stage == "base" and cfg.init:
+        model = load_flux(cfg.init, setup.preset, device=device, dtype=torch.float32)
+    elif cfg.stage == "base" and setup.kind == "demo":
+        model = Flux(PRESETS["tiny"]).to(device)  # the demo base is trained from scratch
+    elif cfg.stage == "base":
+        model = load_flux(setup.flux, setup.preset, device=device, dtype=torch.float32)  # full fine-tune
+    else:
+        model = build_model(setup, {**want, "lora_rank": 0}, device, dtype)
+        if model.semantic is not None:
+            model.semantic.float()
+        if cfg.stage in ("joint", "finetune"):
+            from lora import inject_lora
+            inject_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        if init_cfg is not None:  # (a warmup output has no LoRA keys: its LoRA starts at zero, i.e. the identity)
+            sd = read_safetensors(cfg.init, device=device)
+            state = model.state_dict()
+            unexpected = sorted(set(sd) - set(state))
+            mis = [k for k in sd if k in state and sd[k].shape != state[k].shape]
+            if unexpected or mis:
+                fail(f"--init {cfg.init} does not fit this model: unexpected {unexpected[:5]}, mis-shaped {mis[:5]}")
+            missing = [k for k in state if (k.startswith("semantic.") and k not in sd)]
+            if missing:
+                fail(f"--init {cfg.init} lacks {missing[:5]}")
+            model.load_state_dict(sd, strict=False)
+        for n, p in model.named_parameters():  # trainable modules in fp32 (bf16 autocast computes in bf16)
+            if n.startswith("semantic.") or ".lora_" in n:
+                p.data = p.data.float()
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    trainable = select_trainable(model, cfg.stage)
+    n_train = sum(p.numel() for _, p in trainable)
+    if n_train == 0:
+        fail(f"nothing to train in stage {cfg.stage} with scheme {cfg.scheme}")
+    if master:
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"stage {cfg.stage}, scheme {cfg.scheme}: {n_train:,} trainable of {n_all:,} parameters "
+              f"({len(trainable)} tensors); {N} training pairs of {L} tokens")
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+
+    fwd = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)  # only trainable weights are synchronised
+        fwd = DDP(model, device_ids=[device] if use_cuda else None)
+    if cfg.compile:
+        fwd = torch.compile(fwd)
+
+    # ---- state
+    g = torch.Generator().manual_seed(cfg.seed)  # one stream for data order, t and noise: identical on every rank
+    step, t_bins = 0, [[0.0, 0] for _ in range(10)]
+    if cfg.resume:
+        state = torch.load(resume_path, weights_only=True, map_location="cpu")
+        names = [n for n, _ in trainable]
+        if sorted(state["params"]) != sorted(names):
+            fail(f"{resume_path} was written by a run with other trainable weights (another stage or scheme)")
+        with torch.no_grad():
+            for n, p in trainable:
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["rng"])
+        step, t_bins = state["step"], state["t_bins"]
+        if master:
+            print(f"resumed from {resume_path} at step {step}")
+    meta = run_metadata(cfg, setup, want)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a") if master else None
+    stopper = Stopper()
+    try:
+        sample_idx = torch.arange(min(4, N))
+        global_batch = cfg.batch_size * world
+
+        h, w = lh // 2, lw // 2
+        ids = torch.cat([image_ids(cfg.batch_size, h, w, device=device),
+                         image_ids(cfg.batch_size, h, w, index=1, device=device)], dim=1)  # [B, 2L, 3]
+        cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
+        semcfg = model.semantic.config if model.semantic is not None else None
+
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}", disable=not (master and cfg.progress))
+        t0, last_log_step = time.time(), step
+        fwd.train()
+        good_ckpt = None
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                # the global batch is drawn identically on every rank; each rank takes its slice
+                idx = torch.randint(N, (global_batch,), generator=g)
+                t = sample_t(global_batch, cfg, L, g)
+                noise = torch.randn((global_batch, L, 64), generator=g)
+                sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+                idx, t, noise = idx[sl], t[sl].to(device), noise[sl].to(device)
+                x0 = pack(latents["ir"][idx].to(device))  # [B, 16, h*2, w*2] -> [B, L, 64]
+                x_cond = pack(latents[cond_key][idx].to(device))
+                x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+                target = noise - x0
+                sem_in = semantic_batch(latents, idx, semcfg, device)
+                B = x0.shape[0]
+                guidance = torch.full((B,), cfg.guidance, device=device) if model.params.guidance_embed else None
+                sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else fwd.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                        pred = fwd(img=torch.cat([x_t, x_cond], dim=1).to(dtype), img_ids=ids[:B],
+                                   txt=txt.expand(B, -1, -1), txt_ids=txt_ids.expand(B, -1, -1), timesteps=t.to(dtype),
+                                   y=y.expand(B, -1), guidance=guidance,
+                                   semantic=None if sem_in is None else sem_in.to(dtype))[:, :L]  # [B, L, 64]
+                    per_sample = (pred.float() - target).square().mean(dim=(1, 2))  # [B]
+                    loss = per_sample.mean() / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.item()
+                for ti, li in zip(t.tolist(), per_sample.tolist()):
+                    b = min(9, int(ti * 10))
+                    t_bins[b][0] += li
+                    t_bins[b][1] += 1
+            if not math.isfinite(loss_sum):
+                where = f"the last good weights are {good_ckpt}" if good_ckpt else "no checkpoint was written yet"
+                print(f"error: loss is {loss_sum} at step {step}; stopping ({where}; lower --lr?)", file=sys.stderr)
+                return 1
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
+            opt.step()
+            step += 1
+            bar.update(1)
+
+            if master and (step % cfg.log_every == 0 or step == cfg.steps):
+                dt = time.time() - t0
+                sps = (step - last_log_step) / max(dt, 1e-9)
+                t0, last_log_step = time.time(), step
+                bins = [round(s / n, 5) if n else None for s, n in t_bins]
+                bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{sps:.2f}")
+                log.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "steps_per_s": sps,
+                                      "loss_by_t": bins}) + "\n")
+                log.flush()
+                t_bins = [[0.0, 0] for _ in range(10)]
+            if master and cfg.sample_every and step % cfg.sample_every == 0:
+                sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, (txt, txt_ids, y), out / "samples",
+                            step)
+            stop = stopper.signal is not None
+            if world > 1:  # a signal on any rank stops every rank at the same step
+                flag = torch.tensor([float(stop)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if master and (step % cfg.ckpt_every == 0 or stop or step == cfg.steps):
+                write_weights(out / "latest.safetensors", model, cfg.stage, meta)
+                save_resume(resume_path, trainable, opt, step, g, t_bins)
+                good_ckpt = out / "latest.safetensors"
+            if stop:
+                if master:
+                    print(f"\nstopped by signal {stopper.signal or 'on another rank'} at step {step}; resume with "
+                          f"`python train.py {' '.join(sys.argv[1:])} --resume`")
+                return 128 + (stopper.signal or signal.SIGTERM)
+        bar.close()
+        if master:
+            final = out / "final.safetensors"
+            write_weights(final, model, cfg.stage, meta)
+            if cfg.stage == "base":
+                print(f"wrote {final} (the full transformer)")
+            else:
+                print(f"wrote {final} ({n_train:,} trained parameters)")
+            if cfg.sample_every == 0 and cfg.sample_steps > 0:
+                path = sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, (txt, txt_ids, y),
+                                   out / "samples", step)
+                print(f"wrote {path}")
+    finally:
+        stopper.close()
+        if log is not None:
+            log.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
