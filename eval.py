@@ -1,0 +1,291 @@
+"""
+Make the design's claims measurable: generate the IR image for every held-out pair and score it.
+
+    python eval.py --data DIR --ckpt PATH [--steps N] [--limit K] [--seed S]     # one model
+    python eval.py --data DIR --base                                             # the base model, no semantics
+    python eval.py --ablation [--steps N] [--eval-steps N] [--out runs/ablation]  # train + score every scheme
+
+Protocol (metrics.py has the exact definitions): each test pair is generated at its own size with --steps Euler
+steps (default 20), seed --seed + index, the run's own guidance; the prediction is compared with the ground-truth IR
+in [0, 1]: PSNR, SSIM, per-class intensity error, and over the regions of the semantic map the hallucination rate
+(cold in the ground truth, hot in the prediction) and the miss rate (hot in the ground truth, cold in the
+prediction). Decoy classes (default: poster, car_parked, which look exactly like hot classes in RGB) get their own
+hallucination rate. FID needs a user-supplied feature network (--fid-model, a TorchScript file; nothing downloads).
+
+The ablation trains each conditioning scheme with the same data, steps, seed and LoRA (stage `joint`: LoRA on the
+backbone + the scheme's semantic modules; `none` is LoRA alone on RGB, `overlay` LoRA alone on RGB blended with the
+semantic colours), evaluates all of them on the same held-out set, and writes table.md, results.json and figures.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import metrics
+from checkpoint import CheckpointError
+from sample import (ROOT, load_pipeline, generate, find_setup, to_pil_gray, to_pil_rgb, grid, attention_figure,
+                    heat)
+
+DECOY_NAMES = ("poster", "car_parked")
+ABLATION = ("none", "overlay", "zeroconv", "xattn", "adapter")
+LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroconv": "A: zero-conv",
+          "xattn": "B: cross-attention", "adapter": "C: gated adapter"}
+
+
+@torch.no_grad()
+def predict(pipe, ds, steps: int, seed: int, limit: int | None, batch_size: int = 8, progress: bool = True):
+    """Yield (index, item, prediction [1, H, W]) for the first `limit` pairs; pair i is sampled with seed + i."""
+    from tqdm import tqdm
+    n = len(ds) if not limit else min(limit, len(ds))
+    bar = tqdm(total=n, desc="evaluating", disable=not progress)
+    for start in range(0, n, batch_size):
+        items = [ds[i] for i in range(start, min(n, start + batch_size))]
+        groups = [items] if len({tuple(it["rgb"].shape) for it in items}) == 1 else [[it] for it in items]
+        i = start
+        for group in groups:  # one batch per image size
+            pred = generate(pipe, torch.stack([it["rgb"] for it in group]), torch.stack([it["sem"] for it in group]),
+                            steps=steps, seed=[seed + i + k for k in range(len(group))]).cpu()
+            for k, it in enumerate(group):
+                yield i + k, it, pred[k]
+            i += len(group)
+            bar.update(len(group))
+    bar.close()
+
+
+def evaluate(pipe, ds, steps=20, seed=0, limit=None, decoys=DECOY_NAMES, save_dir: Path | None = None,
+             progress=True) -> dict:
+    """Score a pipeline on a dataset: metrics.summarize over every pair (+ the decoy slice)."""
+    classes = ds.classes
+    hot = data.hot_ids(classes)
+    decoy_ids = [c.id for c in classes if c.name in decoys]
+    records = []
+    for i, item, pred in predict(pipe, ds, steps, seed, limit, progress=progress):
+        records.append(metrics.evaluate_image(pred[0].double(), item["ir"][0].double(), item["sem_ids"]))
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            to_pil_gray(pred).save(save_dir / f"{item['name']}.png")
+    return metrics.summarize(records, hot_ids=hot, decoy_ids=decoy_ids)
+
+
+def fid_score(pipe, ds, model_path, steps, seed, limit) -> float:
+    """FID between generated and real IR with a user-supplied TorchScript feature network (e.g. Inception-v3)."""
+    net = torch.jit.load(str(model_path), map_location="cpu").eval()
+    real, fake = [], []
+    for _, item, pred in predict(pipe, ds, steps, seed, limit, progress=False):
+        real.append(item["ir"])
+        fake.append(pred)
+    fr = metrics.fid_features_from_model(net, torch.stack(real))
+    ff = metrics.fid_features_from_model(net, torch.stack(fake))
+    return metrics.fid(fr, ff)
+
+
+def summary_line(name: str, s: dict, extra: dict | None = None) -> dict:
+    """The JSON line: headline numbers only (per-class errors stay in results.json)."""
+    out = {"name": name, "n_images": s["n_images"], "psnr": round(s["psnr"], 4), "ssim": round(s["ssim"], 5),
+           "hallucination_rate": s["all"]["hallucination_rate"], "miss_rate": s["all"]["miss_rate"],
+           "decoy_hallucination_rate": s["decoy"]["hallucination_rate"],
+           "target_miss_rate": s["target"]["miss_rate"],
+           "counts": {k: s["all"][k] for k in ("hallucinated", "gt_cold", "missed", "gt_hot")} |
+           {"decoy_hallucinated": s["decoy"]["hallucinated"], "decoy_cold": s["decoy"]["gt_cold"]}}
+    return out | (extra or {})
+
+
+def jsonable(x):
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures (PIL only: the runtime has no plotting library)
+
+
+def loss_curves(logs: dict[str, Path], out: Path, width=640, height=320, smooth=10):
+    """Training loss per run (from each run's log.jsonl), moving-average smoothed, log-scaled y."""
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    series = {}
+    for name, path in logs.items():
+        rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+        if rows:
+            x = np.array([r["step"] for r in rows], float)
+            y = np.log10(np.maximum([r["loss"] for r in rows], 1e-8))
+            k = min(smooth, len(y))
+            series[name] = (x, np.convolve(y, np.ones(k) / k, mode="valid"), k)
+    if not series:
+        return None
+    xmax = max(s[0].max() for s in series.values())
+    ymin = min(s[1].min() for s in series.values())
+    ymax = max(s[1].max() for s in series.values())
+    pad = 40
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([pad, 10, width - 10, height - pad], outline=(0, 0, 0))
+
+    def xy(x, y):
+        return (pad + (width - pad - 10) * x / max(xmax, 1),
+                height - pad - (height - pad - 10) * (y - ymin) / max(ymax - ymin, 1e-6))
+    for i, (name, (x, y, k)) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        pts = [xy(xx, yy) for xx, yy in zip(x[k - 1:], y)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        d.text((pad + 8, 14 + 12 * i), name, fill=c)
+    d.text((pad, height - pad + 6), "0", fill=(0, 0, 0))
+    d.text((width - 60, height - pad + 6), f"step {int(xmax)}", fill=(0, 0, 0))
+    d.text((2, 10), f"{10 ** ymax:.3g}", fill=(0, 0, 0))
+    d.text((2, height - pad - 10), f"{10 ** ymin:.3g}", fill=(0, 0, 0))
+    d.text((2, height // 2), "loss", fill=(0, 0, 0))
+    img.save(out)
+    return out
+
+
+def comparison_figure(pipes: dict, ds, indices: list[int], steps: int, seed: int, out: Path, scale: int = 2):
+    """RGB | semantic | ground truth | each method's prediction | scheme B's attention for the person/poster."""
+    rows = []
+    names = list(pipes)
+    for i in indices:
+        item = ds[i]
+        row = [to_pil_rgb(item["rgb"]), to_pil_rgb(item["sem"]), to_pil_gray(item["ir"])]
+        for name in names:
+            pred = generate(pipes[name], item["rgb"][None], item["sem"][None], steps=steps, seed=seed + i)
+            row.append(to_pil_gray(pred[0]))
+        rows.append([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row])
+    labels = ["RGB", "semantic", "ground truth"] + [LABELS.get(n, n).split(" (")[0] for n in names]
+    grid(rows, labels).save(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_ablation(args) -> int:
+    import train
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = find_setup()
+    print(setup.describe())
+    train_data = Path(args.train_data)
+    test_data = Path(args.data)
+    for d, count, s in ((train_data, 512, 0), (test_data, 64, 1)):
+        if not d.is_dir():
+            if setup.kind != "demo":
+                raise SystemExit(f"error: {d} does not exist (pass --train-data / --data)")
+            print(f"generating {d}")
+            data.write_synth(d, count=count, size=128, seed=s)
+    test = data.PairedDataset(test_data)
+    results, extras, logs, pipes = {}, {}, {}, {}
+    for scheme in args.schemes.split(","):
+        run = out / scheme
+        final = run / "final.safetensors"
+        if not final.is_file() or args.retrain:
+            argv = ["--stage", "joint", "--scheme", scheme, "--data", str(train_data), "--steps", str(args.steps),
+                    "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--out", str(run),
+                    "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_rank), "--sample-steps", "0",
+                    "--lr", str(args.lr)]
+            if not args.progress:
+                argv.append("--no-progress")
+            if (run / "log.jsonl").exists():
+                (run / "log.jsonl").unlink()
+            t0 = time.time()
+            rc = train.main(argv)
+            if rc:
+                raise SystemExit(f"error: training {scheme} failed ({rc})")
+            print(f"{scheme}: trained in {time.time() - t0:.0f} s")
+        logs[LABELS[scheme]] = run / "log.jsonl"
+        rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+        sps = float(np.median([r["steps_per_s"] for r in rows[1:]] or [rows[-1]["steps_per_s"]]))
+        pipe = load_pipeline(final, quiet=True)
+        trained = sum(v.numel() for k, v in pipe.model.state_dict().items() if k.startswith("semantic.") or ".lora_" in k)
+        summ = evaluate(pipe, test, steps=args.eval_steps, seed=args.seed, limit=args.limit, progress=args.progress)
+        results[LABELS[scheme]] = summ
+        extras[LABELS[scheme]] = {"trainable params": trained, "s/step": round(1 / sps, 3)}
+        pipes[scheme] = pipe
+        line = summary_line(scheme, summ, extras[LABELS[scheme]])
+        print(json.dumps(jsonable(line)))
+    table = metrics.format_table(results, extras, decoy=True)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(jsonable({"protocol": {
+        "train_pairs": len(data.PairedDataset(train_data)), "test_pairs": min(len(test), args.limit or len(test)),
+        "train_steps": args.steps, "batch_size": args.batch_size, "lora_rank": args.lora_rank, "lr": args.lr,
+        "eval_steps": args.eval_steps, "seed": args.seed, "base": str(setup.flux)},
+        "results": results, "extras": extras}), indent=1))
+    print(table)
+    loss_curves(logs, out / "loss_curves.png")
+    # test scenes with decoys for the figure: a poster or a parked car, and a person
+    ids = {c.name: c.id for c in test.classes}
+    picks = []
+    for i in range(len(test)):
+        present = set(torch.unique(test[i]["sem_ids"]).tolist())
+        if ids.get("poster") in present and ids.get("person") in present or ids.get("car_parked") in present:
+            picks.append(i)
+        if len(picks) == 4:
+            break
+    shown = {k: pipes[k] for k in ("none", "overlay", "xattn") if k in pipes}
+    comparison_figure(shown, test, picks or [0, 1, 2], args.eval_steps, args.seed, out / "comparison.png")
+    if "xattn" in pipes and picks:
+        item = test[picks[0]]
+        fig = attention_figure(pipes["xattn"], item["rgb"][None], item["sem"][None], item["sem_ids"],
+                               {c.id: c.name for c in test.classes}, seed=args.seed, steps=args.eval_steps)
+        fig.resize((fig.width * 2, fig.height * 2), Image.NEAREST).save(out / "attention.png")
+    print(f"wrote {out / 'table.md'}, results.json, loss_curves.png, comparison.png, attention.png")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(ROOT / "data" / "synth-test"), help="held-out pairs (rgb/, sem/, ir/)")
+    ap.add_argument("--ckpt", default=None, help="a train.py output")
+    ap.add_argument("--base", action="store_true", help="evaluate the base model without semantic weights")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (ablation: training steps)")
+    ap.add_argument("--eval-steps", type=int, default=20, help="ablation: sampling steps")
+    ap.add_argument("--limit", type=int, default=None, help="only the first K pairs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--decoys", default=",".join(DECOY_NAMES), help="cold classes that look like hot ones")
+    ap.add_argument("--save", default=None, help="also write the predictions to this folder")
+    ap.add_argument("--fid-model", default=None, help="TorchScript feature network for FID (user-supplied)")
+    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--schemes", default=",".join(ABLATION))
+    ap.add_argument("--train-data", default=str(ROOT / "data" / "synth"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.ablation:
+            args.steps = args.steps or 400
+            return run_ablation(args)
+        if not args.ckpt and not args.base:
+            raise ValueError("pass --ckpt PATH (a train.py output) or --base")
+        ds = data.PairedDataset(args.data, size=args.size)
+        pipe = load_pipeline(None if args.base else args.ckpt)
+        steps = args.steps or 20
+        summ = evaluate(pipe, ds, steps=steps, seed=args.seed, limit=args.limit, decoys=args.decoys.split(","),
+                        save_dir=Path(args.save) if args.save else None, progress=args.progress)
+        extra = {"ckpt": args.ckpt or "base", "steps": steps, "seed": args.seed}
+        if args.fid_model:
+            extra["fid"] = fid_score(pipe, ds, args.fid_model, steps, args.seed, args.limit)
+        print(metrics.format_table({args.ckpt or "base": summ}, decoy=True))
+        print(json.dumps(jsonable(summary_line(args.ckpt or "base", summ, extra))))
+    except (data.DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

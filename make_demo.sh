@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Remakes weights/demo/ (the default that runs when no official FLUX checkpoint is in weights/) from scratch:
+# synthetic scenes -> tiny autoencoder -> tiny RGB-conditioned FLUX base (Kontext-style) -> scheme B warmup.
+# Every step is one of the project's own commands. Step counts can be overridden: AE_STEPS=... ./make_demo.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+AE_STEPS=${AE_STEPS:-800}
+BASE_STEPS=${BASE_STEPS:-1500}
+WARMUP_STEPS=${WARMUP_STEPS:-1000}
+export FLUX_IR_WEIGHTS=${FLUX_IR_WEIGHTS:-weights}
+start=$(date +%s)
+[ -d data/synth ] || python data.py synth data/synth --count 512 --size 128 --seed 0
+[ -d data/synth-test ] || python data.py synth data/synth-test --count 64 --size 128 --seed 1
+python train.py --stage ae --data data/synth --steps "$AE_STEPS" --batch-size 12 --ae-crop 32 --out "$FLUX_IR_WEIGHTS/demo"
+python train.py --stage base --scheme none --data data/synth --steps "$BASE_STEPS" --batch-size 16 --out runs/demo-base
+cp runs/demo-base/final.safetensors "$FLUX_IR_WEIGHTS/demo/flux.safetensors"
+python train.py --stage warmup --scheme xattn --data data/synth --steps "$WARMUP_STEPS" --batch-size 16 --out runs/demo-warmup
+cp runs/demo-warmup/final.safetensors "$FLUX_IR_WEIGHTS/demo/xattn.safetensors"
+echo "make_demo.sh: done in $(( $(date +%s) - start )) s"
