@@ -41,7 +41,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
     if size < 8:
         raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file (truncated or empty?)")
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip container, or a raw pickle stream
+            raise CheckpointError(f"{path}: this is a PyTorch pickle (.pt/.ckpt/.bin), not safetensors. Only "
+                                  "safetensors are read (a pickle can run code); convert it where you trust it")
+        (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}: "
                                   "not a safetensors file, or truncated")
@@ -54,7 +58,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e}); is this a .ckpt/.pt pickle renamed? "
                               "Only safetensors are read.") from None
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors metadata (must map strings to strings)")
     data_len = size - 8 - n
     for key, e in header.items():
@@ -74,6 +78,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         if end > data_len:
             raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {end} of the data but the file "
                                   f"holds {data_len}; re-download or re-copy the file")
+    # the format requires the tensors to tile the data section exactly: no gaps, no overlaps, no trailing bytes
+    covered = 0
+    for start, end in sorted(tuple(e["data_offsets"]) for e in header.values()):
+        if start != covered:
+            raise CheckpointError(f"{path}: corrupt safetensors layout (tensor data overlaps or leaves a gap at "
+                                  f"byte {covered})")
+        covered = end
+    if covered != data_len:
+        raise CheckpointError(f"{path}: {data_len - covered} bytes after the last tensor: corrupt, or not a "
+                              "safetensors file")
     return header, metadata
 
 
@@ -86,10 +100,15 @@ def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None, 
     """All (or the named) tensors of a validated file, cast to dtype if given (floating tensors only)."""
     read_header(path)
     out = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for k in (f.keys() if keys is None else keys):
-            t = f.get_tensor(k)
-            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for k in (f.keys() if keys is None else keys):
+                t = f.get_tensor(k)
+                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    except Exception as e:  # anything the header check above did not foresee is still the file's fault
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
     return out
 
 
