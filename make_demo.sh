@@ -4,14 +4,19 @@
 # Every step is one of the project's own commands. Step counts can be overridden: AE_STEPS=... ./make_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
-AE_STEPS=${AE_STEPS:-800}
+AE_STEPS=${AE_STEPS:-3000}
+AE_FULL_STEPS=${AE_FULL_STEPS:-400}
 BASE_STEPS=${BASE_STEPS:-1500}
 WARMUP_STEPS=${WARMUP_STEPS:-1000}
 export FLUX_IR_WEIGHTS=${FLUX_IR_WEIGHTS:-weights}
 start=$(date +%s)
 [ -d data/synth ] || python data.py synth data/synth --count 512 --size 128 --seed 0
 [ -d data/synth-test ] || python data.py synth data/synth-test --count 64 --size 128 --seed 1
+# the autoencoder: first on cheap 32px crops, then on whole images (GroupNorm statistics of a crop are not a whole
+# image's, so the last steps must see whole images)
 python train.py --stage ae --data data/synth --steps "$AE_STEPS" --batch-size 12 --ae-crop 32 --out "$FLUX_IR_WEIGHTS/demo"
+python train.py --stage ae --data data/synth --steps "$AE_FULL_STEPS" --batch-size 4 --ae-crop 0 --lr 3e-4 \
+    --warmup-steps 20 --init "$FLUX_IR_WEIGHTS/demo/ae.safetensors" --out "$FLUX_IR_WEIGHTS/demo"
 python train.py --stage base --scheme none --data data/synth --steps "$BASE_STEPS" --batch-size 16 --out runs/demo-base
 cp runs/demo-base/final.safetensors "$FLUX_IR_WEIGHTS/demo/flux.safetensors"
 python train.py --stage warmup --scheme xattn --data data/synth --steps "$WARMUP_STEPS" --batch-size 16 --out runs/demo-warmup

@@ -264,13 +264,18 @@ def denoise(model: Flux, x: Tensor, inp: dict, timesteps: list[float], guidance:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: int = 0, guidance=None,
+def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: int | list[int] = 0, guidance=None,
              progress: bool = False) -> Tensor:
-    """rgb, sem [B, 3, H, W] in [-1, 1] -> IR [B, 1, H, W] in [0, 1]."""
+    """rgb, sem [B, 3, H, W] in [-1, 1] -> IR [B, 1, H, W] in [0, 1]. A list of seeds gives each pair its own noise,
+    so a pair's result does not depend on what it was batched with."""
     rgb, sem = rgb.to(pipe.device, pipe.dtype), sem.to(pipe.device, pipe.dtype)
     inp = model_inputs(pipe, rgb, sem)
     B, H, W = rgb.shape[0], inp["H"], inp["W"]
-    x = pack(get_noise(B, H, W, seed, pipe.device, pipe.dtype))  # [B, L, 64]
+    if isinstance(seed, int):
+        noise = get_noise(B, H, W, seed, pipe.device, pipe.dtype)
+    else:
+        noise = torch.cat([get_noise(1, H, W, s, pipe.device, pipe.dtype) for s in seed])
+    x = pack(noise)  # [B, 16, H/8, W/8] -> [B, L, 64]
     timesteps = get_schedule(steps, x.shape[1], shift=pipe.setup.preset != "schnell")
     x = denoise(pipe.model, x, inp, timesteps, guidance if guidance is not None else pipe.guidance, progress)
     img = pipe.ae.decode(unpack(x.float().to(pipe.dtype), H, W))  # [B, L, 64] -> [B, 16, H/8, W/8] -> [B, 3, H, W]

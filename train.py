@@ -48,7 +48,7 @@ STAGES = ("warmup", "joint", "finetune", "base", "ae")
 SCHEMES = ("xattn", "zeroconv", "adapter", "overlay", "none")
 # which earlier stage's output an --init may come from
 INIT_FROM = {"warmup": ("warmup",), "joint": ("warmup", "joint"), "finetune": ("warmup", "joint", "finetune"),
-             "base": ("base",), "ae": ()}
+             "base": ("base",), "ae": ("ae",)}
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TrainConfig:
     sem_heads: int = 0
     sem_inner_dim: int = 0
     overlay_alpha: float = 0.5
+    ae_crop: int = 64  # --stage ae trains on random crops (a conv net: the size does not matter, the cost does)
     gradient_checkpointing: bool = False
     compile: bool = False
     log_every: int = 10
@@ -365,7 +366,8 @@ def train_ae(cfg: TrainConfig, setup: Setup, device, master: bool) -> int:
     ds = dataset_for(cfg, setup, master)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    ae = AutoEncoder(AE_PRESETS["tiny"]).to(device)
+    # --init continues an earlier autoencoder (e.g. fine-tuning on full images after training on crops)
+    ae = (load_ae(cfg.init, device=device) if cfg.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=0.0)
     # all three kinds of image the model will see: visible, semantic, infrared (as 3 channels)
     images = []
@@ -373,12 +375,17 @@ def train_ae(cfg: TrainConfig, setup: Setup, device, master: bool) -> int:
         it = ds[i]
         images += [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]]
     images = torch.stack(images)  # [3N, 3, H, W]
+    ae.requires_grad_(True)
     from tqdm import tqdm
     bar = tqdm(range(cfg.steps), desc="ae", disable=not (master and cfg.progress))
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x = images[torch.randint(len(images), (cfg.batch_size,), generator=g)].to(device)
+        x = images[torch.randint(len(images), (cfg.batch_size,), generator=g)]  # [B, 3, H, W]
+        if cfg.ae_crop and cfg.ae_crop < x.shape[-1]:
+            top, left = torch.randint(0, x.shape[-2] - cfg.ae_crop + 1, (2,), generator=g).tolist()
+            x = x[..., top:top + cfg.ae_crop, left:left + cfg.ae_crop]
+        x = x.to(device)
         mean, logvar = ae.encode_dist(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
         rec = ae.decoder(z)
