@@ -42,11 +42,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file (truncated or empty?)")
     with open(path, "rb") as f:
         head = f.read(8)
-        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip container, or a raw pickle stream
-            raise CheckpointError(f"{path}: this is a PyTorch pickle (.pt/.ckpt/.bin), not safetensors. Only "
-                                  "safetensors are read (a pickle can run code); convert it where you trust it")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
+            # not a plausible header length: say so more helpfully if the file is torch.save's zip or a raw pickle
+            if head.startswith((b"PK\x03\x04", b"\x80")):
+                raise CheckpointError(f"{path}: this is a PyTorch pickle (.pt/.ckpt/.bin), not safetensors. Only "
+                                      "safetensors are read (a pickle can run code); convert it where you trust it")
             raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}: "
                                   "not a safetensors file, or truncated")
         raw = f.read(n)

@@ -42,6 +42,18 @@ def test_pickle_is_refused(tmp_path):
         read_safetensors(tmp_path / "model.safetensors")
 
 
+def test_header_length_with_a_pickle_like_first_byte_is_fine(tmp_path):
+    """A valid file whose header length's low byte is 0x80 (a pickle's first byte) must still load."""
+    for pad in range(300):
+        path = tmp_path / "p.safetensors"
+        save_file({"w" + "x" * pad: torch.zeros(1)}, str(path))
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("could not make a header of the wanted length")
+    assert "w" + "x" * pad in read_safetensors(path)
+
+
 def test_strict_load_lists_every_problem():
     model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
     sd = {"0.weight": torch.zeros(3, 2), "1.weight": torch.zeros(2, 3), "extra": torch.zeros(1)}
