@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 AE_STEPS=${AE_STEPS:-3000}
 AE_FULL_STEPS=${AE_FULL_STEPS:-400}
 BASE_STEPS=${BASE_STEPS:-1500}
+BASE_MORE_STEPS=${BASE_MORE_STEPS:-2500}
 WARMUP_STEPS=${WARMUP_STEPS:-1000}
 export FLUX_IR_WEIGHTS=${FLUX_IR_WEIGHTS:-weights}
 start=$(date +%s)
@@ -17,8 +18,12 @@ start=$(date +%s)
 python train.py --stage ae --data data/synth --steps "$AE_STEPS" --batch-size 12 --ae-crop 32 --out "$FLUX_IR_WEIGHTS/demo"
 python train.py --stage ae --data data/synth --steps "$AE_FULL_STEPS" --batch-size 4 --ae-crop 0 --lr 3e-4 \
     --warmup-steps 20 --init "$FLUX_IR_WEIGHTS/demo/ae.safetensors" --out "$FLUX_IR_WEIGHTS/demo"
+# the base: RGB -> IR only (the analog of the pretrained model), then a second cosine cycle from its output
 python train.py --stage base --scheme none --data data/synth --steps "$BASE_STEPS" --batch-size 16 --out runs/demo-base
-cp runs/demo-base/final.safetensors "$FLUX_IR_WEIGHTS/demo/flux.safetensors"
-python train.py --stage warmup --scheme xattn --data data/synth --steps "$WARMUP_STEPS" --batch-size 16 --out runs/demo-warmup
+python train.py --stage base --scheme none --data data/synth --steps "$BASE_MORE_STEPS" --batch-size 16 --lr 4e-4 \
+    --init runs/demo-base/final.safetensors --out runs/demo-base2
+cp runs/demo-base2/final.safetensors "$FLUX_IR_WEIGHTS/demo/flux.safetensors"
+python train.py --stage warmup --scheme xattn --data data/synth --steps "$WARMUP_STEPS" --batch-size 16 --lr 1e-3 \
+    --out runs/demo-warmup
 cp runs/demo-warmup/final.safetensors "$FLUX_IR_WEIGHTS/demo/xattn.safetensors"
 echo "make_demo.sh: done in $(( $(date +%s) - start )) s"

@@ -53,7 +53,7 @@ INIT_FROM = {"warmup": ("warmup",), "joint": ("warmup", "joint"), "finetune": ("
 
 @dataclass
 class TrainConfig:
-    stage: str = "warmup"
+    stage: str = "warmup"  # warmup | joint | finetune (the design's stages); ae | base (the tiny demo's own models)
     scheme: str = "xattn"  # xattn (B) | zeroconv (A) | adapter (C) | overlay (pixel blend baseline) | none
     data: str = ""  # dataset folder (rgb/, sem/, ir/); default: the synthetic set, generated on first use
     size: int = 0  # resize + centre-crop to SxS; 0 keeps the files' size (multiples of 16)
@@ -62,55 +62,61 @@ class TrainConfig:
     resume: bool = False  # continue from <out>/resume.pt
     steps: int = 0  # 0: the stage's default
     batch_size: int = 8  # per process and micro-step
-    grad_accum: int = 1
-    lr: float = 0.0  # 0: the stage's default
+    grad_accum: int = 1  # micro-steps per optimiser step
+    lr: float = 0.0  # 0: the stage's default (FLUX.1 sizes: warmup 1e-4, joint 5e-5; the tiny demo: 1e-3)
+    strength_lr_mult: float = 10.0  # the zero-initialised scales/gates learn this many times faster (see below)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    seed: int = 0  # data order, t and noise all come from one generator seeded with this
     t_sampling: str = "logit_normal"  # logit_normal | uniform | shifted (logit-normal, then FLUX's resolution shift)
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    logit_mean: float = 0.0  # t = sigmoid(mean + std * N(0, 1))
+    logit_std: float = 1.0  # see logit_mean
     guidance: float = 1.0  # fixed guidance input for guidance-distilled bases (dev/Kontext), as kohya/x-flux train
-    prompt: str = DEFAULT_PROMPT
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
+    prompt: str = DEFAULT_PROMPT  # the one prompt of every pair (official bases; the demo has no text encoder)
+    lora_rank: int = 16  # joint / finetune: LoRA rank on the backbone
+    lora_alpha: float = 16.0  # LoRA scale = alpha / rank
     sem_encoder: str = "vae"  # vae | cnn
     sem_blocks: str = "all"  # all | double | single | every:K
-    sem_heads: int = 0
-    sem_inner_dim: int = 0
-    overlay_alpha: float = 0.5
+    sem_heads: int = 0  # cross-attention heads; 0: the transformer's
+    sem_inner_dim: int = 0  # cross-attention width; 0: the transformer's hidden size (smaller saves parameters)
+    overlay_alpha: float = 0.5  # overlay baseline: weight of the semantic colours in the blend
     ae_crop: int = 64  # --stage ae trains on random crops (a conv net: the size does not matter, the cost does)
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    log_every: int = 10
-    sample_every: int = 0  # 0: at the end only
-    sample_steps: int = 10
-    ckpt_every: int = 100
-    device: str = ""
-    progress: bool = True
+    gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
+    compile: bool = False  # torch.compile the model (opt-in)
+    log_every: int = 10  # steps between log.jsonl lines
+    sample_every: int = 0  # steps between sample grids; 0: at the end only
+    sample_steps: int = 10  # Euler steps of the sample grids (0: no grids)
+    ckpt_every: int = 100  # steps between latest.safetensors + resume.pt
+    device: str = ""  # default: cuda:LOCAL_RANK if available, else cpu
+    progress: bool = True  # progress bar
 
 
-STAGE_DEFAULTS = {  # steps, lr
+STAGE_DEFAULTS = {  # steps, lr for FLUX.1-size models
     "warmup": (1000, 1e-4), "joint": (1000, 5e-5), "finetune": (200, 1e-3), "base": (4000, 3e-4), "ae": (3000, 1e-3),
 }
+DEMO_LR = {"warmup": 1e-3, "joint": 1e-3, "finetune": 1e-3, "base": 3e-4, "ae": 1e-3}  # the tiny demo learns faster
 
 
 def parse_args(argv=None) -> TrainConfig:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """One flag per TrainConfig field; its trailing comment in the class body is the flag's help."""
+    import inspect
+    import re
+    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(TrainConfig), flags=re.M))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         name = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
             choices = {"stage": STAGES, "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
                        "sem_encoder": ("vae", "cnn")}.get(f.name)
-            ap.add_argument(name, type=kind, default=f.default, choices=choices)
+            ap.add_argument(name, type=kind, default=f.default, choices=choices, help=helps.get(f.name, " "))
     cfg = TrainConfig(**vars(ap.parse_args(argv)))
-    steps, lr = STAGE_DEFAULTS[cfg.stage]
-    cfg.steps, cfg.lr = cfg.steps or steps, cfg.lr or lr
+    cfg.steps = cfg.steps or STAGE_DEFAULTS[cfg.stage][0]  # (lr: set in main, once the base is known)
     cfg.out = cfg.out or str(ROOT / "runs" / cfg.stage)
     return cfg
 
@@ -424,6 +430,7 @@ def main(argv=None) -> int:
         fail(str(e))
     if master:
         print(setup.describe())
+    cfg.lr = cfg.lr or (DEMO_LR if setup.kind == "demo" else {k: v[1] for k, v in STAGE_DEFAULTS.items()})[cfg.stage]
     out = Path(cfg.out)
     if cfg.stage == "ae":
         if setup.kind != "demo":
@@ -492,7 +499,15 @@ def main(argv=None) -> int:
         n_all = sum(p.numel() for p in model.parameters())
         print(f"stage {cfg.stage}, scheme {cfg.scheme}: {n_train:,} trainable of {n_all:,} parameters "
               f"({len(trainable)} tensors); {N} training pairs of {L} tokens")
-    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # Adam moves a parameter by about lr per step whatever its gradient, so a scalar gate that starts at 0 reaches
+    # at most steps * lr: at lr 1e-4 a 1000-step warmup could never open it against hidden states of magnitude ~10.
+    # The strength scalars (scheme A/B/C) therefore get their own, larger learning rate.
+    strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
+    mult = 1.0 if cfg.stage == "finetune" else cfg.strength_lr_mult
+    groups = [{"params": [p for _, p in trainable if id(p) not in strengths], "lr_mult": 1.0},
+              {"params": [p for _, p in trainable if id(p) in strengths], "lr_mult": mult}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.999))
 
     fwd = model
     if world > 1:
@@ -541,7 +556,7 @@ def main(argv=None) -> int:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_mult"]
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):

@@ -290,3 +290,22 @@ def test_two_process_ddp_equals_one_process(env, tmp_path):
     a, b = read_safetensors(one / "final.safetensors"), read_safetensors(two / "final.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the committed demo weights
+
+
+def test_demo_weights_load_strictly_and_sample(monkeypatch):
+    """weights/demo/ as shipped: the base, the autoencoder and the scheme B weights load strictly, and the example
+    pair samples to an image of its own size."""
+    monkeypatch.delenv("FLUX_IR_WEIGHTS", raising=False)
+    setup = sample.find_setup()
+    if setup.kind != "demo":
+        pytest.skip("official weights are installed; the demo is not the default here")
+    pipe = sample.load_pipeline(setup.flux.parent / "xattn.safetensors", quiet=True, setup=setup)
+    assert pipe.scheme == "xattn" and pipe.model.semantic is not None
+    classes = data.load_classes(None)
+    rgb, sem, ids = sample.load_pair(ROOT / "examples" / "rgb.png", ROOT / "examples" / "sem.png", classes, None)
+    ir = sample.generate(pipe, rgb[None], sem[None], steps=4, seed=0)
+    assert ir.shape == (1, 1) + tuple(rgb.shape[-2:])
