@@ -161,9 +161,17 @@ class EmbedND(nn.Module):
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     """Rotate ADJACENT pairs (x[2k], x[2k+1]) of [B, H, L, Dh] by pe [B, 1, L, Dh/2, 2, 2], in float32."""
-    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)  # [B, H, L, Dh/2, 1, 2]
-    out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]  # row i: R[i,0]*x0 + R[i,1]*x1 -> [B, H, L, Dh/2, 2]
-    return out.reshape(*x.shape).type_as(x)
+    if torch.compiler.is_compiling():
+        # the 2x2 matrix form: Inductor fuses it into one kernel (it generates no code for complex numbers)
+        x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)  # [B, H, L, Dh/2, 1, 2]
+        out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]  # row i: R[i,0]*x0 + R[i,1]*x1 -> [B, H, L, Dh/2, 2]
+        return out.reshape(*x.shape).type_as(x)
+    # eager: rotating (x0, x1) by R = [[cos, -sin], [sin, cos]] is multiplying x0 + i x1 by cos + i sin, one
+    # complex product with the same real products; its backward is one product too (no zero-filled gradients
+    # of the x_[..., 0] selections), which makes the training step faster
+    rot = torch.complex(pe[..., 0, 0], pe[..., 1, 0])  # (R[0,0], R[1,0]) = (cos, sin): [B, 1, L, Dh/2] complex64
+    x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [B, H, L, Dh/2] complex64
+    return torch.view_as_real(x_ * rot).reshape(*x.shape).type_as(x)  # [B, H, L, Dh]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
@@ -224,7 +232,7 @@ class Modulation(nn.Module):
 
 
 def modulate(x: Tensor, norm: nn.Module, mod: ModulationOut) -> Tensor:
-    return (1 + mod.scale) * norm(x) + mod.shift
+    return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # (1 + scale) * norm(x) + shift, in one pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,11 +286,12 @@ class DoubleStreamBlock(nn.Module):
         # text first, matching the order of the ids (and so of pe)
         attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
                          torch.cat((txt_v, img_v), dim=2), pe)  # [B, L_txt + L_img, D]
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(modulate(img, self.img_norm2, img_mod2))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(modulate(txt, self.txt_norm2, txt_mod2))
+        txt_attn, img_attn = attn.split((txt.shape[1], img.shape[1]), dim=1)
+        # x + gate * f(x) as one addcmul each
+        img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_mod2.gate, self.img_mlp(modulate(img, self.img_norm2, img_mod2)))
+        txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_mod2.gate, self.txt_mlp(modulate(txt, self.txt_norm2, txt_mod2)))
         return img, txt
 
 
@@ -307,7 +316,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe)  # [B, L, D]
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=-1))
+        return torch.addcmul(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=-1)))
 
 
 class LastLayer(nn.Module):
