@@ -174,6 +174,12 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return torch.view_as_real(x_ * rot).reshape(*x.shape).type_as(x)  # [B, H, L, Dh]
 
 
+def cat_tokens(*xs: Tensor) -> Tensor:
+    """[B, H, L_i, Dh] -> [B, H, sum L_i, Dh], stored as [B, L, H, Dh] (the layout a qkv linear writes). The attention
+    kernel writes its output in its query's layout, so the [B, L, H*Dh] view below then needs no copy."""
+    return torch.cat([x.transpose(1, 2) for x in xs], dim=1).transpose(1, 2)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Joint attention with RoPE and no mask (FLUX masks nothing, text padding included).
     q, k, v [B, H, L, Dh] -> [B, L, H*Dh]."""
@@ -251,8 +257,10 @@ class SelfAttention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # qkv.weight rows are [all q | all k | all v], each head-major: [B, L, 3*D] -> 3 x [B, H, L, Dh]
-        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, v)
+        q, k, v = (rearrange(t, "B L (H D) -> B H L D", H=self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        # the norms keep their inputs for the backward: copies, so that the qkv output (v's third included) is
+        # freed once v is used (training memory)
+        q, k = self.norm(q.contiguous(), k.contiguous(), v)
         return q, k, v
 
 
@@ -284,8 +292,9 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, self.img_norm1, img_mod1))  # [B, H, L_img, Dh]
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, self.txt_norm1, txt_mod1))  # [B, H, L_txt, Dh]
         # text first, matching the order of the ids (and so of pe)
-        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                         torch.cat((txt_v, img_v), dim=2), pe)  # [B, L_txt + L_img, D]
+        attn = attention(cat_tokens(txt_q, img_q), cat_tokens(txt_k, img_k), cat_tokens(txt_v, img_v),
+                         pe)  # [B, L_txt + L_img, D]
+        del img_q, img_k, img_v, txt_q, txt_k, txt_v  # free the qkv outputs now (peak memory of inference)
         txt_attn, img_attn = attn.split((txt.shape[1], img.shape[1]), dim=1)
         # x + gate * f(x) as one addcmul each
         img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
@@ -311,12 +320,14 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         mod, _ = self.modulation(vec)
-        qkv, mlp_in = torch.split(self.linear1(modulate(x, self.pre_norm, mod)),
-                                  [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)  # [B, L, 3D], [B, L, 4D]
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe)  # [B, L, D]
-        return torch.addcmul(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=-1)))
+        D = self.hidden_size
+        q, k, v, mlp_in = torch.split(self.linear1(modulate(x, self.pre_norm, mod)),
+                                      [D, D, D, self.mlp_hidden_dim], dim=-1)  # [B, L, D] x 3, [B, L, 4D]
+        q, k, v = (rearrange(t, "B L (H D) -> B H L D", H=self.num_heads) for t in (q, k, v))
+        attn = attention(*self.norm(q, k, v), v, pe)  # [B, L, D]
+        mlp = self.mlp_act(mlp_in)  # [B, L, 4D]
+        del q, k, v, mlp_in  # the last views of linear1's output: it is freed before the cat (peak memory)
+        return torch.addcmul(x, mod.gate, self.linear2(torch.cat((attn, mlp), dim=-1)))
 
 
 class LastLayer(nn.Module):
@@ -414,6 +425,7 @@ class Flux(nn.Module):
 
         L_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)  # [B, L_txt + L_img, D]
+        del txt, img  # (peak memory)
         for i, block in enumerate(self.single_blocks):
             x = self._run(block, x, vec, pe)
             if sem is not None:  # only the image part attends to the semantic tokens; text stays untouched
