@@ -326,11 +326,8 @@ class SingleStreamBlock(nn.Module):
         q, k, v = (rearrange(t, "B L (H D) -> B H L D", H=self.num_heads) for t in (q, k, v))
         attn = attention(*self.norm(q, k, v), v, pe)  # [B, L, D]
         mlp = self.mlp_act(mlp_in)  # [B, L, 4D]
-        del q, k, v, mlp_in  # the last views of linear1's output, so it is freed here (peak memory)
-        # linear2(cat(attn, mlp)) as two products with the column blocks of its weight: the [B, L, 5D]
-        # concatenation is neither made nor kept for the backward (memory)
-        out = F.linear(mlp, self.linear2.weight[:, D:], self.linear2.bias) + F.linear(attn, self.linear2.weight[:, :D])
-        return torch.addcmul(x, mod.gate, out)
+        del q, k, v, mlp_in  # the last views of linear1's output: it is freed before the cat (peak memory)
+        return torch.addcmul(x, mod.gate, self.linear2(torch.cat((attn, mlp), dim=-1)))
 
 
 class LastLayer(nn.Module):
