@@ -1,7 +1,7 @@
 """
 bench.py: our FLUX transformer against diffusers' FluxTransformer2DModel (+ peft LoRA), same weights, same work.
 
-    python bench.py                          # the `medium` config on 2 CPU threads: one JSON line (about 15 min)
+    python bench.py                          # the `medium` config on 2 CPU threads: one JSON line (~20 min)
     python bench.py --config tiny            # seconds: the smoke run tests/test_bench.py makes
     python bench.py --device cuda            # on a GPU: times with synchronize, memory from torch.cuda's allocator
     python bench.py --bf16 / --checkpointing / --compile    # the GPU-relevant options, applied to BOTH sides
@@ -448,6 +448,7 @@ def time_calls(cases: dict[str, Case], repeats: int, device: str) -> dict[str, l
                 cases[n].run()
                 _sync(device)
                 times[n].append(time.perf_counter() - t0)
+            clear_grads(cases[n].model)  # gradients of idle models would only take memory
     return times
 
 
@@ -641,6 +642,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             for _ in range(cfg.warmup - 1 + int(args.compile)):
                 clear_grads(case.model)
                 case.run()
+            clear_grads(case.model)
 
     timed = {}
     for name in SHARED:  # the two sides of a case alternate

@@ -110,8 +110,9 @@ class LoRALinear(nn.Linear):
             return out
         # the branch runs in the LoRA dtype (fp32 by default) even under a bf16 base, then is added in the output's
         h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # [B, L, in] -> [B, L, r]
-        h = self.lora_B(h)  # [B, L, r] -> [B, L, out]
-        return out + (self.scale * h).to(out.dtype)
+        # scaled on the narrow side: no extra [B, L, out] tensor (single-block linear1's is the largest of the step)
+        h = self.lora_B(h * self.scale)  # [B, L, r] -> [B, L, out]
+        return out + h.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"

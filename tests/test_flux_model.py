@@ -218,6 +218,39 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(a, b)
 
 
+def test_rmsnorm_handwritten_backward_is_exact_and_keeps_only_its_input():
+    """RMSNorm's custom backward (it recomputes the normalised x instead of keeping it) must give autograd's
+    gradients: gradcheck in float64, the plain expression's autograd in fp32 and from bf16; and it must keep
+    only x (by storage) and the [..., 1] statistics, not a second x-sized tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    scale = (1 + 0.2 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(flux_model._RMSNormFn.apply, (x, scale))
+
+    def plain(x, scale):  # BFL's RMSNorm, differentiated by autograd
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * scale
+
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        x = torch.randn(2, 3, 5, 8).to(dtype).requires_grad_()
+        scale = (1 + 0.2 * torch.randn(8)).to(dtype).requires_grad_()
+        norm = flux_model.RMSNorm(8).to(dtype)
+        norm.scale.data.copy_(scale)
+        g = torch.randn(2, 3, 5, 8).to(dtype)
+        ours = norm(x)
+        ref = plain(x, scale)
+        assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+        for a, b in zip(torch.autograd.grad(ours, (x, norm.scale), g), torch.autograd.grad(ref, (x, scale), g)):
+            assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < tol, dtype
+
+    kept = []
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        flux_model.RMSNorm(64)(x)
+    big = {t.untyped_storage().data_ptr() for t in kept if t.numel() == x.numel()}
+    assert big == {x.untyped_storage().data_ptr()}, "the normalised x is kept as well as x"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: prefixes and clear errors
 
