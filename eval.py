@@ -4,6 +4,7 @@ Make the design's claims measurable: generate the IR image for every held-out pa
     python eval.py --data DIR --ckpt PATH [--steps N] [--limit K] [--seed S]     # one model
     python eval.py --data DIR --base                                             # the base model, no semantics
     python eval.py --ablation [--steps N] [--eval-steps N] [--out runs/ablation]  # train + score every scheme
+    python eval.py --ablation --schemes xattn-double,xattn-every2,xattn-half    # scheme B's cheaper options
 
 Protocol (metrics.py has the exact definitions): each test pair is generated at its own size with --steps Euler
 steps (default 20), seed --seed + index, the run's own guidance; the prediction is compared with the ground-truth IR
@@ -30,13 +31,21 @@ from PIL import Image, ImageDraw
 import data
 import metrics
 from checkpoint import CheckpointError
+from flux_model import PRESETS
 from sample import (ROOT, load_pipeline, generate, find_setup, to_pil_gray, to_pil_rgb, grid, attention_figure,
                     heat)
 
 DECOY_NAMES = ("poster", "car_parked")
 ABLATION = ("none", "overlay", "zeroconv", "xattn", "adapter")
 LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroconv": "A: zero-conv",
-          "xattn": "B: cross-attention", "adapter": "C: gated adapter"}
+          "xattn": "B: cross-attention", "adapter": "C: gated adapter",
+          "xattn-double": "B, double blocks only", "xattn-every2": "B, every 2nd block", "xattn-half": "B, half width"}
+# scheme B's cheaper options (bench.py measures what each saves; the ablation what each costs in quality):
+# extra train.py flags on top of --scheme xattn. Half width: half the heads at the same head dim.
+B_OPTIONS = {"xattn-double": lambda p: ["--sem-blocks", "double"],
+             "xattn-every2": lambda p: ["--sem-blocks", "every:2"],
+             "xattn-half": lambda p: ["--sem-inner-dim", str(p.hidden_size // 2),
+                                      "--sem-heads", str(max(1, p.num_heads // 2))]}
 
 
 @torch.no_grad()
@@ -185,11 +194,16 @@ def run_ablation(args) -> int:
             data.write_synth(d, count=count, size=128, seed=s)
     test = data.PairedDataset(test_data)
     results, extras, logs, pipes = {}, {}, {}, {}
-    for scheme in args.schemes.split(","):
+    schemes = args.schemes.split(",")
+    if unknown := [s for s in schemes if s not in LABELS]:
+        raise SystemExit(f"error: unknown scheme(s) {unknown}; choose from {list(LABELS)}")
+    for scheme in schemes:
         run = out / scheme
         final = run / "final.safetensors"
         if not final.is_file() or args.retrain:
-            argv = ["--stage", "joint", "--scheme", scheme, "--data", str(train_data), "--steps", str(args.steps),
+            option = B_OPTIONS[scheme](PRESETS[setup.preset]) if scheme in B_OPTIONS else []
+            argv = ["--stage", "joint", "--scheme", scheme.split("-")[0], *option,
+                    "--data", str(train_data), "--steps", str(args.steps),
                     "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--out", str(run),
                     "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_rank), "--sample-steps", "0",
                     "--lr", str(args.lr)]
@@ -232,7 +246,8 @@ def run_ablation(args) -> int:
         if len(picks) == 4:
             break
     shown = {k: pipes[k] for k in ("none", "overlay", "xattn") if k in pipes}
-    comparison_figure(shown, test, picks or [0, 1, 2], args.eval_steps, args.seed, out / "comparison.png")
+    if shown:
+        comparison_figure(shown, test, picks or [0, 1, 2], args.eval_steps, args.seed, out / "comparison.png")
     if "xattn" in pipes and picks:
         item = test[picks[0]]
         fig = attention_figure(pipes["xattn"], item["rgb"][None], item["sem"][None], item["sem_ids"],

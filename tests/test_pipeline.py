@@ -273,6 +273,25 @@ def test_ablation_tiny_mode(env, tmp_path):
     assert res["protocol"]["train_steps"] == 2
 
 
+def test_ablation_runs_scheme_b_options_with_their_flags(env, tmp_path):
+    """--schemes xattn-double / xattn-half train scheme B with --sem-blocks double / half the width and heads, so
+    their quality can be set against what bench.py says they save; an unknown name is refused before training."""
+    out = tmp_path / "abl-b"
+    common = ["--ablation", "--steps", "1", "--eval-steps", "1", "--limit", "1", "--train-data", str(env / "synth"),
+              "--data", str(env / "synth"), "--out", str(out), "--batch-size", "2", "--no-progress"]
+    with pytest.raises(SystemExit, match="unknown scheme"):
+        evaluation.main(common + ["--schemes", "xattn-quarter"])
+    assert not out.exists() or not any(out.iterdir())
+    assert evaluation.main(common + ["--schemes", "xattn-double,xattn-half"]) == 0
+    hidden, heads = PRESETS["tiny"].hidden_size, PRESETS["tiny"].num_heads
+    double = sample.load_pipeline(out / "xattn-double" / "final.safetensors", quiet=True).model.semantic
+    half = sample.load_pipeline(out / "xattn-half" / "final.safetensors", quiet=True).model.semantic
+    assert double.config.blocks == "double" and len(double.single_blocks) == 0 and len(double.double_blocks) == 2
+    assert half.config.inner_dim == hidden // 2 and half.config.num_heads == heads // 2
+    table = (out / "table.md").read_text()
+    assert "B, double blocks only" in table and "B, half width" in table
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # DDP
 
