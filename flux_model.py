@@ -104,6 +104,12 @@ def image_ids(batch: int, h: int, w: int, index: int = 0, device=None) -> Tensor
     return ids.reshape(1, h * w, 3).expand(batch, -1, -1)  # [B, h*w, 3]
 
 
+def kontext_ids(batch: int, h: int, w: int, device=None) -> Tensor:
+    """Ids of Kontext's image sequence cat(x_t, x_cond) on an h x w token grid: [B, 2*h*w, 3], target tokens
+    (0, row, col) first, then the condition tokens (1, row, col)."""
+    return torch.cat([image_ids(batch, h, w, device=device), image_ids(batch, h, w, index=1, device=device)], dim=1)
+
+
 def text_ids(batch: int, length: int, device=None) -> Tensor:
     """All text tokens sit at position (0, 0, 0): [B, L_txt, 3]."""
     return torch.zeros(batch, length, 3, device=device)
