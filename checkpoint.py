@@ -146,39 +146,47 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return sd
 
 
-def check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], what: str,
-                     hint: Callable[[set, set, list], str] | None = None,
-                     allow_missing: Callable[[str], bool] = lambda k: False) -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key.
-
-    `hint(missing, unexpected, mismatched)` may add one sentence of diagnosis; `allow_missing(key)` marks keys
-    a file need not have (e.g. freshly initialised adapter parameters)."""
-    expected = module.state_dict(keep_vars=True)
+def check_keys(expected: dict[str, tuple], sd: dict[str, torch.Tensor], what: str,
+               hint: Callable[[set, set, list], str] | None = None,
+               allow_missing: Callable[[str], bool] = lambda k: False,
+               problem: str = "the weights do not match the model") -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key of `sd` against `expected`
+    (key -> shape). The one format of every strict check in the project:
+        <what>: <problem>
+          2 missing: a, b
+          1 unexpected: c
+          1 mis-shaped: d (file (2, 3), model (1, 3))
+          hint: <hint(missing, unexpected, mismatched)>
+    `allow_missing(key)` marks keys that `sd` need not have."""
     missing = {k for k in expected if k not in sd and not allow_missing(k)}
     unexpected = {k for k in sd if k not in expected}
-    mismatched = [(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in sd
-                  if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    mismatched = [(k, tuple(sd[k].shape), tuple(expected[k])) for k in sd
+                  if k in expected and tuple(sd[k].shape) != tuple(expected[k])]
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"{what}: the weights do not match the model"]
-
-    def listed(name, keys):
-        keys = sorted(keys)
-        more = f" ... and {len(keys) - 20} more" if len(keys) > 20 else ""
-        lines.append(f"  {len(keys)} {name}: " + ", ".join(keys[:20]) + more)
-
-    if missing:
-        listed("missing", missing)
-    if unexpected:
-        listed("unexpected", unexpected)
-    if mismatched:
-        shown = [f"{k} (file {f}, model {m})" for k, f, m in mismatched]
-        listed("mis-shaped", shown)
+    lines = [f"{what}: {problem}"]
+    shown = [f"{k} (file {f}, model {m})" for k, f, m in mismatched]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shown)):
+        if keys:
+            keys = sorted(keys)
+            more = f" ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+            lines.append(f"  {len(keys)} {label}: " + ", ".join(keys[:20]) + more)
     if hint is not None:
         h = hint(missing, unexpected, mismatched)
         if h:
             lines.append("  hint: " + h)
     raise CheckpointError("\n".join(lines))
+
+
+def check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], what: str,
+                     hint: Callable[[set, set, list], str] | None = None,
+                     allow_missing: Callable[[str], bool] = lambda k: False) -> None:
+    """check_keys against the module's own state dict.
+
+    `hint(missing, unexpected, mismatched)` may add one sentence of diagnosis; `allow_missing(key)` marks keys
+    a file need not have (e.g. freshly initialised adapter parameters)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    check_keys(expected, sd, what, hint, allow_missing)
 
 
 def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str,
@@ -190,13 +198,24 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str,
     module.load_state_dict(sd, strict=False, assign=assign)
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
-    """Write safetensors to `path.tmp`, fsync, then rename: a kill mid-write leaves the old file intact."""
+def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """write(tmp) to `path.tmp`, fsync, then rename: a kill mid-write leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
+    write(str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """Safetensors, written atomically (see _write_atomic)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_torch_atomic(state: dict, path: str | os.PathLike):
+    """torch.save of plain tensors, numbers and lists (a resume state, read back with weights_only=True), written
+    atomically."""
+    _write_atomic(path, lambda tmp: torch.save(state, tmp))

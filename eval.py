@@ -3,7 +3,7 @@ Make the design's claims measurable: generate the IR image for every held-out pa
 
     python eval.py --data DIR --ckpt PATH [--steps N] [--limit K] [--seed S]     # one model
     python eval.py --data DIR --base                                             # the base model, no semantics
-    python eval.py --ablation [--steps N] [--eval-steps N] [--out runs/ablation]  # train + score every scheme
+    python eval.py --ablation [--train-steps N] [--steps N] [--out runs/ablation] # train + score every scheme
     python eval.py --ablation --schemes xattn-double,xattn-every2,xattn-half    # scheme B's cheaper options
 
 Protocol (metrics.py has the exact definitions): each test pair is generated at its own size with --steps Euler
@@ -13,7 +13,7 @@ in [0, 1]: PSNR, SSIM, per-class intensity error, and over the regions of the se
 prediction). Decoy classes (default: poster, car_parked, which look exactly like hot classes in RGB) get their own
 hallucination rate. FID needs a user-supplied feature network (--fid-model, a TorchScript file; nothing downloads).
 
-The ablation trains each conditioning scheme with the same data, steps, seed and LoRA (stage `joint`: LoRA on the
+The ablation trains each conditioning scheme (`train.run`) with the same data, --train-steps, seed and LoRA (stage `joint`: LoRA on the
 backbone + the scheme's semantic modules; `none` is LoRA alone on RGB, `overlay` LoRA alone on RGB blended with the
 semantic colours), evaluates all of them on the same held-out set, and writes table.md, results.json and figures.
 """
@@ -26,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import data
 import metrics
+import train
 from checkpoint import CheckpointError
 from flux_model import PRESETS
-from sample import (ROOT, load_pipeline, generate, find_setup, to_pil_gray, to_pil_rgb, grid, attention_figure,
-                    heat)
+from pipeline import ROOT, attention_maps, find_setup, generate, is_trained_key, load_pipeline
+from synth import write_synth
+from viz import attention_figure, grid, loss_curves, to_pil_gray, to_pil_rgb
 
 DECOY_NAMES = ("poster", "car_parked")
 ABLATION = ("none", "overlay", "zeroconv", "xattn", "adapter")
@@ -41,11 +42,10 @@ LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroc
           "xattn": "B: cross-attention", "adapter": "C: gated adapter",
           "xattn-double": "B, double blocks only", "xattn-every2": "B, every 2nd block", "xattn-half": "B, half width"}
 # scheme B's cheaper options (bench.py measures what each saves; the ablation what each costs in quality):
-# extra train.py flags on top of --scheme xattn. Half width: half the heads at the same head dim.
-B_OPTIONS = {"xattn-double": lambda p: ["--sem-blocks", "double"],
-             "xattn-every2": lambda p: ["--sem-blocks", "every:2"],
-             "xattn-half": lambda p: ["--sem-inner-dim", str(p.hidden_size // 2),
-                                      "--sem-heads", str(max(1, p.num_heads // 2))]}
+# TrainConfig fields on top of scheme xattn. Half width: half the heads at the same head dim.
+B_OPTIONS = {"xattn-double": lambda p: {"sem_blocks": "double"},
+             "xattn-every2": lambda p: {"sem_blocks": "every:2"},
+             "xattn-half": lambda p: {"sem_inner_dim": p.hidden_size // 2, "sem_heads": max(1, p.num_heads // 2)}}
 
 
 @torch.no_grad()
@@ -116,70 +116,38 @@ def jsonable(x):
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Figures (PIL only: the runtime has no plotting library)
-
-
-def loss_curves(logs: dict[str, Path], out: Path, width=640, height=320, smooth=10):
-    """Training loss per run (from each run's log.jsonl), moving-average smoothed, log-scaled y."""
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    series = {}
-    for name, path in logs.items():
-        rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-        if rows:
-            x = np.array([r["step"] for r in rows], float)
-            y = np.log10(np.maximum([r["loss"] for r in rows], 1e-8))
-            k = min(smooth, len(y))
-            series[name] = (x, np.convolve(y, np.ones(k) / k, mode="valid"), k)
-    if not series:
-        return None
-    xmax = max(s[0].max() for s in series.values())
-    ymin = min(s[1].min() for s in series.values())
-    ymax = max(s[1].max() for s in series.values())
-    pad = 40
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([pad, 10, width - 10, height - pad], outline=(0, 0, 0))
-
-    def xy(x, y):
-        return (pad + (width - pad - 10) * x / max(xmax, 1),
-                height - pad - (height - pad - 10) * (y - ymin) / max(ymax - ymin, 1e-6))
-    for i, (name, (x, y, k)) in enumerate(series.items()):
-        c = colours[i % len(colours)]
-        pts = [xy(xx, yy) for xx, yy in zip(x[k - 1:], y)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        d.text((pad + 8, 14 + 12 * i), name, fill=c)
-    d.text((pad, height - pad + 6), "0", fill=(0, 0, 0))
-    d.text((width - 60, height - pad + 6), f"step {int(xmax)}", fill=(0, 0, 0))
-    d.text((2, 10), f"{10 ** ymax:.3g}", fill=(0, 0, 0))
-    d.text((2, height - pad - 10), f"{10 ** ymin:.3g}", fill=(0, 0, 0))
-    d.text((2, height // 2), "loss", fill=(0, 0, 0))
-    img.save(out)
-    return out
-
-
 def comparison_figure(pipes: dict, ds, indices: list[int], steps: int, seed: int, out: Path, scale: int = 2):
-    """RGB | semantic | ground truth | each method's prediction | scheme B's attention for the person/poster."""
+    """RGB | semantic | ground truth | each method's prediction, one row per test pair."""
     rows = []
-    names = list(pipes)
     for i in indices:
         item = ds[i]
         row = [to_pil_rgb(item["rgb"]), to_pil_rgb(item["sem"]), to_pil_gray(item["ir"])]
-        for name in names:
-            pred = generate(pipes[name], item["rgb"][None], item["sem"][None], steps=steps, seed=seed + i)
+        for pipe in pipes.values():
+            pred = generate(pipe, item["rgb"][None], item["sem"][None], steps=steps, seed=seed + i)  # [1, 1, H, W]
             row.append(to_pil_gray(pred[0]))
-        rows.append([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row])
-    labels = ["RGB", "semantic", "ground truth"] + [LABELS.get(n, n).split(" (")[0] for n in names]
-    grid(rows, labels).save(out)
+        rows.append(row)
+    labels = ["RGB", "semantic", "ground truth"] + [LABELS.get(n, n).split(" (")[0] for n in pipes]
+    grid(rows, labels, scale=scale).save(out)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def train_config(scheme: str, args, run: Path) -> train.TrainConfig:
+    """The ablation protocol as one train.py config: stage joint (LoRA on the backbone + the scheme's modules), the
+    same data, steps, batch, seed, learning rate and LoRA for every scheme; scheme B's options on top."""
+    options = B_OPTIONS[scheme](PRESETS[find_setup().preset]) if scheme in B_OPTIONS else {}
+    return train.TrainConfig(stage="joint", scheme=scheme.split("-")[0], data=str(args.train_data),
+                             steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, out=str(run),
+                             lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), sample_steps=0, lr=args.lr,
+                             progress=args.progress, **options)
+
+
 def run_ablation(args) -> int:
-    import train
+    schemes = args.schemes.split(",")
+    if unknown := [s for s in schemes if s not in LABELS]:
+        raise ValueError(f"unknown scheme(s) {unknown}; choose from {list(LABELS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = find_setup()
@@ -189,39 +157,28 @@ def run_ablation(args) -> int:
     for d, count, s in ((train_data, 512, 0), (test_data, 64, 1)):
         if not d.is_dir():
             if setup.kind != "demo":
-                raise SystemExit(f"error: {d} does not exist (pass --train-data / --data)")
+                raise ValueError(f"{d} does not exist (pass --train-data / --data)")
             print(f"generating {d}")
-            data.write_synth(d, count=count, size=128, seed=s)
+            write_synth(d, count=count, size=128, seed=s)
     test = data.PairedDataset(test_data)
     results, extras, logs, pipes = {}, {}, {}, {}
-    schemes = args.schemes.split(",")
-    if unknown := [s for s in schemes if s not in LABELS]:
-        raise SystemExit(f"error: unknown scheme(s) {unknown}; choose from {list(LABELS)}")
     for scheme in schemes:
         run = out / scheme
         final = run / "final.safetensors"
         if not final.is_file() or args.retrain:
-            option = B_OPTIONS[scheme](PRESETS[setup.preset]) if scheme in B_OPTIONS else []
-            argv = ["--stage", "joint", "--scheme", scheme.split("-")[0], *option,
-                    "--data", str(train_data), "--steps", str(args.steps),
-                    "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--out", str(run),
-                    "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_rank), "--sample-steps", "0",
-                    "--lr", str(args.lr)]
-            if not args.progress:
-                argv.append("--no-progress")
             if (run / "log.jsonl").exists():
                 (run / "log.jsonl").unlink()
             t0 = time.time()
-            rc = train.main(argv)
+            rc = train.run(train_config(scheme, args, run))
             if rc:
-                raise SystemExit(f"error: training {scheme} failed ({rc})")
+                raise RuntimeError(f"training {scheme} failed ({rc})")
             print(f"{scheme}: trained in {time.time() - t0:.0f} s")
         logs[LABELS[scheme]] = run / "log.jsonl"
         rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
         sps = float(np.median([r["steps_per_s"] for r in rows[1:]] or [rows[-1]["steps_per_s"]]))
         pipe = load_pipeline(final, quiet=True)
-        trained = sum(v.numel() for k, v in pipe.model.state_dict().items() if k.startswith("semantic.") or ".lora_" in k)
-        summ = evaluate(pipe, test, steps=args.eval_steps, seed=args.seed, limit=args.limit, progress=args.progress)
+        trained = sum(v.numel() for k, v in pipe.model.state_dict().items() if is_trained_key(k))
+        summ = evaluate(pipe, test, steps=args.steps, seed=args.seed, limit=args.limit, progress=args.progress)
         results[LABELS[scheme]] = summ
         extras[LABELS[scheme]] = {"trainable params": trained, "s/step": round(1 / sps, 3)}
         pipes[scheme] = pipe
@@ -231,8 +188,8 @@ def run_ablation(args) -> int:
     (out / "table.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(jsonable({"protocol": {
         "train_pairs": len(data.PairedDataset(train_data)), "test_pairs": min(len(test), args.limit or len(test)),
-        "train_steps": args.steps, "batch_size": args.batch_size, "lora_rank": args.lora_rank, "lr": args.lr,
-        "eval_steps": args.eval_steps, "seed": args.seed, "base": str(setup.flux)},
+        "train_steps": args.train_steps, "batch_size": args.batch_size, "lora_rank": args.lora_rank, "lr": args.lr,
+        "eval_steps": args.steps, "seed": args.seed, "base": str(setup.flux)},
         "results": results, "extras": extras}), indent=1))
     print(table)
     loss_curves(logs, out / "loss_curves.png")
@@ -247,12 +204,12 @@ def run_ablation(args) -> int:
             break
     shown = {k: pipes[k] for k in ("none", "overlay", "xattn") if k in pipes}
     if shown:
-        comparison_figure(shown, test, picks or [0, 1, 2], args.eval_steps, args.seed, out / "comparison.png")
+        comparison_figure(shown, test, picks or [0, 1, 2], args.steps, args.seed, out / "comparison.png")
     if "xattn" in pipes and picks:
         item = test[picks[0]]
-        fig = attention_figure(pipes["xattn"], item["rgb"][None], item["sem"][None], item["sem_ids"],
-                               {c.id: c.name for c in test.classes}, seed=args.seed, steps=args.eval_steps)
-        fig.resize((fig.width * 2, fig.height * 2), Image.NEAREST).save(out / "attention.png")
+        maps = attention_maps(pipes["xattn"], item["rgb"][None], item["sem"][None], seed=args.seed, steps=args.steps)
+        fig = attention_figure(maps, item["rgb"], item["sem"], item["sem_ids"], {c.id: c.name for c in test.classes})
+        grid([[fig]], pad=0, scale=2).save(out / "attention.png")
     print(f"wrote {out / 'table.md'}, results.json, loss_curves.png, comparison.png, attention.png")
     return 0
 
@@ -262,19 +219,19 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "synth-test"), help="held-out pairs (rgb/, sem/, ir/)")
     ap.add_argument("--ckpt", default=None, help="a train.py output")
     ap.add_argument("--base", action="store_true", help="evaluate the base model without semantic weights")
-    ap.add_argument("--steps", type=int, default=None, help="sampling steps (ablation: training steps)")
-    ap.add_argument("--eval-steps", type=int, default=20, help="ablation: sampling steps")
+    ap.add_argument("--steps", type=int, default=20, help="sampling (Euler) steps per image")
     ap.add_argument("--limit", type=int, default=None, help="only the first K pairs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--decoys", default=",".join(DECOY_NAMES), help="cold classes that look like hot ones")
     ap.add_argument("--save", default=None, help="also write the predictions to this folder")
     ap.add_argument("--fid-model", default=None, help="TorchScript feature network for FID (user-supplied)")
-    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--ablation", action="store_true", help="train every scheme of --schemes, then score them")
     ap.add_argument("--schemes", default=",".join(ABLATION))
+    ap.add_argument("--train-steps", type=int, default=400, help="ablation: training steps per scheme")
     ap.add_argument("--train-data", default=str(ROOT / "data" / "synth"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="ablation: training batch")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--retrain", action="store_true")
@@ -282,18 +239,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.ablation:
-            args.steps = args.steps or 400
             return run_ablation(args)
         if not args.ckpt and not args.base:
             raise ValueError("pass --ckpt PATH (a train.py output) or --base")
         ds = data.PairedDataset(args.data, size=args.size)
         pipe = load_pipeline(None if args.base else args.ckpt)
-        steps = args.steps or 20
-        summ = evaluate(pipe, ds, steps=steps, seed=args.seed, limit=args.limit, decoys=args.decoys.split(","),
+        summ = evaluate(pipe, ds, steps=args.steps, seed=args.seed, limit=args.limit, decoys=args.decoys.split(","),
                         save_dir=Path(args.save) if args.save else None, progress=args.progress)
-        extra = {"ckpt": args.ckpt or "base", "steps": steps, "seed": args.seed}
+        extra = {"ckpt": args.ckpt or "base", "steps": args.steps, "seed": args.seed}
         if args.fid_model:
-            extra["fid"] = fid_score(pipe, ds, args.fid_model, steps, args.seed, args.limit)
+            extra["fid"] = fid_score(pipe, ds, args.fid_model, args.steps, args.seed, args.limit)
         print(metrics.format_table({args.ckpt or "base": summ}, decoy=True))
         print(json.dumps(jsonable(summary_line(args.ckpt or "base", summ, extra))))
     except (data.DataError, CheckpointError, ValueError) as e:

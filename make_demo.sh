@@ -11,8 +11,8 @@ BASE_MORE_STEPS=${BASE_MORE_STEPS:-2500}
 WARMUP_STEPS=${WARMUP_STEPS:-1000}
 export FLUX_IR_WEIGHTS=${FLUX_IR_WEIGHTS:-weights}
 start=$(date +%s)
-[ -d data/synth ] || python data.py synth data/synth --count 512 --size 128 --seed 0
-[ -d data/synth-test ] || python data.py synth data/synth-test --count 64 --size 128 --seed 1
+[ -d data/synth ] || python synth.py data/synth --count 512 --size 128 --seed 0
+[ -d data/synth-test ] || python synth.py data/synth-test --count 64 --size 128 --seed 1
 # the autoencoder: first on cheap 32px crops, then on whole images (GroupNorm statistics of a crop are not a whole
 # image's, so the last steps must see whole images)
 python train.py --stage ae --data data/synth --steps "$AE_STEPS" --batch-size 12 --ae-crop 32 --out "$FLUX_IR_WEIGHTS/demo"

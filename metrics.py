@@ -11,7 +11,7 @@ Protocol (what every number in the README means):
   population (co)variances, and the SSIM map averaged over the region 5 pixels in from every border.
 - Semantic faithfulness uses the semantic map that conditioned the generation. A *region* is one
   4-connected component of one class with at least `min_pixels` (16) pixels. A region is *hot* when its
-  mean intensity is strictly above HOT_THRESHOLD (0.6, the threshold the synthetic data is made with).
+  mean intensity is strictly above HOT_THRESHOLD (0.6; synth.py chooses its scene temperatures around it).
   hallucination rate = (#regions cold in the ground truth but hot in the prediction) / (#regions cold in GT)
   miss rate          = (#regions hot in the ground truth but cold in the prediction) / (#regions hot in GT)
   Over a data set the counts are summed first and divided once (never a mean of per-image rates);
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-HOT_THRESHOLD = 0.6      # a region whose mean intensity is above this is a hot target (matches the synthetic data)
+HOT_THRESHOLD = 0.6      # a region whose mean intensity is above this is a hot target (synth.py builds around it)
 MIN_REGION_PIXELS = 16   # smaller components are label noise / slivers, too small to call hot or cold reliably
 
 # -----------------------------------------------------------------------------

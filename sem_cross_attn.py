@@ -6,20 +6,20 @@ The semantic image is encoded into tokens on the image's own token grid, and ima
     semantic image [B,3,H,W] --frozen FLUX VAE--> [B,16,H/8,W/8] --pack--> [B,N,64] --projection--> [B,N,D]
                              (or a light trainable CNN: [B,3,H,W] --4 stride-2 convs--> [B,D,H/16,W/16] -> [B,N,D])
 
-Schemes (pick one with SemanticConfig.scheme):
-- "xattn" (scheme B, the default): a SemanticCrossAttention after every chosen double-stream block (on the image
-  stream) and single-stream block (on the image part of the joint sequence; text tokens are untouched):
+Schemes (pick one with SemanticConfig.scheme); one module class each, all attached as `flux.semantic`:
+- "xattn" (scheme B, the default), XAttnModule: a SemanticCrossAttention after every chosen double-stream block (on
+  the image stream) and single-stream block (on the image part of the joint sequence; text tokens are untouched):
   queries from image tokens, keys/values from semantic tokens, QK RMSNorm as FLUX does, RoPE on BOTH sides with
   their (row, col) positions so a region attends to the class at its own location, LayerNorm on the output and a
   learnable scale initialised to 0.   img <- img + scale * LN(CrossAttn(img, sem))
-- "zeroconv" (scheme A): a ControlNet-style zero-initialised convolution on the packed semantic latents, added to
-  the x_cond tokens (the last N image tokens in Kontext order) before img_in.
-- "adapter" (scheme C): after each chosen block a gated adapter (semantic self-attention, image->semantic
-  cross-attention, feed-forward):   img <- img + gate * Adapter(img, sem), gate initialised to 0.
-The pixel "overlay" baseline needs no module: it is a data transform (see `overlay`).
+- "zeroconv" (scheme A), ZeroConvModule: a ControlNet-style zero-initialised convolution on the packed semantic
+  latents, added to the x_cond tokens (the last N image tokens in Kontext order) before img_in.
+- "adapter" (scheme C), AdapterModule: after each chosen block a gated adapter (semantic self-attention,
+  image->semantic cross-attention, feed-forward):   img <- img + gate * Adapter(img, sem), gate initialised to 0.
+The baselines need no module: "overlay" is a data transform (see `overlay`), "none" is the plain model.
 
 Every scheme is exactly the identity at initialisation, so training starts from the pretrained model.
-The module attaches as `flux.semantic`; its parameters are the only ones the `warmup` stage trains.
+The module's parameters are the only ones the `warmup` stage trains.
 """
 
 import re
@@ -32,7 +32,8 @@ from einops import rearrange
 
 from flux_model import Flux, EmbedND, RMSNorm, apply_rope, pack
 
-SCHEMES = ("xattn", "zeroconv", "adapter")
+SCHEMES = ("xattn", "zeroconv", "adapter")  # the schemes with a module (attach)
+BASELINES = ("overlay", "none")  # no module: the semantic image blended into the RGB input, or not used at all
 
 
 @dataclass
@@ -44,6 +45,12 @@ class SemanticConfig:
     inner_dim: int = 0  # attention width; 0: the transformer's hidden size. Smaller saves parameters.
     mlp_ratio: float = 2.0  # adapter feed-forward width (scheme C)
 
+    @property
+    def takes_pixels(self) -> bool:
+        """True: Flux.forward's `semantic=` is the semantic image [B, 3, H, W] in [-1, 1] (the cnn encoder).
+        False: it is the packed VAE latents of the semantic image [B, N, 64] (the vae encoder, and scheme A)."""
+        return self.encoder == "cnn" and self.scheme != "zeroconv"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -53,7 +60,8 @@ class SemanticConfig:
         if self.encoder not in ("vae", "cnn"):
             raise ValueError(f"unknown semantic encoder {self.encoder!r}; choose vae or cnn")
         if self.scheme == "zeroconv" and self.encoder != "vae":
-            raise ValueError("scheme zeroconv adds to the x_cond latent tokens, so it takes the VAE latents (encoder vae)")
+            raise ValueError("scheme zeroconv adds to the x_cond latent tokens, so it takes the VAE latents "
+                             "(encoder vae)")
         if not re.fullmatch(r"all|double|single|every:[1-9]\d*", self.blocks):
             raise ValueError(f"blocks must be all, double, single or every:K, got {self.blocks!r}")
 
@@ -115,21 +123,16 @@ class CNNEncoder(nn.Module):
 @dataclass
 class SemanticContext:
     """Computed once per forward, shared by every block's module."""
-    tokens: Tensor  # [B, N, D] semantic tokens
-    raw: Tensor | None  # [B, N, 64] packed latents (scheme A)
+    tokens: Tensor  # [B, N, D] semantic tokens (scheme A: the packed latents [B, N, 64] themselves)
     grid: tuple[int, int]  # (rows, cols) of the semantic token grid
     q_pe: Tensor  # [B, 1, L_img, Dh/2, 2, 2] RoPE of image tokens (spatial axes only)
     k_pe: Tensor  # [B, 1, N, Dh/2, 2, 2] RoPE of semantic tokens
 
 
-def sdpa_or_record(q: Tensor, k: Tensor, v: Tensor, record: list | None) -> Tensor:
-    """Fused attention normally; with a recorder, the explicit softmax so the weights can be kept.
-    q [B, H, Lq, Dh], k/v [B, H, N, Dh] -> [B, H, Lq, Dh]."""
-    if record is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)  # [B,H,Lq,N]
-    record.append(weights.mean(dim=1).detach())  # heads averaged: [B, Lq, N]
-    return (weights.to(v.dtype) @ v)
+def attention_weights(q: Tensor, k: Tensor) -> Tensor:
+    """The softmax that the fused attention applies, written out in float32 so it can be looked at:
+    q [B, H, Lq, Dh], k [B, H, N, Dh] -> softmax(q k^T / sqrt(Dh)) [B, H, Lq, N]."""
+    return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
 
 
 class CrossAttention(nn.Module):
@@ -144,12 +147,15 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(inner_dim // num_heads)
         self.proj = nn.Linear(inner_dim, dim)
 
-    def forward(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor, record: list | None = None) -> Tensor:
+    def qkv(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q = rearrange(self.to_q(x), "B L (H D) -> B H L D", H=self.num_heads)  # [B, H, L, Dh]
         k, v = rearrange(self.to_kv(ctx), "B N (K H D) -> K B H N D", K=2, H=self.num_heads)  # 2 x [B, H, N, Dh]
         q, k = self.q_norm(q).to(v), self.k_norm(k).to(v)
-        q, k = apply_rope(q, q_pe), apply_rope(k, k_pe)
-        out = sdpa_or_record(q, k, v, record)  # [B, H, L, Dh]
+        return apply_rope(q, q_pe), apply_rope(k, k_pe), v
+
+    def forward(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor) -> Tensor:
+        q, k, v = self.qkv(x, ctx, q_pe, k_pe)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, Dh]
         return self.proj(rearrange(out, "B H L D -> B L (H D)"))  # [B, L, D]
 
 
@@ -162,8 +168,13 @@ class SemanticCrossAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.scale = nn.Parameter(torch.zeros(1))
 
-    def forward(self, img: Tensor, ctx: SemanticContext, record: list | None = None) -> Tensor:
-        return img + self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe, record))
+    @property
+    def cross_attn(self) -> CrossAttention:
+        """The image->semantic attention (what record_attention looks at); `attn` in the checkpoint keys."""
+        return self.attn
+
+    def forward(self, img: Tensor, ctx: SemanticContext) -> Tensor:
+        return img + self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe))
 
 
 class SemanticAdapter(nn.Module):
@@ -181,10 +192,10 @@ class SemanticAdapter(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, img: Tensor, ctx: SemanticContext, record: list | None = None) -> Tensor:
+    def forward(self, img: Tensor, ctx: SemanticContext) -> Tensor:
         s = self.sem_norm(ctx.tokens)
         s = ctx.tokens + self.self_attn(s, s, ctx.k_pe, ctx.k_pe)  # [B, N, D]
-        h = self.cross_attn(self.img_norm(img), s, ctx.q_pe, ctx.k_pe, record)  # [B, L_img, D]
+        h = self.cross_attn(self.img_norm(img), s, ctx.q_pe, ctx.k_pe)  # [B, L_img, D]
         h = h + self.ff(self.ff_norm(h))
         return img + self.gate * h
 
@@ -208,49 +219,39 @@ class ZeroConv(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The module attached to Flux
+# The module attached to Flux: one class per scheme
 
 
 class SemanticModule(nn.Module):
-    """Everything semantic, under one prefix (`semantic.`) of the state dict.
-    Flux.forward calls prepare() once, on_input() before img_in, after_double()/after_single() after blocks."""
+    """What every scheme shares, under one prefix (`semantic.`) of the state dict.
+    Flux.forward calls prepare() once, on_input() before img_in, after_double()/after_single() after blocks;
+    here each of those but prepare() is the identity, and a scheme overrides the ones it uses."""
 
     def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
                  theta: int = 10_000):
         super().__init__()
         config.validate()
         self.config = config
-        heads = config.num_heads or num_heads
-        inner = config.inner_dim or hidden_size
-        if inner % heads or (inner // heads) % 4:
-            raise ValueError(f"inner_dim {inner} / num_heads {heads} must give a head dim that is a multiple of 4 "
-                             "(RoPE rotates pairs on 2 spatial axes)")
-        head_dim = inner // heads
+        self.heads = config.num_heads or num_heads
+        self.inner = config.inner_dim or hidden_size
+        if self.inner % self.heads or (self.inner // self.heads) % 4:
+            raise ValueError(f"inner_dim {self.inner} / num_heads {self.heads} must give a head dim that is a "
+                             "multiple of 4 (RoPE rotates pairs on 2 spatial axes)")
+        head_dim = self.inner // self.heads
         # RoPE over (row, col) only: the first id axis (target 0 / condition 1) carries no spatial meaning here, so
         # x_t and x_cond queries both line up with the semantic token at their own location.
         self.pe = EmbedND(dim=head_dim, theta=theta, axes_dim=[head_dim // 2, head_dim // 2])
-        self.double_ids, self.single_ids = chosen_blocks(config.blocks, depth, depth_single)
         self.record = None  # a dict name -> list of attention maps when recording (see record_attention)
+        self._record_hooks = []
 
-        if config.scheme == "zeroconv":
-            self.zeroconv = ZeroConv()
-            return
-        self.encoder = LatentProjection(64, hidden_size) if config.encoder == "vae" else CNNEncoder(hidden_size)
-
-        def make():
-            if config.scheme == "xattn":
-                return SemanticCrossAttention(hidden_size, inner, heads)
-            return SemanticAdapter(hidden_size, inner, heads, config.mlp_ratio)
-        self.double_blocks = nn.ModuleDict({str(i): make() for i in self.double_ids})
-        self.single_blocks = nn.ModuleDict({str(i): make() for i in self.single_ids})
+    def encode(self, semantic: Tensor) -> tuple[Tensor, tuple[int, int] | None]:
+        """Flux.forward's `semantic=` -> semantic tokens [B, N, D] and their grid (None: read it from the ids)."""
+        return semantic, None
 
     # -- called by Flux.forward ------------------------------------------------------------------------------------
     def prepare(self, semantic: Tensor, semantic_ids: Tensor | None, img_ids: Tensor) -> SemanticContext:
         B = img_ids.shape[0]
-        if self.config.scheme == "zeroconv":
-            tokens, grid = semantic, None
-        else:
-            tokens, grid = self.encoder(semantic)  # [B, N, D]
+        tokens, grid = self.encode(semantic)  # [B, N, D]
         if semantic.shape[0] != B:
             raise ValueError(f"semantic batch {semantic.shape[0]} != image batch {B}")
         N = tokens.shape[1]
@@ -263,46 +264,107 @@ class SemanticModule(nn.Module):
             grid = (int(semantic_ids[0, :, 1].max()) + 1, int(semantic_ids[0, :, 2].max()) + 1)
         if grid[0] * grid[1] != N:
             raise ValueError(f"{N} semantic tokens do not fill their {grid[0]}x{grid[1]} id grid")
-        return SemanticContext(tokens=tokens, raw=semantic if self.config.scheme == "zeroconv" else None, grid=grid,
-                               q_pe=self.pe(img_ids[..., 1:]), k_pe=self.pe(semantic_ids[..., 1:]))
+        return SemanticContext(tokens=tokens, grid=grid, q_pe=self.pe(img_ids[..., 1:]),
+                               k_pe=self.pe(semantic_ids[..., 1:]))
 
     def on_input(self, img: Tensor, ctx: SemanticContext) -> Tensor:
-        if self.config.scheme != "zeroconv":
-            return img
-        N = ctx.raw.shape[1]
-        if img.shape[1] < 2 * N:
-            raise ValueError("scheme zeroconv adds to the x_cond tokens, which must follow x_t (Kontext order); "
-                             f"got {img.shape[1]} image tokens for {N} semantic tokens")
-        # [x_t | x_cond + zeroconv(sem)]: x_cond are the last N tokens
-        return torch.cat((img[:, :-N], img[:, -N:] + self.zeroconv(ctx.raw, ctx.grid)), dim=1)
-
-    def _inject(self, kind: str, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
-        if self.config.scheme == "zeroconv":
-            return img
-        modules = self.double_blocks if kind == "double" else self.single_blocks
-        key = str(i)
-        if key not in modules:
-            return img
-        record = None
-        if self.record is not None:
-            record = self.record.setdefault(f"{kind}.{i}", [])
-        return modules[key](img, ctx, record)
+        return img
 
     def after_double(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
-        return self._inject("double", i, img, ctx)
+        return img
 
     def after_single(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
-        return self._inject("single", i, img, ctx)
+        return img
 
     # -- for training stages and visualisation ---------------------------------------------------------------------
     def strength_parameters(self) -> list[nn.Parameter]:
         """The scales (B), gates (C) or zero-conv strength (A): what the finetune stage trains."""
         return [p for n, p in self.named_parameters() if n.endswith(("scale", "gate")) and p.numel() == 1]
 
+    def recorded_attentions(self) -> dict[str, CrossAttention]:
+        """The image->semantic attentions that record_attention watches, by name ("double.3", "single.0")."""
+        return {}
+
     def record_attention(self, on: bool = True):
         """Opt in to keeping the cross-attention weights (heads averaged) per block: self.record[name] is a list of
-        [B, L_img, N] maps, one per forward call. Off: the fused attention path is used."""
+        [B, L_img, N] maps, one per forward call. A forward hook on each attention recomputes its softmax from the
+        call's inputs; the forward itself always takes the fused path. Off: the hooks are removed."""
+        for handle in self._record_hooks:
+            handle.remove()
+        self._record_hooks = []
         self.record = {} if on else None
+        if on:
+            for name, attn in self.recorded_attentions().items():
+                self._record_hooks.append(attn.register_forward_hook(self._recorder(name)))
+
+    def _recorder(self, name: str):
+        def hook(attn: CrossAttention, args: tuple, out: Tensor):
+            with torch.no_grad():
+                q, k, _ = attn.qkv(*args)
+                weights = attention_weights(q, k)  # [B, H, L_img, N]
+                self.record.setdefault(name, []).append(weights.mean(dim=1))  # heads averaged: [B, L_img, N]
+        return hook
+
+
+class ZeroConvModule(SemanticModule):
+    """Scheme A: the packed semantic latents, through a zero conv, added to the x_cond tokens before img_in."""
+
+    def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
+                 theta: int = 10_000):
+        super().__init__(config, hidden_size, num_heads, depth, depth_single, theta)
+        self.zeroconv = ZeroConv()
+
+    def on_input(self, img: Tensor, ctx: SemanticContext) -> Tensor:
+        N = ctx.tokens.shape[1]
+        if img.shape[1] < 2 * N:
+            raise ValueError("scheme zeroconv adds to the x_cond tokens, which must follow x_t (Kontext order); "
+                             f"got {img.shape[1]} image tokens for {N} semantic tokens")
+        # [x_t | x_cond + zeroconv(sem)]: x_cond are the last N tokens
+        return torch.cat((img[:, :-N], img[:, -N:] + self.zeroconv(ctx.tokens, ctx.grid)), dim=1)
+
+
+class BlockwiseModule(SemanticModule):
+    """Schemes B and C: a semantic encoder, and one injection module after each chosen transformer block."""
+
+    def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
+                 theta: int = 10_000):
+        super().__init__(config, hidden_size, num_heads, depth, depth_single, theta)
+        self.encoder = LatentProjection(64, hidden_size) if config.encoder == "vae" else CNNEncoder(hidden_size)
+        double_ids, single_ids = chosen_blocks(config.blocks, depth, depth_single)
+        self.double_blocks = nn.ModuleDict({str(i): self.make_block(hidden_size) for i in double_ids})
+        self.single_blocks = nn.ModuleDict({str(i): self.make_block(hidden_size) for i in single_ids})
+
+    def make_block(self, dim: int) -> nn.Module:
+        raise NotImplementedError
+
+    def encode(self, semantic: Tensor) -> tuple[Tensor, tuple[int, int] | None]:
+        return self.encoder(semantic)
+
+    def after_double(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
+        key = str(i)
+        return self.double_blocks[key](img, ctx) if key in self.double_blocks else img
+
+    def after_single(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
+        key = str(i)
+        return self.single_blocks[key](img, ctx) if key in self.single_blocks else img
+
+    def recorded_attentions(self) -> dict[str, CrossAttention]:
+        return ({f"double.{i}": b.cross_attn for i, b in self.double_blocks.items()}
+                | {f"single.{i}": b.cross_attn for i, b in self.single_blocks.items()})
+
+
+class XAttnModule(BlockwiseModule):
+    """Scheme B: img <- img + scale * LN(CrossAttn(img, sem)) after each chosen block."""
+
+    def make_block(self, dim: int) -> nn.Module:
+        return SemanticCrossAttention(dim, self.inner, self.heads)
+
+
+class AdapterModule(BlockwiseModule):
+    """Scheme C: img <- img + gate * Adapter(img, sem) after each chosen block."""
+
+    def make_block(self, dim: int) -> nn.Module:
+        return SemanticAdapter(dim, self.inner, self.heads, self.config.mlp_ratio)
 
 
 def attach(model: Flux, config: SemanticConfig, dtype: torch.dtype | None = None) -> SemanticModule:
@@ -310,20 +372,14 @@ def attach(model: Flux, config: SemanticConfig, dtype: torch.dtype | None = None
     in `dtype` (default: the model's; training keeps it fp32 under bf16 autocast)."""
     if model.semantic is not None:
         raise ValueError("a semantic module is already attached")
+    config.validate()
+    scheme_class = {"xattn": XAttnModule, "zeroconv": ZeroConvModule, "adapter": AdapterModule}[config.scheme]
     p = model.params
-    module = SemanticModule(config, p.hidden_size, p.num_heads, p.depth, p.depth_single_blocks, p.theta)
+    module = scheme_class(config, p.hidden_size, p.num_heads, p.depth, p.depth_single_blocks, p.theta)
     ref = model.img_in.weight
     if ref.device.type != "meta":
         module.to(device=ref.device, dtype=dtype or ref.dtype)
     model.semantic = module
-    return module
-
-
-def detach(model: Flux) -> SemanticModule | None:
-    module = model.semantic
-    if module is not None:
-        del model.semantic  # removes it from the registered submodules
-        model.semantic = None
     return module
 
 
@@ -332,9 +388,9 @@ def detach(model: Flux) -> SemanticModule | None:
 
 
 def semantic_input(config: SemanticConfig, sem_image: Tensor, vae=None) -> Tensor:
-    """What Flux.forward's `semantic=` takes for this config: packed VAE latents [B, N, 64] for the vae encoder and
-    scheme A, the semantic image itself [B, 3, H, W] in [-1, 1] for the cnn encoder."""
-    if config.encoder == "cnn" and config.scheme != "zeroconv":
+    """What Flux.forward's `semantic=` takes for this config (see SemanticConfig.takes_pixels): the semantic image
+    itself [B, 3, H, W] in [-1, 1], or its packed VAE latents [B, N, 64]."""
+    if config.takes_pixels:
         return sem_image
     if vae is None:
         raise ValueError("the vae semantic encoder needs the FLUX autoencoder to encode the semantic image")
@@ -346,9 +402,6 @@ def overlay(rgb: Tensor, sem: Tensor, alpha: float = 0.5) -> Tensor:
     """The pixel-fusion baseline the design replaces: the semantic image alpha-blended into the RGB image.
     Both [B, 3, H, W] in [-1, 1]."""
     if rgb.shape != sem.shape:
-        raise ValueError(f"overlay needs images of one size, got rgb {tuple(rgb.shape)} and semantic {tuple(sem.shape)}")
+        raise ValueError(f"overlay needs images of one size, got rgb {tuple(rgb.shape)} and semantic "
+                         f"{tuple(sem.shape)}")
     return (1 - alpha) * rgb + alpha * sem
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -5,16 +5,16 @@ Staged training of semantic-guided infrared generation on FLUX (rectified flow, 
     python train.py --stage joint --init runs/warmup/final.safetensors      # + LoRA on the backbone
     python train.py --stage finetune --init runs/joint/final.safetensors    # only the strength scales/gates
     torchrun --nproc_per_node 8 train.py --stage joint ...                  # data parallel over GPUs
-    python train.py --stage ae / --stage base            # the tiny demo's own autoencoder and base (weights/demo)
+    python train.py --stage base --scheme none           # the tiny demo's RGB-conditioned base (weights/demo)
 
 With no official FLUX checkpoint in weights/, everything runs on the tiny demo preset and synthetic scenes.
+From Python: `train.run(TrainConfig(stage="joint", ...))` (eval.py's ablation does this).
 
 One training step (the shapes for 512x512, dev sizes):
     x0 = pack(VAE(ir))            [B, 1024, 64]     (latents cached on disk once; the VAE encoder is then freed)
     x_cond = pack(VAE(rgb))       [B, 1024, 64]     (overlay baseline: VAE(blend(rgb, sem)))
-    t ~ logit-normal, shifted by resolution;  noise ~ N(0, I)
-    x_t = (1 - t) x0 + t noise;   target v = noise - x0
-    v_pred = flux(cat(x_t, x_cond), ids, txt, t, y, guidance, semantic=sem)[:, :1024]   (cond outputs dropped)
+    t ~ logit-normal;  noise ~ N(0, I);  x_t = (1 - t) x0 + t noise;  target v = noise - x0      (flow.py)
+    v_pred = flux(cat(x_t, x_cond), kontext ids, txt, t, y, guidance, semantic=sem)[:, :1024]   (flow.velocity)
     loss = mean((v_pred - v)^2)
 """
 
@@ -28,101 +28,144 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, read_safetensors, save_atomic, read_header
-from flux_model import Flux, PRESETS, pack, unpack, image_ids, load_flux
-from sample import (ROOT, Setup, find_setup, text_condition, build_model, run_config, time_shift, get_lin_function,
-                    get_noise, get_schedule, denoise, grid, cache_dir, to_pil_rgb, to_pil_gray, DEFAULT_PROMPT)
+from checkpoint import CheckpointError, read_safetensors, save_atomic, save_torch_atomic
+from flow import denoise, get_noise, get_schedule, make_condition, noised, sample_t, velocity
+from flux_model import PRESETS, Flux, load_flux, pack, unpack
+from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, build_model, cache_dir, find_setup, is_trained_key,
+                      load_trained, run_config, text_condition)
 from sem_cross_attn import SemanticConfig, overlay
-from vae import AutoEncoder, AE_PRESETS, load_ae, save_ae
+from synth import write_synth
+from vae import AutoEncoder, load_ae
+from viz import grid, to_pil_gray, to_pil_rgb
 
-STAGES = ("warmup", "joint", "finetune", "base", "ae")
-SCHEMES = ("xattn", "zeroconv", "adapter", "overlay", "none")
+STAGES = ("warmup", "joint", "finetune", "base")
 # which earlier stage's output an --init may come from
 INIT_FROM = {"warmup": ("warmup",), "joint": ("warmup", "joint"), "finetune": ("warmup", "joint", "finetune"),
-             "base": ("base",), "ae": ("ae",)}
+             "base": ("base",)}
+CHOICES = {"stage": STAGES, "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
+           "sem_encoder": ("vae", "cnn")}
+
+
+def opt(default, help: str = " "):
+    """A config field with its command-line help."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "warmup"  # warmup | joint | finetune (the design's stages); ae | base (the tiny demo's own models)
-    scheme: str = "xattn"  # xattn (B) | zeroconv (A) | adapter (C) | overlay (pixel blend baseline) | none
-    data: str = ""  # dataset folder (rgb/, sem/, ir/); default: the synthetic set, generated on first use
-    size: int = 0  # resize + centre-crop to SxS; 0 keeps the files' size (multiples of 16)
-    out: str = ""  # default runs/<stage>
-    init: str = ""  # the previous stage's output
-    resume: bool = False  # continue from <out>/resume.pt
-    steps: int = 0  # 0: the stage's default
-    batch_size: int = 8  # per process and micro-step
-    grad_accum: int = 1  # micro-steps per optimiser step
-    lr: float = 0.0  # 0: the stage's default (FLUX.1 sizes: warmup 1e-4, joint 5e-5; the tiny demo: 1e-3)
-    strength_lr_mult: float = 10.0  # the zero-initialised scales/gates learn this many times faster (see below)
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    grad_clip: float = 1.0  # max global gradient norm
-    seed: int = 0  # data order, t and noise all come from one generator seeded with this
-    t_sampling: str = "logit_normal"  # logit_normal | uniform | shifted (logit-normal, then FLUX's resolution shift)
-    logit_mean: float = 0.0  # t = sigmoid(mean + std * N(0, 1))
-    logit_std: float = 1.0  # see logit_mean
-    guidance: float = 1.0  # fixed guidance input for guidance-distilled bases (dev/Kontext), as kohya/x-flux train
-    prompt: str = DEFAULT_PROMPT  # the one prompt of every pair (official bases; the demo has no text encoder)
-    lora_rank: int = 16  # joint / finetune: LoRA rank on the backbone
-    lora_alpha: float = 16.0  # LoRA scale = alpha / rank
-    sem_encoder: str = "vae"  # vae | cnn
-    sem_blocks: str = "all"  # all | double | single | every:K
-    sem_heads: int = 0  # cross-attention heads; 0: the transformer's
-    sem_inner_dim: int = 0  # cross-attention width; 0: the transformer's hidden size (smaller saves parameters)
-    overlay_alpha: float = 0.5  # overlay baseline: weight of the semantic colours in the blend
-    ae_crop: int = 64  # --stage ae trains on random crops (a conv net: the size does not matter, the cost does)
-    gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
-    compile: bool = False  # torch.compile the model (opt-in)
-    log_every: int = 10  # steps between log.jsonl lines
-    sample_every: int = 0  # steps between sample grids; 0: at the end only
-    sample_steps: int = 10  # Euler steps of the sample grids (0: no grids)
-    ckpt_every: int = 100  # steps between latest.safetensors + resume.pt
-    device: str = ""  # default: cuda:LOCAL_RANK if available, else cpu
-    progress: bool = True  # progress bar
+    stage: str = opt("warmup", "warmup | joint | finetune (the design's stages); base (the tiny demo's base)")
+    scheme: str = opt("xattn", "xattn (B) | zeroconv (A) | adapter (C) | overlay (pixel blend baseline) | none")
+    data: str = opt("", "dataset folder (rgb/, sem/, ir/); default: the synthetic set, generated on first use")
+    size: int = opt(0, "resize + centre-crop to SxS; 0 keeps the files' size (multiples of 16)")
+    out: str = opt("", "default runs/<stage>")
+    init: str = opt("", "the previous stage's output")
+    resume: bool = opt(False, "continue from <out>/resume.pt")
+    steps: int = opt(0, "0: the stage's default")
+    batch_size: int = opt(8, "per process and micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimiser step")
+    lr: float = opt(0.0, "0: the stage's default (FLUX.1 sizes: warmup 1e-4, joint 5e-5; the tiny demo: 1e-3)")
+    strength_lr_mult: float = opt(10.0, "the zero-initialised scales/gates learn this many times faster")
+    warmup_steps: int = opt(50)
+    min_lr_ratio: float = opt(0.1, "cosine decays to lr * this")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = opt(1.0, "max global gradient norm")
+    seed: int = opt(0, "data order, t and noise all come from one generator seeded with this")
+    t_sampling: str = opt("logit_normal", "logit_normal | uniform | shifted (logit-normal, then FLUX's resolution "
+                                          "shift)")
+    logit_mean: float = opt(0.0, "t = sigmoid(mean + std * N(0, 1))")
+    logit_std: float = opt(1.0, "see logit_mean")
+    guidance: float = opt(1.0, "fixed guidance input for guidance-distilled bases (dev/Kontext), as kohya/x-flux "
+                               "train")
+    prompt: str = opt(DEFAULT_PROMPT, "the one prompt of every pair (official bases; the demo has no text encoder)")
+    lora_rank: int = opt(16, "joint / finetune: LoRA rank on the backbone")
+    lora_alpha: float = opt(16.0, "LoRA scale = alpha / rank")
+    sem_encoder: str = opt("vae", "vae | cnn")
+    sem_blocks: str = opt("all", "all | double | single | every:K")
+    sem_heads: int = opt(0, "cross-attention heads; 0: the transformer's")
+    sem_inner_dim: int = opt(0, "cross-attention width; 0: the transformer's hidden size (smaller saves parameters)")
+    overlay_alpha: float = opt(0.5, "overlay baseline: weight of the semantic colours in the blend")
+    gradient_checkpointing: bool = opt(False, "recompute block activations in backward (memory for compute)")
+    compile: bool = opt(False, "torch.compile the model (opt-in)")
+    log_every: int = opt(10, "steps between log.jsonl lines")
+    sample_every: int = opt(0, "steps between sample grids; 0: at the end only")
+    sample_steps: int = opt(10, "Euler steps of the sample grids (0: no grids)")
+    ckpt_every: int = opt(100, "steps between latest.safetensors + resume.pt")
+    device: str = opt("", "default: cuda:LOCAL_RANK if available, else cpu")
+    progress: bool = opt(True, "progress bar")
 
 
 STAGE_DEFAULTS = {  # steps, lr for FLUX.1-size models
-    "warmup": (1000, 1e-4), "joint": (1000, 5e-5), "finetune": (200, 1e-3), "base": (4000, 3e-4), "ae": (3000, 1e-3),
+    "warmup": (1000, 1e-4), "joint": (1000, 5e-5), "finetune": (200, 1e-3), "base": (4000, 3e-4),
 }
-DEMO_LR = {"warmup": 1e-3, "joint": 1e-3, "finetune": 1e-3, "base": 3e-4, "ae": 1e-3}  # the tiny demo learns faster
+DEMO_LR = {"warmup": 1e-3, "joint": 1e-3, "finetune": 1e-3, "base": 3e-4}  # the tiny demo learns faster
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """One flag per TrainConfig field; its trailing comment in the class body is the flag's help."""
-    import inspect
-    import re
-    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(TrainConfig), flags=re.M))
+    """One flag per TrainConfig field."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            choices = {"stage": STAGES, "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
-                       "sem_encoder": ("vae", "cnn")}.get(f.name)
-            ap.add_argument(name, type=kind, default=f.default, choices=choices, help=helps.get(f.name, " "))
-    cfg = TrainConfig(**vars(ap.parse_args(argv)))
-    cfg.steps = cfg.steps or STAGE_DEFAULTS[cfg.stage][0]  # (lr: set in main, once the base is known)
-    cfg.out = cfg.out or str(ROOT / "runs" / cfg.stage)
-    return cfg
+            ap.add_argument(name, type=f.type, default=f.default, choices=CHOICES.get(f.name), help=help)
+    return TrainConfig(**vars(ap.parse_args(argv)))
 
 
-def fail(msg: str):
-    raise SystemExit(f"error: {msg}")
+# ----------------------------------------------------------------------------------------------------------------
+# Checks before any work
+
+
+def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
+    """The self-description written into every output (pipeline.load_pipeline rebuilds the model from it)."""
+    c = {"stage": cfg.stage, "scheme": cfg.scheme, "base_preset": setup.preset, "base_file": setup.flux.name,
+         "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size}
+    if cfg.scheme in ("xattn", "zeroconv", "adapter"):
+        semantic = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
+                                  num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim)
+        semantic.validate()
+        c["semantic"] = semantic.to_dict()
+    if cfg.stage in ("joint", "finetune"):
+        c["lora_rank"], c["lora_alpha"] = cfg.lora_rank, cfg.lora_alpha
+    return c
+
+
+def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
+    """Stage, scheme and --init agree (an --init comes from an earlier stage of the same scheme, base and module
+    layout); returns the --init's run config. Raises ValueError naming the conflict."""
+    if cfg.stage == "warmup" and cfg.scheme in ("overlay", "none"):
+        raise ValueError(f"--stage warmup trains only semantic modules, and scheme {cfg.scheme!r} has none: "
+                         "use --stage joint")
+    if cfg.stage == "finetune" and cfg.scheme in ("overlay", "none"):
+        raise ValueError(f"--stage finetune trains the semantic strengths, and scheme {cfg.scheme!r} has none")
+    if cfg.stage == "base" and cfg.scheme != "none":
+        raise ValueError("--stage base trains the RGB-conditioned base model: use --scheme none")
+    if cfg.resume and not (Path(cfg.out) / "resume.pt").is_file():
+        raise ValueError(f"--resume: no {Path(cfg.out) / 'resume.pt'} (was the run started with --out {cfg.out}?)")
+    if not cfg.init:
+        if cfg.stage == "finetune":
+            raise ValueError("--stage finetune adjusts a trained model: pass --init runs/joint/final.safetensors")
+        return None
+    got = run_config(cfg.init)
+    if got.get("stage") not in INIT_FROM[cfg.stage]:
+        raise ValueError(f"--init {cfg.init} is a {got.get('stage')!r} output; --stage {cfg.stage} starts from "
+                         f"{' or '.join(INIT_FROM[cfg.stage])}")
+    for key in ("scheme", "base_preset", "semantic"):
+        if got.get(key) != want.get(key):
+            raise ValueError(f"--init {cfg.init} has {key}={got.get(key)!r} but this run has {want.get(key)!r}")
+    if got.get("lora_rank") and want.get("lora_rank") and got["lora_rank"] != want["lora_rank"]:
+        raise ValueError(f"--init {cfg.init} has LoRA rank {got['lora_rank']} but this run asks for "
+                         f"{want['lora_rank']}")
+    return got
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,15 +194,15 @@ def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedData
     root = Path(cfg.data) if cfg.data else ROOT / "data" / "synth"
     if not cfg.data and not root.is_dir():
         if setup.kind != "demo":
-            fail("pass --data DIR (rgb/, sem/, ir/): the synthetic set is for the tiny demo")
+            raise ValueError("pass --data DIR (rgb/, sem/, ir/): the synthetic set is for the tiny demo")
         if master:
-            print(f"generating the synthetic training set in {root} (python data.py synth)")
-            data.write_synth(root, count=512, size=128, seed=0, progress=cfg.progress)
+            print(f"generating the synthetic training set in {root} (python synth.py)")
+            write_synth(root, count=512, size=128, seed=0, progress=cfg.progress)
         if dist.is_initialized():
             dist.barrier()
     ds = data.PairedDataset(root, size=cfg.size or None)
     if len(ds) == 0:
-        fail(f"{root}: empty dataset")
+        raise ValueError(f"{root}: empty dataset")
     return ds
 
 
@@ -175,18 +218,16 @@ def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:
 
 
 @torch.no_grad()
-def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device, dtype, cache_dir: Path,
-                   master: bool) -> dict:
+def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device, dtype, master: bool) -> dict:
     """Latents of every pair: {"ir", "rgb", "sem", "overlay"} [N, 16, h, w], semantic pixels [N, 3, H, W] (uint8, for
     the cnn encoder) and ids. Computed once per (dataset, autoencoder, size) and then read from disk."""
-    path = cache_dir / f"latents-{cache_key(ds, ae_path)}-a{cfg.overlay_alpha}.safetensors"
+    path = cache_dir() / "latents" / f"latents-{cache_key(ds, ae_path)}-a{cfg.overlay_alpha}.safetensors"
     if path.is_file():
         return read_safetensors(path)
     if master:
         from tqdm import tqdm
         out = {k: [] for k in ("ir", "rgb", "sem", "overlay", "sem_pixels", "sem_ids")}
-        it = tqdm(range(len(ds)), desc="encoding latents", disable=not cfg.progress)
-        for i in it:
+        for i in tqdm(range(len(ds)), desc="encoding latents", disable=not cfg.progress):
             item = ds[i]
             rgb, sem = item["rgb"][None].to(device, dtype), item["sem"][None].to(device, dtype)
             ir = data.ir_to_rgb(item["ir"][None]).to(device, dtype)
@@ -198,7 +239,8 @@ def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device,
             out["sem_ids"].append(item["sem_ids"].to(torch.int32))
         shapes = {tuple(t.shape) for t in out["ir"]}
         if len(shapes) > 1:
-            fail(f"{ds.root}: images of different sizes {sorted(shapes)[:3]}; pass --size S to train on one size")
+            raise ValueError(f"{ds.root}: images of different sizes {sorted(shapes)[:3]}; pass --size S to train on "
+                             "one size")
         latents = {k: torch.stack(v) for k, v in out.items()}
         save_atomic(latents, path, {"dataset": str(ds.root), "count": str(len(ds))})
     if dist.is_initialized():
@@ -206,8 +248,34 @@ def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device,
     return read_safetensors(path)
 
 
+def semantic_batch(latents: dict, idx: Tensor, semcfg: SemanticConfig | None, device) -> Tensor | None:
+    """What Flux.forward's `semantic=` takes, from the cache: packed latents, or pixels for the cnn encoder."""
+    if semcfg is None:
+        return None
+    if semcfg.takes_pixels:
+        return latents["sem_pixels"][idx].to(device).float() / 127.5 - 1  # uint8 -> [B, 3, H, W] in [-1, 1]
+    return pack(latents["sem"][idx].to(device))  # [B, 16, h, w] -> [B, N, 64]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# What trains in each stage
+# The model and what trains in each stage
+
+
+def build(cfg: TrainConfig, setup: Setup, want: dict, device, dtype) -> Flux:
+    """The one build step (nanoGPT's init_from): the base stage fine-tunes the whole transformer (the tiny demo's
+    from scratch, or from --init); every other stage is the frozen base in `dtype` + this stage's modules in fp32
+    (bf16 autocast computes in bf16), then the previous stage's weights (a warmup output has no LoRA keys: its
+    LoRA starts at zero, i.e. the identity)."""
+    if cfg.stage == "base":
+        if cfg.init:
+            return load_flux(cfg.init, setup.preset, device=device, dtype=torch.float32)
+        if setup.kind == "demo":
+            return Flux(PRESETS["tiny"]).to(device)
+        return load_flux(setup.flux, setup.preset, device=device, dtype=torch.float32)
+    model = build_model(setup, want, device, dtype, modules_dtype=torch.float32)
+    if cfg.init:
+        load_trained(model, cfg.init, want, lora_optional=True)
+    return model
 
 
 def select_trainable(model: Flux, stage: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -219,7 +287,7 @@ def select_trainable(model: Flux, stage: str) -> list[tuple[str, torch.nn.Parame
     elif stage == "warmup":
         names = {n for n, _ in model.named_parameters() if n.startswith("semantic.")}
     elif stage == "joint":
-        names = {n for n, _ in model.named_parameters() if n.startswith("semantic.") or ".lora_" in n}
+        names = {n for n, _ in model.named_parameters() if is_trained_key(n)}
     elif stage == "finetune":
         strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
         names = {n for n, p in model.named_parameters() if id(p) in strengths}
@@ -231,53 +299,16 @@ def select_trainable(model: Flux, stage: str) -> list[tuple[str, torch.nn.Parame
     return params
 
 
-def run_metadata(cfg: TrainConfig, setup: Setup, stage_cfg: dict) -> dict:
-    return {"config": json.dumps(stage_cfg), "base": setup.flux.name, "ae": setup.ae.name,
-            "train_args": json.dumps(asdict(cfg))}
-
-
-def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
-    """The self-description written into every output (sample.py rebuilds the model from it)."""
-    c = {"stage": cfg.stage, "scheme": cfg.scheme, "base_preset": setup.preset, "base_file": setup.flux.name,
-         "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size}
-    if cfg.scheme in ("xattn", "zeroconv", "adapter"):
-        c["semantic"] = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
-                                       num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim).to_dict()
-    if cfg.stage in ("joint", "finetune"):
-        c["lora_rank"], c["lora_alpha"] = cfg.lora_rank, cfg.lora_alpha
-    return c
-
-
-def check_init(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
-    """An --init must come from an earlier stage of the same scheme, base and module layout: checked before any work."""
-    if not cfg.init:
-        if cfg.stage == "finetune":
-            fail("--stage finetune adjusts a trained model: pass --init runs/joint/final.safetensors")
-        return None
-    got = run_config(cfg.init)
-    if got.get("stage") not in INIT_FROM[cfg.stage]:
-        fail(f"--init {cfg.init} is a {got.get('stage')!r} output; --stage {cfg.stage} starts from "
-             f"{' or '.join(INIT_FROM[cfg.stage])}")
-    for key in ("scheme", "base_preset", "semantic"):
-        if got.get(key) != want.get(key):
-            fail(f"--init {cfg.init} has {key}={got.get(key)!r} but this run has {want.get(key)!r}")
-    if got.get("lora_rank") and want.get("lora_rank") and got["lora_rank"] != want["lora_rank"]:
-        fail(f"--init {cfg.init} has LoRA rank {got['lora_rank']} but this run asks for {want['lora_rank']}")
-    return got
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rectified flow
-
-
-def sample_t(n: int, cfg: TrainConfig, seq_len: int, g: torch.Generator) -> Tensor:
-    """Training times in (0, 1): logit-normal (SD3) concentrates on the middle, where the velocity is hardest."""
-    if cfg.t_sampling == "uniform":
-        return torch.rand(n, generator=g)
-    t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=g))
-    if cfg.t_sampling == "shifted":  # the same resolution shift sampling uses
-        t = time_shift(get_lin_function()(seq_len), 1.0, t)
-    return t
+def make_optimizer(cfg: TrainConfig, model: Flux, trainable) -> torch.optim.AdamW:
+    """AdamW on the trainable weights. Adam moves a parameter by about lr per step whatever its gradient, so a scalar
+    gate that starts at 0 reaches at most steps * lr: at lr 1e-4 a 1000-step warmup could never open it against
+    hidden states of magnitude ~10. The strength scalars (scheme A/B/C) therefore get a larger learning rate."""
+    strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
+    mult = 1.0 if cfg.stage == "finetune" else cfg.strength_lr_mult
+    groups = [{"params": [p for _, p in trainable if id(p) not in strengths], "lr_mult": 1.0},
+              {"params": [p for _, p in trainable if id(p) in strengths], "lr_mult": mult}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             betas=(0.9, 0.999))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -286,6 +317,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
 
 
 class Stopper:
@@ -309,26 +344,15 @@ def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, log_b
     """Resume state with no pickle of objects: tensors, numbers and lists, read back with weights_only=True."""
     state = {"step": step, "params": {n: p.detach().cpu() for n, p in trainable}, "optimizer": opt.state_dict(),
              "rng": g.get_state(), "t_bins": log_bins}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(state, path)
 
 
 def write_weights(path: Path, model: Flux, stage: str, meta: dict):
     """Only what the stage adds to the base (semantic + LoRA); the base stage writes the whole transformer."""
     sd = model.state_dict()
     if stage != "base":
-        sd = {k: v for k, v in sd.items() if k.startswith("semantic.") or ".lora_" in k}
+        sd = {k: v for k, v in sd.items() if is_trained_key(k)}
     save_atomic(sd, path, meta)
-
-
-def semantic_batch(latents: dict, idx: Tensor, semcfg: SemanticConfig | None, device) -> Tensor | None:
-    """What Flux.forward's `semantic=` takes, from the cache: packed latents, or pixels for the cnn encoder."""
-    if semcfg is None:
-        return None
-    if semcfg.encoder == "cnn" and semcfg.scheme != "zeroconv":
-        return latents["sem_pixels"][idx].to(device).float() / 127.5 - 1  # uint8 -> [B, 3, H, W] in [-1, 1]
-    return pack(latents["sem"][idx].to(device))  # [B, 16, h, w] -> [B, N, 64]
 
 
 @torch.no_grad()
@@ -339,18 +363,15 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
     B = len(idx)
     lh, lw = latents["ir"].shape[-2:]
     H, W = lh * 8, lw * 8
-    h, w = lh // 2, lw // 2
-    txt, txt_ids, y = text
     cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
     semcfg = model.semantic.config if model.semantic is not None else None
-    inp = dict(x_cond=pack(latents[cond_key][idx].to(device, dtype)),
-               img_ids=torch.cat([image_ids(B, h, w, device=device), image_ids(B, h, w, index=1, device=device)], 1),
-               txt=txt.expand(B, -1, -1), txt_ids=txt_ids.expand(B, -1, -1), y=y.expand(B, -1),
-               semantic=None if semcfg is None else semantic_batch(latents, idx, semcfg, device).to(dtype))
+    sem_in = semantic_batch(latents, idx, semcfg, device)
+    cond = make_condition(pack(latents[cond_key][idx].to(device, dtype)), None if sem_in is None else sem_in.to(dtype),
+                          text, lh // 2, lw // 2)
     was_training = model.training
     model.eval()
     x = pack(get_noise(B, H, W, seed=0, device=device, dtype=dtype))
-    x = denoise(model, x, inp, get_schedule(cfg.sample_steps, h * w, shift=setup.preset != "schnell"),
+    x = denoise(model, x, cond, get_schedule(cfg.sample_steps, (lh // 2) * (lw // 2), shift=setup.preset != "schnell"),
                 cfg.guidance if model.params.guidance_embed else None)
     model.train(was_training)
     pred = data.rgb_to_ir(ae.decode(unpack(x, H, W)).float().clamp(-1, 1))  # [B, 1, H, W]
@@ -365,167 +386,67 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The tiny demo's autoencoder (--stage ae): the analog of FLUX's pretrained ae.safetensors
 
 
-def train_ae(cfg: TrainConfig, setup: Setup, device, master: bool) -> int:
-    ds = dataset_for(cfg, setup, master)
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    # --init continues an earlier autoencoder (e.g. fine-tuning on full images after training on crops)
-    ae = (load_ae(cfg.init, device=device) if cfg.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    # all three kinds of image the model will see: visible, semantic, infrared (as 3 channels)
-    images = []
-    for i in range(len(ds)):
-        it = ds[i]
-        images += [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]]
-    images = torch.stack(images)  # [3N, 3, H, W]
-    ae.requires_grad_(True)
-    from tqdm import tqdm
-    bar = tqdm(range(cfg.steps), desc="ae", disable=not (master and cfg.progress))
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x = images[torch.randint(len(images), (cfg.batch_size,), generator=g)]  # [B, 3, H, W]
-        if cfg.ae_crop and cfg.ae_crop < x.shape[-1]:
-            top, left = torch.randint(0, x.shape[-2] - cfg.ae_crop + 1, (2,), generator=g).tolist()
-            x = x[..., top:top + cfg.ae_crop, left:left + cfg.ae_crop]
-        x = x.to(device)
-        mean, logvar = ae.encode_dist(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
-        rec = ae.decoder(z)
-        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
-        opt.step()
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    # FLUX's scale/shift make latents zero-mean, unit-variance; re-estimate them for this autoencoder
-    with torch.no_grad():
-        means = torch.cat([ae.encode_dist(images[i:i + 64].to(device))[0].cpu() for i in range(0, len(images), 64)])
-    ae.params.shift_factor = float(means.mean())
-    ae.params.scale_factor = float(1.0 / means.std())
-    out = Path(cfg.out) / "ae.safetensors"
-    save_ae(ae, out, {"train_args": json.dumps(asdict(cfg))})
-    print(f"wrote {out} (shift {ae.params.shift_factor:.4f}, scale {ae.params.scale_factor:.4f})")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> int:
-    cfg = parse_args(argv)
+def run(cfg: TrainConfig) -> int:
+    """Train one stage as `cfg` says; 0 when done, 1 on a non-finite loss, 128 + signal when stopped by one.
+    Raises ValueError (data.DataError, checkpoint.CheckpointError) for bad input, before any work."""
+    cfg = dataclasses.replace(cfg)  # the defaults below are filled in on a copy
+    cfg.steps = cfg.steps or STAGE_DEFAULTS[cfg.stage][0]
+    cfg.out = cfg.out or str(ROOT / "runs" / cfg.stage)
     rank, world, device = init_distributed(cfg)
     master = rank == 0
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    try:
-        setup = find_setup()
-    except CheckpointError as e:
-        fail(str(e))
+    setup = find_setup()
     if master:
         print(setup.describe())
     cfg.lr = cfg.lr or (DEMO_LR if setup.kind == "demo" else {k: v[1] for k, v in STAGE_DEFAULTS.items()})[cfg.stage]
     out = Path(cfg.out)
-    if cfg.stage == "ae":
-        if setup.kind != "demo":
-            fail("--stage ae trains the tiny demo autoencoder; FLUX's ae.safetensors is already trained")
-        return train_ae(cfg, setup, device, master)
-
-    # ---- validate everything before any work starts
-    if cfg.stage == "warmup" and cfg.scheme in ("overlay", "none"):
-        fail(f"--stage warmup trains only semantic modules, and scheme {cfg.scheme!r} has none: use --stage joint")
-    if cfg.stage == "finetune" and cfg.scheme in ("overlay", "none"):
-        fail(f"--stage finetune trains the semantic strengths, and scheme {cfg.scheme!r} has none")
-    if cfg.stage == "base" and cfg.scheme != "none":
-        fail("--stage base trains the RGB-conditioned base model: use --scheme none")
     want = stage_config(cfg, setup)
-    init_cfg = check_init(cfg, setup, want)
-    resume_path = out / "resume.pt"
-    if cfg.resume and not resume_path.is_file():
-        fail(f"--resume: no {resume_path} (was the run started with --out {out}?)")
-
+    check_config(cfg, setup, want)
     use_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if use_cuda else torch.float32  # base weights; trainable weights stay fp32
 
     # ---- latents (VAE encoder used once, then freed) and the prompt embedding
     ds = dataset_for(cfg, setup, master)
     ae = load_ae(setup.ae, device=device, dtype=dtype)
-    latents = encode_dataset(ds, ae, setup.ae, cfg, device, dtype, cache_dir() / "latents", master)
+    latents = encode_dataset(ds, ae, setup.ae, cfg, device, dtype, master)
     del ae.encoder  # not needed in the loop (the decoder stays for the sample grids)
     N, _, lh, lw = latents["ir"].shape
-    L = (lh // 2) * (lw // 2)
-    txt, txt_ids, y = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)
+    h, w = lh // 2, lw // 2
+    L = h * w
+    text = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)  # (txt, txt_ids, y), batch 1
 
-    # ---- model: base + this stage's modules; then the previous stage's weights
-    if cfg.stage == "base" and cfg.init:
-        model = load_flux(cfg.init, setup.preset, device=device, dtype=torch.float32)
-    elif cfg.stage == "base" and setup.kind == "demo":
-        model = Flux(PRESETS["tiny"]).to(device)  # the demo base is trained from scratch
-    elif cfg.stage == "base":
-        model = load_flux(setup.flux, setup.preset, device=device, dtype=torch.float32)  # full fine-tune
-    else:
-        model = build_model(setup, {**want, "lora_rank": 0}, device, dtype)
-        if model.semantic is not None:
-            model.semantic.float()
-        if cfg.stage in ("joint", "finetune"):
-            from lora import inject_lora
-            inject_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        if init_cfg is not None:  # (a warmup output has no LoRA keys: its LoRA starts at zero, i.e. the identity)
-            sd = read_safetensors(cfg.init, device=device)
-            state = model.state_dict()
-            unexpected = sorted(set(sd) - set(state))
-            mis = [k for k in sd if k in state and sd[k].shape != state[k].shape]
-            if unexpected or mis:
-                fail(f"--init {cfg.init} does not fit this model: unexpected {unexpected[:5]}, mis-shaped {mis[:5]}")
-            missing = [k for k in state if (k.startswith("semantic.") and k not in sd)]
-            if missing:
-                fail(f"--init {cfg.init} lacks {missing[:5]}")
-            model.load_state_dict(sd, strict=False)
-        for n, p in model.named_parameters():  # trainable modules in fp32 (bf16 autocast computes in bf16)
-            if n.startswith("semantic.") or ".lora_" in n:
-                p.data = p.data.float()
+    # ---- the model, what trains, the optimiser
+    model = build(cfg, setup, want, device, dtype)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     trainable = select_trainable(model, cfg.stage)
     n_train = sum(p.numel() for _, p in trainable)
     if n_train == 0:
-        fail(f"nothing to train in stage {cfg.stage} with scheme {cfg.scheme}")
+        raise ValueError(f"nothing to train in stage {cfg.stage} with scheme {cfg.scheme}")
     if master:
         n_all = sum(p.numel() for p in model.parameters())
         print(f"stage {cfg.stage}, scheme {cfg.scheme}: {n_train:,} trainable of {n_all:,} parameters "
               f"({len(trainable)} tensors); {N} training pairs of {L} tokens")
-    # Adam moves a parameter by about lr per step whatever its gradient, so a scalar gate that starts at 0 reaches
-    # at most steps * lr: at lr 1e-4 a 1000-step warmup could never open it against hidden states of magnitude ~10.
-    # The strength scalars (scheme A/B/C) therefore get their own, larger learning rate.
-    strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
-    mult = 1.0 if cfg.stage == "finetune" else cfg.strength_lr_mult
-    groups = [{"params": [p for _, p in trainable if id(p) not in strengths], "lr_mult": 1.0},
-              {"params": [p for _, p in trainable if id(p) in strengths], "lr_mult": mult}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.999))
-
+    opt = make_optimizer(cfg, model, trainable)
     fwd = model
-    if world > 1:
+    if world > 1:  # DDP synchronises only parameters with requires_grad; the frozen base is identical on every rank
         from torch.nn.parallel import DistributedDataParallel as DDP
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)  # only trainable weights are synchronised
-        fwd = DDP(model, device_ids=[device] if use_cuda else None)
+        fwd = DDP(model, device_ids=[device] if use_cuda else None, init_sync=False)
     if cfg.compile:
         fwd = torch.compile(fwd)
 
     # ---- state
     g = torch.Generator().manual_seed(cfg.seed)  # one stream for data order, t and noise: identical on every rank
     step, t_bins = 0, [[0.0, 0] for _ in range(10)]
+    resume_path = out / "resume.pt"
     if cfg.resume:
         state = torch.load(resume_path, weights_only=True, map_location="cpu")
-        names = [n for n, _ in trainable]
-        if sorted(state["params"]) != sorted(names):
-            fail(f"{resume_path} was written by a run with other trainable weights (another stage or scheme)")
+        if sorted(state["params"]) != sorted(n for n, _ in trainable):
+            raise ValueError(f"{resume_path} was written by a run with other trainable weights (another stage or "
+                             "scheme)")
         with torch.no_grad():
             for n, p in trainable:
                 p.copy_(state["params"][n])
@@ -534,22 +455,20 @@ def main(argv=None) -> int:
         step, t_bins = state["step"], state["t_bins"]
         if master:
             print(f"resumed from {resume_path} at step {step}")
-    meta = run_metadata(cfg, setup, want)
+    meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,
+            "train_args": json.dumps(asdict(cfg))}
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if master else None
     stopper = Stopper()
     try:
         sample_idx = torch.arange(min(4, N))
         global_batch = cfg.batch_size * world
-
-        h, w = lh // 2, lw // 2
-        ids = torch.cat([image_ids(cfg.batch_size, h, w, device=device),
-                         image_ids(cfg.batch_size, h, w, index=1, device=device)], dim=1)  # [B, 2L, 3]
         cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
         semcfg = model.semantic.config if model.semantic is not None else None
 
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}", disable=not (master and cfg.progress))
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}",
+                   disable=not (master and cfg.progress))
         t0, last_log_step = time.time(), step
         fwd.train()
         good_ckpt = None
@@ -562,24 +481,21 @@ def main(argv=None) -> int:
             for micro in range(cfg.grad_accum):
                 # the global batch is drawn identically on every rank; each rank takes its slice
                 idx = torch.randint(N, (global_batch,), generator=g)
-                t = sample_t(global_batch, cfg, L, g)
+                t = sample_t(global_batch, g, cfg.t_sampling, cfg.logit_mean, cfg.logit_std, L)
                 noise = torch.randn((global_batch, L, 64), generator=g)
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 idx, t, noise = idx[sl], t[sl].to(device), noise[sl].to(device)
-                x0 = pack(latents["ir"][idx].to(device))  # [B, 16, h*2, w*2] -> [B, L, 64]
-                x_cond = pack(latents[cond_key][idx].to(device))
-                x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-                target = noise - x0
+                x0 = pack(latents["ir"][idx].to(device))  # [B, 16, 2h, 2w] -> [B, L, 64]
+                x_t, target = noised(x0, noise, t)  # [B, L, 64] each
                 sem_in = semantic_batch(latents, idx, semcfg, device)
+                cond = make_condition(pack(latents[cond_key][idx].to(device)).to(dtype),
+                                      None if sem_in is None else sem_in.to(dtype), text, h, w)
                 B = x0.shape[0]
                 guidance = torch.full((B,), cfg.guidance, device=device) if model.params.guidance_embed else None
                 sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else fwd.no_sync()
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                        pred = fwd(img=torch.cat([x_t, x_cond], dim=1).to(dtype), img_ids=ids[:B],
-                                   txt=txt.expand(B, -1, -1), txt_ids=txt_ids.expand(B, -1, -1), timesteps=t.to(dtype),
-                                   y=y.expand(B, -1), guidance=guidance,
-                                   semantic=None if sem_in is None else sem_in.to(dtype))[:, :L]  # [B, L, 64]
+                        pred = velocity(fwd, x_t.to(dtype), t.to(dtype), cond, guidance)  # [B, L, 64]
                     per_sample = (pred.float() - target).square().mean(dim=(1, 2))  # [B]
                     loss = per_sample.mean() / cfg.grad_accum
                     loss.backward()
@@ -608,8 +524,7 @@ def main(argv=None) -> int:
                 log.flush()
                 t_bins = [[0.0, 0] for _ in range(10)]
             if master and cfg.sample_every and step % cfg.sample_every == 0:
-                sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, (txt, txt_ids, y), out / "samples",
-                            step)
+                sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples", step)
             stop = stopper.signal is not None
             if world > 1:  # a signal on any rank stops every rank at the same step
                 flag = torch.tensor([float(stop)], device=device)
@@ -628,13 +543,11 @@ def main(argv=None) -> int:
         if master:
             final = out / "final.safetensors"
             write_weights(final, model, cfg.stage, meta)
-            if cfg.stage == "base":
-                print(f"wrote {final} (the full transformer)")
-            else:
-                print(f"wrote {final} ({n_train:,} trained parameters)")
+            what = "the full transformer" if cfg.stage == "base" else f"{n_train:,} trained parameters"
+            print(f"wrote {final} ({what})")
             if cfg.sample_every == 0 and cfg.sample_steps > 0:
-                path = sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, (txt, txt_ids, y),
-                                   out / "samples", step)
+                path = sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples",
+                                   step)
                 print(f"wrote {path}")
     finally:
         stopper.close()
@@ -643,6 +556,15 @@ def main(argv=None) -> int:
         if world > 1:
             dist.destroy_process_group()
     return 0
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        return run(cfg)
+    except (data.DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -44,3 +44,44 @@ def kontext_batch(params: FluxParams, B=2, h=3, w=4, seed=0) -> dict:
 def kontext_inputs():
     """The factory above: `kontext_inputs(params, B=2, h=3, w=4, seed=0)`."""
     return kontext_batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A scratch world for the scripts: random tiny demo weights and a few synthetic pairs
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A scratch weights/ folder with a random tiny demo base + autoencoder, and 12 synthetic 64px pairs."""
+    from checkpoint import save_atomic
+    from flux_model import PRESETS, Flux
+    from synth import write_synth
+    from vae import AE_PRESETS, AutoEncoder, save_ae
+    base = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    (base / "weights" / "demo").mkdir(parents=True)
+    save_ae(AutoEncoder(AE_PRESETS["tiny"]), base / "weights" / "demo" / "ae.safetensors")
+    save_atomic(Flux(PRESETS["tiny"]).state_dict(), base / "weights" / "demo" / "flux.safetensors")
+    write_synth(base / "synth", count=12, size=64, seed=0)
+    return base
+
+
+@pytest.fixture
+def env(world, monkeypatch):
+    """The scripts see `world` as their weights/ and cache/ folders."""
+    monkeypatch.setenv("FLUX_IR_WEIGHTS", str(world / "weights"))
+    monkeypatch.setenv("FLUX_IR_CACHE", str(world / "cache"))
+    return world
+
+
+def train_args(world, out, *args) -> list[str]:
+    """train.py's flags for a quick run on the world's pairs (extra flags override the defaults)."""
+    return ["--data", str(world / "synth"), "--out", str(out), "--batch-size", "2", "--no-progress",
+            "--sample-steps", "0", "--log-every", "1", "--warmup-steps", "2", *args]
+
+
+@pytest.fixture
+def run_train(env):
+    """`run_train(out, *flags)` -> train.main's exit code."""
+    import train
+    return lambda out, *args: train.main(train_args(env, out, *args))

@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from safetensors.torch import save_file
 from torch import nn
 
-from checkpoint import (CheckpointError, read_header, read_metadata, read_safetensors, load_strict, save_atomic,
-                        strip_prefix, read_sharded)
+from checkpoint import (CheckpointError, check_keys, read_header, read_metadata, read_safetensors, load_strict,
+                        save_atomic, strip_prefix, read_sharded)
 
 
 def valid_file(tmp_path, name="a.safetensors"):
@@ -62,6 +62,31 @@ def test_strict_load_lists_every_problem():
     msg = str(e.value)
     for part in ("0.bias", "1.bias", "extra", "1.weight (file (2, 3), model (1, 3))", "hint: a hint"):
         assert part in msg
+
+
+def test_check_keys_is_the_one_strict_format():
+    """check_keys lists every missing, unexpected and mis-shaped key by name (sorted, 20 shown per kind), honours
+    allow_missing, names the problem and adds the hint; a matching dict passes silently."""
+    expected = {"a": (2, 3), "b": (4,), "opt": (1,), **{f"k{i:02d}": (1,) for i in range(25)}}
+    sd = {"a": torch.zeros(3, 2), "b": torch.zeros(4), "zz": torch.zeros(1), "extra": torch.zeros(1)}
+    seen = {}
+
+    def hint(missing, unexpected, mismatched):
+        seen.update(missing=missing, unexpected=unexpected, mismatched=mismatched)
+        return "a hint"
+    with pytest.raises(CheckpointError) as e:
+        check_keys(expected, sd, "toy", hint=hint, allow_missing=lambda k: k == "opt", problem="the toy does not fit")
+    lines = str(e.value).splitlines()
+    assert lines[0] == "toy: the toy does not fit"
+    assert lines[1] == "  25 missing: " + ", ".join(f"k{i:02d}" for i in range(20)) + " ... and 5 more"
+    assert lines[2] == "  2 unexpected: extra, zz"
+    assert lines[3] == "  1 mis-shaped: a (file (3, 2), model (2, 3))"
+    assert lines[4] == "  hint: a hint" and len(lines) == 5
+    assert seen == {"missing": {f"k{i:02d}" for i in range(25)}, "unexpected": {"extra", "zz"},
+                    "mismatched": [("a", (3, 2), (2, 3))]}
+    with pytest.raises(CheckpointError, match="^toy: the weights do not match the model\n  1 missing: b$"):
+        check_keys({"a": (2, 3), "b": (4,)}, {"a": torch.zeros(2, 3)}, "toy", hint=lambda *_: "")
+    check_keys({"a": (2, 3), "opt": (1,)}, {"a": torch.zeros(2, 3)}, "toy", allow_missing=lambda k: k == "opt")
 
 
 def test_meta_model_takes_file_tensors_without_copy():

@@ -1,69 +1,95 @@
-"""Semantic conditioning: identity at zero init, learning starts, spatial awareness of the cross-attention,
-attention recording, batch independence, and clear errors."""
+"""Semantic conditioning: identity at zero init, learning starts, checkpoint key names, spatial awareness of the
+cross-attention, attention recording by hooks, batch independence, and clear errors."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from flux_model import Flux, FluxParams, image_ids, text_ids, pack
-from sem_cross_attn import (SemanticConfig, SemanticCrossAttention, SemanticContext, attach, detach, overlay,
-                            count_parameters, chosen_blocks, semantic_input)
+from flux_model import Flux, image_ids, kontext_ids
+from sem_cross_attn import (SCHEMES, BASELINES, SemanticConfig, SemanticCrossAttention, SemanticContext,
+                            XAttnModule, attach, attention_weights, overlay, chosen_blocks, semantic_input)
 
-
-def tiny(guidance=False):
-    return FluxParams(in_channels=64, out_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=64,
-                      mlp_ratio=2.0, num_heads=4, depth=2, depth_single_blocks=3, axes_dim=[4, 6, 6], theta=10_000,
-                      qkv_bias=True, guidance_embed=guidance)
+# every valid scheme x encoder (zeroconv adds to the latent tokens, so it takes the vae latents only)
+COMBOS = [(s, e) for s in SCHEMES for e in ("vae", "cnn") if not (s == "zeroconv" and e == "cnn")]
 
 
-def inputs(B=2, h=3, w=4, seed=0):
-    """Kontext layout: [x_t | x_cond] image tokens, semantic tokens on the target grid."""
-    g = torch.Generator().manual_seed(seed)
-    n = h * w
-    img = torch.randn(B, 2 * n, 64, generator=g)
-    ids = torch.cat([image_ids(B, h, w), image_ids(B, h, w, index=1)], dim=1)
-    return dict(img=img, img_ids=ids, txt=torch.randn(B, 5, 32, generator=g), txt_ids=text_ids(B, 5),
-                timesteps=torch.rand(B, generator=g), y=torch.randn(B, 16, generator=g)), \
-        torch.randn(B, n, 64, generator=g), torch.randn(B, 3, 16 * h, 16 * w, generator=g)
+@pytest.fixture
+def params(small_params):
+    return small_params(mlp_ratio=2.0, single=3, guidance=False)  # 2 double + 3 single blocks
 
 
-SCHEMES = [("xattn", "vae"), ("xattn", "cnn"), ("adapter", "vae"), ("adapter", "cnn"), ("zeroconv", "vae")]
+def semantic_for(config, x, seed=0):
+    """The `semantic=` input this config takes: the batch's packed latents, or a random semantic image."""
+    if not config.takes_pixels:
+        return x["semantic"]
+    B, N = x["semantic"].shape[:2]
+    h, w = 3, N // 3  # kontext_inputs' default grid
+    return torch.randn(B, 3, 16 * h, 16 * w, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("scheme,encoder", SCHEMES)
-def test_identity_at_init(scheme, encoder):
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("scheme,encoder", COMBOS)
+def test_identity_at_init(scheme, encoder, params, kontext_inputs):
     torch.manual_seed(0)
-    model = Flux(tiny()).eval()
-    x, sem_latents, sem_image = inputs()
+    model = Flux(params).eval()
+    x = kontext_inputs(params)
+    config = SemanticConfig(scheme=scheme, encoder=encoder)
+    sem = semantic_for(config, x)
+    del x["semantic"]
     base = model(**x)
-    attach(model, SemanticConfig(scheme=scheme, encoder=encoder))
-    sem = sem_image if encoder == "cnn" else sem_latents
+    attach(model, config)
     assert torch.equal(model(**x, semantic=sem), base)
 
 
-def test_base_state_dict_unchanged_without_module():
-    model = Flux(tiny())
-    keys = set(model.state_dict())
+def test_base_state_dict_unchanged_by_the_module(params):
+    keys = set(Flux(params).state_dict())
+    model = Flux(params)
     attach(model, SemanticConfig())
     assert {k for k in model.state_dict() if not k.startswith("semantic.")} == keys
-    detach(model)
-    assert set(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("scheme", ["xattn", "adapter", "zeroconv"])
-def test_zero_init_does_not_stall_learning(scheme):
+ATTN = ["to_q.weight", "to_q.bias", "to_kv.weight", "to_kv.bias", "q_norm.scale", "k_norm.scale", "proj.weight",
+        "proj.bias"]
+BLOCK_KEYS = {
+    "xattn": [f"attn.{k}" for k in ATTN] + ["norm.weight", "norm.bias", "scale"],
+    "adapter": [f"{a}.{k}" for a in ("self_attn", "cross_attn") for k in ATTN]
+    + [f"{n}.{k}" for n in ("sem_norm", "ff_norm", "ff.0", "ff.2") for k in ("weight", "bias")] + ["gate"],
+}
+ENCODER_KEYS = {"vae": ["net.0", "net.2"], "cnn": ["net.0", "net.2", "net.4", "net.6"]}
+
+
+@pytest.mark.parametrize("scheme,encoder", COMBOS)
+def test_checkpoint_key_names(scheme, encoder, params):
+    """The state dict names are what saved checkpoints (weights/demo/*.safetensors) hold."""
+    model = Flux(params)
+    attach(model, SemanticConfig(scheme=scheme, encoder=encoder, blocks="every:2"))
+    keys = {k for k in model.state_dict() if k.startswith("semantic.")}
+    if scheme == "zeroconv":
+        expected = {f"semantic.zeroconv.{k}" for k in ("conv.weight", "conv.bias", "zero.weight", "zero.bias", "scale")}
+    else:
+        expected = {f"semantic.encoder.{n}.{k}" for n in ENCODER_KEYS[encoder] for k in ("weight", "bias")}
+        for kind, ids in (("double", [0]), ("single", [0, 2])):
+            expected |= {f"semantic.{kind}_blocks.{i}.{k}" for i in ids for k in BLOCK_KEYS[scheme]}
+    assert keys == expected
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_zero_init_does_not_stall_learning(scheme, params, kontext_inputs):
     """Step 1: the scales/gates (or the zero conv) move. Step 2: every semantic parameter gets a gradient."""
     torch.manual_seed(0)
-    model = Flux(tiny())
+    model = Flux(params)
     model.requires_grad_(False)
     sem_mod = attach(model, SemanticConfig(scheme=scheme))
-    params = list(sem_mod.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    x, sem, _ = inputs()
+    opt = torch.optim.AdamW(list(sem_mod.parameters()), lr=1e-2, weight_decay=0.0)
+    x = kontext_inputs(params)
     target = torch.randn(2, x["img"].shape[1], 64)
     before = {n: p.detach().clone() for n, p in sem_mod.named_parameters()}
     for step in range(2):
         opt.zero_grad()
-        loss = (model(**x, semantic=sem) - target).square().mean()
+        loss = (model(**x) - target).square().mean()
         loss.backward()
         if step == 1:
             no_grad = [n for n, p in sem_mod.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
@@ -74,9 +100,22 @@ def test_zero_init_does_not_stall_learning(scheme):
                 moved = not torch.equal(sem_mod.zeroconv.zero.weight, before["zeroconv.zero.weight"])
             else:
                 strengths = sem_mod.strength_parameters()
-                assert len(strengths) == 5  # one per block of the tiny model (2 double + 3 single)
+                assert len(strengths) == 5  # one per block of the small model (2 double + 3 single)
                 moved = all(float(p.detach()) != 0.0 for p in strengths)
             assert moved
+
+
+def one_block_with_keys_equal_queries(dim, heads):
+    """A scheme B module with one injection (double.0) whose keys are computed with the query weights, so
+    q_i == k_j for equal content; recording on."""
+    mod = XAttnModule(SemanticConfig(blocks="double"), dim, heads, 1, 0)
+    block = mod.double_blocks["0"]
+    assert isinstance(block, SemanticCrossAttention)
+    with torch.no_grad():
+        block.attn.to_kv.weight[:dim] = block.attn.to_q.weight
+        block.attn.to_kv.bias[:dim] = block.attn.to_q.bias
+    mod.record_attention(True)
+    return mod
 
 
 def test_cross_attention_is_spatially_aware():
@@ -85,19 +124,12 @@ def test_cross_attention_is_spatially_aware():
     location."""
     torch.manual_seed(0)
     dim, heads, h, w = 32, 2, 5, 6
-    m = SemanticCrossAttention(dim, dim, heads)
-    with torch.no_grad():  # keys computed with the query weights, so q_i == k_j for equal content
-        m.attn.to_kv.weight[:dim] = m.attn.to_q.weight
-        m.attn.to_kv.bias[:dim] = m.attn.to_q.bias
-    from sem_cross_attn import SemanticModule
-    pe = SemanticModule(SemanticConfig(), dim, heads, 1, 1).pe
+    mod = one_block_with_keys_equal_queries(dim, heads)
     tok = torch.randn(1, 1, dim).expand(1, h * w, dim)
-    img_ids = torch.cat([image_ids(1, h, w), image_ids(1, h, w, index=1)], dim=1)
-    ctx = SemanticContext(tokens=tok, raw=None, grid=(h, w), q_pe=pe(img_ids[..., 1:]),
-                          k_pe=pe(image_ids(1, h, w)[..., 1:]))
-    record = []
-    m(torch.cat([tok, tok], dim=1), ctx, record)
-    peaks = record[0][0].argmax(dim=-1)  # [L_img]
+    ctx = SemanticContext(tokens=tok, grid=(h, w), q_pe=mod.pe(kontext_ids(1, h, w)[..., 1:]),
+                          k_pe=mod.pe(image_ids(1, h, w)[..., 1:]))
+    mod.after_double(0, torch.cat([tok, tok], dim=1), ctx)
+    peaks = mod.record["double.0"][0][0].argmax(dim=-1)  # [L_img]
     assert torch.equal(peaks, torch.arange(h * w).repeat(2))
 
 
@@ -105,96 +137,125 @@ def test_shifting_the_semantic_map_shifts_the_attention_peak():
     """A blob whose content matches the queries draws the attention; move the blob, the peak moves with it."""
     torch.manual_seed(1)
     dim, heads, h, w = 32, 2, 6, 6
-    m = SemanticCrossAttention(dim, dim, heads)
-    with torch.no_grad():
-        m.attn.to_kv.weight[:dim] = m.attn.to_q.weight
-        m.attn.to_kv.bias[:dim] = m.attn.to_q.bias
-    from sem_cross_attn import SemanticModule
-    pe = SemanticModule(SemanticConfig(), dim, heads, 1, 1).pe
+    mod = one_block_with_keys_equal_queries(dim, heads)
     u, b = torch.randn(dim), torch.randn(dim)
     img = u.expand(1, h * w, dim)
-    peaks = []
+    pe = mod.pe(image_ids(1, h, w)[..., 1:])
     for (r, c) in [(1, 1), (1, 4), (4, 2)]:
         sem = b.repeat(1, h * w, 1)
         sem[0, r * w + c] = u
-        ctx = SemanticContext(tokens=sem, raw=None, grid=(h, w), q_pe=pe(image_ids(1, h, w)[..., 1:]),
-                              k_pe=pe(image_ids(1, h, w)[..., 1:]))
-        record = []
-        m(img, ctx, record)
-        peaks.append(int(record[0][0].sum(dim=0).argmax()))  # key that receives the most attention
+        mod.after_double(0, img, SemanticContext(tokens=sem, grid=(h, w), q_pe=pe, k_pe=pe))
+    peaks = [int(m[0].sum(dim=0).argmax()) for m in mod.record["double.0"]]  # key that receives the most attention
     assert peaks == [1 * w + 1, 1 * w + 4, 4 * w + 2]
 
 
-def test_attention_recorder_and_fused_path_agree():
+@pytest.mark.parametrize("scheme", ["xattn", "adapter"])
+def test_recording_keeps_the_output_and_off_removes_the_hooks(scheme, params, kontext_inputs):
+    """Recording is a forward hook: the output is the same, one heads-averaged [B, L_img, N] map (rows sum to 1)
+    per chosen block and forward call (the adapter's semantic self-attention is not recorded); switching it on
+    twice does not double the hooks; off removes them."""
     torch.manual_seed(0)
-    model = Flux(tiny())
-    sem_mod = attach(model, SemanticConfig(blocks="every:2"))
+    model = Flux(params)
+    sem_mod = attach(model, SemanticConfig(scheme=scheme, blocks="every:2"))
     for p in sem_mod.strength_parameters():
         p.data.fill_(0.5)
-    x, sem, _ = inputs()
-    fused = model(**x, semantic=sem)
+    x = kontext_inputs(params)
+    fused = model(**x)
     sem_mod.record_attention(True)
-    recorded = model(**x, semantic=sem)
-    torch.testing.assert_close(recorded, fused, atol=1e-5, rtol=1e-5)
+    sem_mod.record_attention(True)
+    assert torch.equal(model(**x), fused)
+    model(**x)
     assert sorted(sem_mod.record) == ["double.0", "single.0", "single.2"]
-    maps = sem_mod.record["single.2"][0]
-    assert maps.shape == (2, x["img"].shape[1], sem.shape[1])
-    torch.testing.assert_close(maps.sum(-1), torch.ones(2, x["img"].shape[1]))
+    L_img, N = x["img"].shape[1], x["semantic"].shape[1]
+    for maps in sem_mod.record.values():
+        assert len(maps) == 2 and maps[0].shape == (2, L_img, N)
+        torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, L_img))
+    sem_mod.record_attention(False)
+    assert sem_mod.record is None
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert torch.equal(model(**x), fused)
 
 
-def test_batch_elements_are_independent():
+def test_recorded_weights_are_the_fused_attention():
+    """The softmax the hook records is the one the fused attention applies: weights @ v == sdpa(q, k, v)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 24, 16), torch.randn(2, 4, 12, 16), torch.randn(2, 4, 12, 16)
+    torch.testing.assert_close(attention_weights(q, k) @ v, F.scaled_dot_product_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_batch_elements_are_independent(params, kontext_inputs):
     """The design note's nn.MultiheadAttention without batch_first would mix samples; ours must not."""
     torch.manual_seed(0)
-    model = Flux(tiny())
+    model = Flux(params)
     sem_mod = attach(model, SemanticConfig())
     for p in sem_mod.strength_parameters():
         p.data.fill_(1.0)
-    x, sem, _ = inputs()
-    out = model(**x, semantic=sem)
-    sem2 = sem.clone()
-    sem2[1] = torch.randn_like(sem2[1])
-    out2 = model(**x, semantic=sem2)
+    x = kontext_inputs(params)
+    out = model(**x)
+    x["semantic"] = x["semantic"].clone()
+    x["semantic"][1] = torch.randn_like(x["semantic"][1])
+    out2 = model(**x)
     assert torch.equal(out[0], out2[0])
     assert not torch.allclose(out[1], out2[1])
 
 
-def test_block_selection_and_parameter_savings():
+def test_block_selection_and_parameter_savings(params):
     assert chosen_blocks("every:2", 5, 4) == ([0, 2, 4], [0, 2])
-    counts = {}
-    for blocks in ["all", "double", "every:2"]:
-        model = Flux(tiny())
-        counts[blocks] = count_parameters(attach(model, SemanticConfig(blocks=blocks)))
+    counts = {blocks: n_params(attach(Flux(params), SemanticConfig(blocks=blocks)))
+              for blocks in ["all", "double", "every:2"]}
     assert counts["all"] > counts["every:2"] > counts["double"] > 0
-    narrow = count_parameters(attach(Flux(tiny()), SemanticConfig(inner_dim=32, num_heads=2)))
+    narrow = n_params(attach(Flux(params), SemanticConfig(inner_dim=32, num_heads=2)))
     assert narrow < counts["all"]
 
 
-def test_bad_inputs_get_clear_errors():
-    model = Flux(tiny())
+def test_bad_inputs_get_clear_errors(params, kontext_inputs):
+    model = Flux(params)
     attach(model, SemanticConfig())
-    x, sem, _ = inputs(h=3, w=4)
+    x = kontext_inputs(params, h=3, w=4)
+    sem = x.pop("semantic")
     with pytest.raises(ValueError, match="semantic_ids"):
         model(**x, semantic=sem[:, :6], semantic_ids=image_ids(2, 3, 4))
     with pytest.raises(ValueError, match="batch"):
         model(**x, semantic=sem[:1])
+    with pytest.raises(ValueError, match="already attached"):
+        attach(model, SemanticConfig())
     with pytest.raises(ValueError, match="unknown scheme"):
         SemanticConfig(scheme="xatn").validate()
+    with pytest.raises(ValueError, match="unknown scheme"):
+        attach(Flux(params), SemanticConfig(scheme="overlay"))  # a baseline: no module
+    with pytest.raises(ValueError, match="encoder vae"):
+        SemanticConfig(scheme="zeroconv", encoder="cnn").validate()
     with pytest.raises(ValueError, match="blocks"):
         SemanticConfig(blocks="every:0").validate()
     with pytest.raises(ValueError, match="one size"):
         overlay(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 48))
-    cnn = Flux(tiny())
+    cnn = Flux(params)
     attach(cnn, SemanticConfig(encoder="cnn"))
     with pytest.raises(ValueError, match="multiples of 16"):
         cnn(**x, semantic=torch.zeros(2, 3, 40, 64))
+
+
+def test_module_schemes_and_baselines_are_apart(params):
+    """Every module scheme attaches; a baseline name is no module scheme (the run's choices are both lists)."""
+    assert not set(SCHEMES) & set(BASELINES)
+    for scheme in SCHEMES:
+        assert attach(Flux(params), SemanticConfig(scheme=scheme)).config.scheme == scheme
+    for name in BASELINES:
+        with pytest.raises(ValueError, match="unknown scheme"):
+            SemanticConfig(scheme=name).validate()
 
 
 def test_semantic_input_matches_encoder():
     class FakeVAE:
         def encode(self, x):
             return torch.ones(x.shape[0], 16, x.shape[2] // 8, x.shape[3] // 8)
+    assert [SemanticConfig(scheme=s, encoder=e).takes_pixels for s, e in COMBOS] == \
+        [e == "cnn" for _, e in COMBOS]
     img = torch.zeros(1, 3, 32, 48)
     assert semantic_input(SemanticConfig(encoder="cnn"), img) is img
+    assert semantic_input(SemanticConfig(scheme="adapter", encoder="cnn"), img) is img
     assert semantic_input(SemanticConfig(), img, FakeVAE()).shape == (1, 6, 64)
+    assert semantic_input(SemanticConfig(scheme="zeroconv"), img, FakeVAE()).shape == (1, 6, 64)
     with pytest.raises(ValueError, match="autoencoder"):
         semantic_input(SemanticConfig(), img)

@@ -1,0 +1,257 @@
+"""
+What the commands run on: the base files, a model built from a run config, and IR generation from a pair.
+
+    find_setup      -> which base files are present: the official FLUX files in weights/, else the tiny demo
+    build_model     -> base transformer + the modules a run config names (semantic scheme, LoRA)
+    load_trained    -> a train.py output's weights into that model, strictly (checkpoint.check_state_dict)
+    load_pipeline   -> all of the above + the autoencoder and the prompt: a Pipeline
+    generate        -> rgb, sem [B, 3, H, W] -> IR [B, 1, H, W]:
+                       encode_condition: RGB --VAE--> [B,16,H/8,W/8] --pack--> x_cond [B,L,64] (overlay: blended first)
+                       noise [B,16,H/8,W/8] --pack--> x [B,L,64] --flow.denoise--> x --unpack, VAE decode--> IR
+
+A train.py output carries its run config (scheme, semantic options, LoRA rank, base preset) in its safetensors
+metadata, so a model is rebuilt from the file alone.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import data
+from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
+from flow import Condition, denoise, get_noise, get_schedule, make_condition
+from flux_model import PRESETS, Flux, detect_preset, load_flux, pack, text_ids, unpack
+from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
+from vae import AutoEncoder, load_ae
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_PROMPT = "a thermal infrared image"
+SCHEMES = (*MODULE_SCHEMES, *BASELINES)  # xattn (B) | zeroconv (A) | adapter (C) | overlay | none
+
+
+def is_trained_key(name: str) -> bool:
+    """What the warmup / joint / finetune stages add to the base: semantic modules and LoRA weights."""
+    return name.startswith("semantic.") or ".lora_" in name
+
+
+def weights_dir() -> Path:
+    """The base files (FLUX_IR_WEIGHTS overrides weights/; tests use a scratch folder)."""
+    return Path(os.environ.get("FLUX_IR_WEIGHTS", ROOT / "weights"))
+
+
+def cache_dir() -> Path:
+    """Latent and prompt caches (FLUX_IR_CACHE overrides cache/)."""
+    return Path(os.environ.get("FLUX_IR_CACHE", ROOT / "cache"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The base files
+
+
+@dataclass
+class Setup:
+    """Which base files the commands use: the official FLUX files in weights/, or the tiny demo."""
+    kind: str  # "official" | "demo"
+    flux: Path
+    preset: str
+    ae: Path
+    t5: Path | None = None
+    clip: Path | None = None
+    guidance: float | None = None  # fixed guidance input for guidance-distilled bases
+
+    def describe(self) -> str:
+        if self.kind == "demo":
+            return (f"no official FLUX checkpoint in {self.flux.parent.parent}: using the tiny demo preset "
+                    f"({self.flux}, trained on synthetic scenes; see weights/README.md to use FLUX.1)")
+        return f"using {self.flux.name} ({self.preset}) with {self.ae.name}"
+
+
+def find_setup(weights: Path | None = None) -> Setup:
+    """Official files win when present (Kontext is the natural base: it was trained with condition tokens)."""
+    weights = weights or weights_dir()
+    for name in ("flux1-kontext-dev.safetensors", "flux1-dev.safetensors", "flux1-schnell.safetensors"):
+        f = weights / name
+        if f.is_file():
+            ae = weights / "ae.safetensors"
+            if not ae.is_file():
+                raise CheckpointError(f"found {f} but no {ae}: the FLUX autoencoder is needed too (weights/README.md)")
+            preset = "kontext" if "kontext" in name else detect_preset(f)
+            t5, clip = weights / "t5", weights / "clip"
+            for p in (t5, clip):
+                if not p.is_dir():
+                    raise CheckpointError(f"found {f} but no text encoder folder {p} (weights/README.md)")
+            return Setup("official", f, preset, ae, t5, clip, guidance=None if preset == "schnell" else 2.5)
+    demo = weights / "demo"
+    return Setup("demo", demo / "flux.safetensors", "tiny", demo / "ae.safetensors")
+
+
+def text_condition(setup: Setup, params, batch: int, prompt: str, device, dtype, prompt_cache: Path | None = None):
+    """(txt [B, L_txt, context_in_dim], txt_ids, y [B, vec_in_dim]). The tiny demo has no text encoders: one constant
+    zero token (txt_in's bias makes it a learned constant) and a zero pooled vector."""
+    if setup.kind == "demo":
+        txt = torch.zeros(batch, 1, params.context_in_dim, device=device, dtype=dtype)
+        y = torch.zeros(batch, params.vec_in_dim, device=device, dtype=dtype)
+    else:
+        from text_encoders import PromptCache
+        cache = PromptCache(prompt_cache or cache_dir() / "prompts", setup.t5, setup.clip,
+                            t5_max_length=256 if setup.preset == "schnell" else 512, device=device, dtype=dtype)
+        txt, y = cache([prompt])
+        txt, y = txt.expand(batch, -1, -1).to(device, dtype), y.expand(batch, -1).to(device, dtype)
+    return txt, text_ids(batch, txt.shape[1], device=device), y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model from a run config
+
+
+def run_config(path) -> dict:
+    """The config a train.py output carries in its metadata (scheme, semantic options, LoRA, base)."""
+    meta = read_metadata(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: no 'config' metadata: not a train.py output (a LoRA file? use lora_formats.py)")
+    try:
+        return json.loads(meta["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt config metadata ({e})") from None
+
+
+def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dtype | None = None) -> Flux:
+    """The base transformer in `dtype` + the modules the run config names (semantic scheme, then LoRA), before their
+    weights load. `modules_dtype` (default `dtype`) is the new modules' dtype: training keeps them fp32."""
+    model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype)
+    if cfg.get("scheme", "none") in MODULE_SCHEMES:
+        attach(model, SemanticConfig(**cfg["semantic"]), dtype=modules_dtype or dtype)
+    if cfg.get("lora_rank"):
+        from lora import inject_lora
+        inject_lora(model, rank=cfg["lora_rank"], alpha=cfg.get("lora_alpha"), dtype=modules_dtype or dtype)
+    return model
+
+
+def load_trained(model: Flux, path, cfg: dict, lora_optional: bool = False) -> None:
+    """A train.py output's weights, strictly: every trained key of the model (semantic module, LoRA) must be in the
+    file, nothing else may be, and shapes must agree. A base-stage output is the whole transformer.
+    `lora_optional`: the file may lack the LoRA (a warmup output starting a joint run: its LoRA starts at zero)."""
+    sd = read_safetensors(path, device=model.img_in.weight.device)  # load_state_dict casts to each parameter's dtype
+    if cfg.get("stage") == "base":
+        optional = lambda k: False  # noqa: E731
+    elif lora_optional:
+        optional = lambda k: not k.startswith("semantic.")  # noqa: E731
+    else:
+        optional = lambda k: not is_trained_key(k)  # noqa: E731
+    hint = lambda *_: (f"was it trained with another --scheme, preset or LoRA rank? (this model: scheme "  # noqa: E731
+                       f"{cfg.get('scheme')}, LoRA rank {cfg.get('lora_rank', 0)})")
+    check_state_dict(model, sd, f"{path}", hint=hint, allow_missing=optional)
+    model.load_state_dict(sd, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class Pipeline:
+    setup: Setup
+    model: Flux
+    ae: AutoEncoder
+    cfg: dict  # the run config (scheme, semantic options, LoRA, guidance, prompt)
+    guidance: float | None
+    prompt: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def scheme(self) -> str:  # xattn | zeroconv | adapter | overlay | none
+        return self.cfg.get("scheme", "none")
+
+
+def default_ckpt(setup: Setup) -> Path | None:
+    """The newest warmup output, else the demo's shipped semantic weights."""
+    for p in (ROOT / "runs" / "warmup" / "final.safetensors", setup.flux.parent / "xattn.safetensors"):
+        if p.is_file():
+            return p
+    return None
+
+
+def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None, prompt: str = DEFAULT_PROMPT,
+                  quiet: bool = False) -> Pipeline:
+    """The base (+ the trained weights of `ckpt`, a train.py output), frozen, in eval mode, with its autoencoder."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    setup = setup or find_setup()
+    if not quiet:
+        print(setup.describe())
+    if setup.kind == "demo" and not setup.flux.is_file():
+        raise CheckpointError(f"{setup.flux} is missing: run `python train.py --stage base` (or restore weights/demo)")
+    cfg = run_config(ckpt) if ckpt else {"scheme": "none"}
+    if cfg.get("base_preset") not in (None, setup.preset):
+        raise CheckpointError(f"{ckpt} was trained on the {cfg['base_preset']!r} base, but this run uses "
+                              f"{setup.preset!r} ({setup.describe()})")
+    model = build_model(setup, cfg, device, dtype)
+    if ckpt:
+        load_trained(model, ckpt, cfg)
+    model.eval().requires_grad_(False)
+    ae = load_ae(setup.ae, device=device, dtype=dtype).eval().requires_grad_(False)
+    guidance = cfg.get("guidance", setup.guidance) if PRESETS[setup.preset].guidance_embed else None
+    return Pipeline(setup, model, ae, cfg, guidance, cfg.get("prompt", prompt), device, dtype)
+
+
+def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
+    """rgb, sem [B, 3, H, W] in [-1, 1] -> the Condition flow.denoise takes: x_cond tokens, ids, text, semantic."""
+    B, _, H, W = rgb.shape
+    if rgb.shape != sem.shape:
+        raise ValueError(f"rgb {tuple(rgb.shape)} and semantic map {tuple(sem.shape)} differ in size")
+    if H % 16 or W % 16:
+        raise ValueError(f"image sides must be multiples of 16, got {H}x{W} (use --size)")
+    with torch.no_grad():
+        image = overlay(rgb, sem, pipe.cfg.get("overlay_alpha", 0.5)) if pipe.scheme == "overlay" else rgb
+        x_cond = pack(pipe.ae.encode(image))  # [B, 3, H, W] -> [B, 16, H/8, W/8] -> [B, L, 64]
+        semantic = pipe.model.semantic
+        sem_in = semantic_input(semantic.config, sem, pipe.ae) if semantic is not None else None
+    text = text_condition(pipe.setup, pipe.model.params, B, pipe.prompt, rgb.device, pipe.dtype)
+    return make_condition(x_cond, sem_in, text, H // 16, W // 16)
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: int | list[int] = 0, guidance=None,
+             progress: bool = False) -> Tensor:
+    """rgb, sem [B, 3, H, W] in [-1, 1] -> IR [B, 1, H, W] in [0, 1]. A list of seeds gives each pair its own noise,
+    so a pair's result does not depend on what it was batched with."""
+    rgb, sem = rgb.to(pipe.device, pipe.dtype), sem.to(pipe.device, pipe.dtype)
+    cond = encode_condition(pipe, rgb, sem)
+    B, _, H, W = rgb.shape
+    if isinstance(seed, int):
+        noise = get_noise(B, H, W, seed, pipe.device, pipe.dtype)
+    else:
+        noise = torch.cat([get_noise(1, H, W, s, pipe.device, pipe.dtype) for s in seed])
+    x = pack(noise)  # [B, 16, H/8, W/8] -> [B, L, 64]
+    timesteps = get_schedule(steps, x.shape[1], shift=pipe.setup.preset != "schnell")
+    x = denoise(pipe.model, x, cond, timesteps, guidance if guidance is not None else pipe.guidance, progress)
+    img = pipe.ae.decode(unpack(x.float().to(pipe.dtype), H, W))  # [B, L, 64] -> [B, 16, H/8, W/8] -> [B, 3, H, W]
+    return data.rgb_to_ir(img.float().clamp(-1, 1))
+
+
+@torch.no_grad()
+def attention_maps(pipe: Pipeline, rgb: Tensor, sem: Tensor, seed: int = 0, steps: int = 20) -> dict[str, Tensor]:
+    """Where the semantic cross-attention looks at mid-denoising (t ~ 0.5) for the first pair: block name ("double.3",
+    "single.0") -> [L_img, N] attention of every image query over the semantic tokens, heads averaged."""
+    module = pipe.model.semantic
+    if module is None or module.config.scheme not in ("xattn", "adapter"):
+        raise ValueError("attention maps exist only for the xattn and adapter schemes")
+    rgb, sem = rgb[:1].to(pipe.device, pipe.dtype), sem[:1].to(pipe.device, pipe.dtype)
+    cond = encode_condition(pipe, rgb, sem)
+    H, W = rgb.shape[-2:]
+    ts = get_schedule(steps, (H // 16) * (W // 16), shift=pipe.setup.preset != "schnell")
+    mid = min(range(len(ts) - 1), key=lambda i: abs(ts[i] - 0.5))
+    x = denoise(pipe.model, pack(get_noise(1, H, W, seed, pipe.device, pipe.dtype)), cond, ts[: mid + 1],
+                pipe.guidance)  # run to t ~ 0.5, then record one step
+    module.record_attention(True)
+    try:
+        denoise(pipe.model, x, cond, ts[mid: mid + 2], pipe.guidance)
+        record = module.record
+    finally:
+        module.record_attention(False)
+    return {name: maps[0][0] for name, maps in record.items()}  # first call, first sample: [L_img, N]

@@ -1,0 +1,71 @@
+"""flow.py: FLUX's sampling schedule (reference values), seeded noise, the noising formula, the Kontext velocity call
+(condition tokens appended, their outputs dropped) and Euler integration."""
+
+import pytest
+import torch
+
+import flow
+from flux_model import kontext_ids, text_ids
+
+
+def test_schedule_matches_reference_values():
+    shifted = flow.get_schedule(4, 4096)
+    assert shifted == pytest.approx([1.0, 0.904531, 0.759511, 0.512844, 0.0], abs=1e-6)
+    assert flow.get_schedule(4, 4096, shift=False) == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+    mu = flow.get_lin_function()
+    assert mu(256) == pytest.approx(0.5) and mu(4096) == pytest.approx(1.15)
+
+
+def test_noise_is_seeded_and_device_independent():
+    a = flow.get_noise(1, 48, 80, seed=3)
+    assert a.shape == (1, 16, 6, 10)
+    assert torch.equal(a, flow.get_noise(1, 48, 80, seed=3))
+    assert not torch.equal(a, flow.get_noise(1, 48, 80, seed=4))
+
+
+def test_noised_interpolates_data_and_noise_and_targets_their_difference():
+    x0, noise = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
+    x_t, v = flow.noised(x0, noise, torch.tensor([0.0, 1.0, 0.25]))
+    assert torch.equal(x_t[0], x0[0]) and torch.equal(x_t[1], noise[1])
+    torch.testing.assert_close(x_t[2], 0.75 * x0[2] + 0.25 * noise[2])
+    assert torch.equal(v, noise - x0)
+
+
+@pytest.mark.parametrize("kind", ["logit_normal", "uniform", "shifted"])
+def test_training_times_are_in_the_open_unit_interval_and_seeded(kind):
+    t = flow.sample_t(1000, torch.Generator().manual_seed(0), kind, seq_len=4096)
+    assert t.shape == (1000,) and 0 < t.min() and t.max() < 1
+    assert torch.equal(t, flow.sample_t(1000, torch.Generator().manual_seed(0), kind, seq_len=4096))
+    if kind == "shifted":  # the resolution shift moves times towards noise
+        assert t.mean() > flow.sample_t(1000, torch.Generator().manual_seed(0)).mean()
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in transformer: returns 2 * img, and remembers what it was called with."""
+
+    def forward(self, **kw):
+        self.kw = kw
+        return 2 * kw["img"]
+
+
+def condition(B=2, h=2, w=3):
+    return flow.make_condition(torch.randn(B, h * w, 64), None, (torch.zeros(1, 1, 8), text_ids(1, 1),
+                                                                 torch.zeros(1, 4)), h, w)
+
+
+def test_velocity_appends_the_condition_tokens_and_drops_their_outputs():
+    model, cond, x = Recorder(), condition(), torch.randn(2, 6, 64)
+    v = flow.velocity(model, x, torch.full((2,), 0.5), cond)
+    assert torch.equal(model.kw["img"], torch.cat([x, cond.x_cond], dim=1))  # [x_t | x_cond]
+    assert torch.equal(model.kw["img_ids"], kontext_ids(2, 2, 3))
+    assert model.kw["txt"].shape == (2, 1, 8) and model.kw["y"].shape == (2, 4)
+    assert torch.equal(v, 2 * x)  # only the x_t tokens' outputs
+
+
+def test_euler_integrates_a_constant_velocity_exactly():
+    class Constant(torch.nn.Module):
+        def forward(self, img, **kw):
+            return torch.ones_like(img)
+    x = torch.randn(2, 6, 64)
+    out = flow.denoise(Constant(), x, condition(), flow.get_schedule(7, 6))
+    torch.testing.assert_close(out, x - 1)  # sum of (t_next - t) from 1 to 0 is -1

@@ -1,0 +1,256 @@
+"""LoRA files: our layout round trip and strength, and parity with diffusers' own loaders (PEFT layout, kohya layout
+through diffusers' kohya converter, PEFT-trained files with a distinct A per q/k/v), the BFL <-> diffusers name
+table checked against diffusers' model, plus clear errors for foreign files."""
+
+import inspect
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import bench
+from conftest import small_flux_params
+from lora import DEFAULT_TARGETS, inject_lora, merge_lora, unmerge_lora, lora_modules, base_linears
+from lora_formats import diffusers_parts, save_lora, load_lora
+from checkpoint import CheckpointError, read_metadata, read_safetensors
+from flux_model import Flux
+from tests.test_lora import PARAMS, base_model, make_inputs, run, randomize_lora, base_weights
+
+
+def run_diffusers(ref, x) -> torch.Tensor:
+    with torch.no_grad():  # diffusers takes 2-D ids shared across the batch
+        return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                   timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
+                   guidance=x["guidance"], return_dict=False)[0]
+
+
+def assert_close_to(out, expected):
+    scale = expected.abs().max().item()
+    assert scale > 0.1, "reference output is degenerate: the comparison would prove nothing"
+    err = (out - expected).abs().max().item()
+    assert err <= 1e-5 * max(1.0, scale), f"max abs diff {err:.3g} (output scale {scale:.3g})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Our layout: exact round trip, strength, a file of another rank
+
+def test_ours_round_trip_is_exact_and_strength_scales(tmp_path):
+    model, x = base_model(), make_inputs()
+    inject_lora(model, rank=3, alpha=5)
+    randomize_lora(model)
+    save_lora(model, tmp_path / "ours.safetensors", metadata={"trigger": "infrared"})
+    assert read_metadata(tmp_path / "ours.safetensors")["trigger"] == "infrared"
+    fresh = base_model()
+    names = load_lora(fresh, tmp_path / "ours.safetensors")  # injects with the file's rank and alpha
+    assert set(names) == set(lora_modules(model))
+    assert fresh.double_blocks[0].img_attn.qkv.alpha == 5 and fresh.double_blocks[0].img_attn.qkv.rank == 3
+    assert torch.equal(run(fresh, x), run(model, x))
+
+    half = base_model()
+    load_lora(half, tmp_path / "ours.safetensors", strength=0.5)
+    full_delta = model.single_blocks[0].linear1.delta_weight()
+    torch.testing.assert_close(half.single_blocks[0].linear1.delta_weight(), 0.5 * full_delta)
+
+
+def test_file_with_another_rank_into_injected_model_gets_a_hint(tmp_path):
+    src = base_model()
+    inject_lora(src, rank=2)
+    save_lora(src, tmp_path / "r2.safetensors", format="kohya")
+    target = base_model()
+    inject_lora(target, rank=4)
+    with pytest.raises(CheckpointError, match=r"(?s)lora_A.weight \(file \(2, 64\), model \(4, 64\)\).*without LoRA"):
+        load_lora(target, tmp_path / "r2.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with diffusers' own LoRA loading
+
+def diffusers_model(params, base_sd):
+    """diffusers' FluxTransformer2DModel on the same weights, converted by diffusers' own converter."""
+    return bench.build_diffusers(params, base_sd).eval()
+
+
+def diffusers_with_lora(params, base_sd, path):
+    """diffusers' FluxTransformer2DModel with the file loaded by FluxPipeline's own LoRA loader (no pipeline)."""
+    from diffusers import FluxPipeline
+    ref = diffusers_model(params, base_sd)
+    state, alphas, metadata = FluxPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                           return_alphas=True, return_lora_metadata=True)
+    FluxPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=ref, metadata=metadata)
+    return ref
+
+
+def peft_layers(ref) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return sum(isinstance(m, BaseTunerLayer) for m in ref.modules())
+
+
+@pytest.mark.parametrize("targets,modulation,rank,alpha", [
+    (DEFAULT_TARGETS, False, 4, 8),
+    ((r".*",), True, 2, 3),  # every Linear: embedders, modulation, final layer (its adaLN halves are swapped)
+], ids=["default-targets", "every-linear"])
+def test_diffusers_layout_parity(tmp_path, targets, modulation, rank, alpha):
+    base_sd, x = bench.random_weights(PARAMS), make_inputs()
+    model = base_model()
+    names = inject_lora(model, rank=rank, alpha=alpha, targets=targets, include_modulation=modulation)
+    randomize_lora(model)
+    path = tmp_path / "diffusers.safetensors"
+    save_lora(model, path, format="diffusers")
+    ref = diffusers_with_lora(PARAMS, base_sd, path)
+    # fused qkv -> 3 layers, linear1 -> 4: every file layer became a PEFT layer (diffusers only warns otherwise)
+    n_qkv = sum(n.endswith("qkv") for n in names)
+    n_linear1 = sum(n.endswith("linear1") for n in names)
+    assert peft_layers(ref) == len(names) + 2 * n_qkv + 3 * n_linear1
+    expected = run_diffusers(ref, x)
+    assert (expected - run_diffusers(diffusers_model(PARAMS, base_sd), x)).abs().max() > 1e-2  # sensitive
+    assert_close_to(run(model, x), expected)
+
+    back = base_model()
+    load_lora(back, path)  # parts that share one A come back at rank r, not 3r
+    assert back.double_blocks[0].img_attn.qkv.rank == rank and back.single_blocks[0].linear1.rank == rank
+    assert_close_to(run(back, x), expected)
+
+
+def kohya_converter(params):
+    """diffusers' own kohya -> diffusers converter; it hard-codes the single-block linear1 split for width 3072,
+    so that one value is patched for small widths (as tests/test_flux_model.py does for the transformer)."""
+    from diffusers.loaders import lora_conversion_utils as lcu
+    src = inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers)
+    assert "dims=[3072, 3072, 3072, 12288]" in src
+    D, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
+    ns = dict(vars(lcu))
+    exec(src.replace("dims=[3072, 3072, 3072, 12288]", f"dims=[{D}, {D}, {D}, {mlp}]"), ns)
+    return ns["_convert_kohya_flux_lora_to_diffusers"]
+
+
+def test_kohya_layout_round_trip_and_diffusers_converter(tmp_path):
+    from diffusers import FluxPipeline
+    base_sd, x = bench.random_weights(PARAMS), make_inputs()
+    model = base_model()
+    inject_lora(model, rank=4, alpha=8, include_modulation=True)
+    randomize_lora(model)
+    path = tmp_path / "kohya.safetensors"
+    save_lora(model, path, format="kohya")
+    file = read_safetensors(path)
+    assert file["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 8
+    assert file["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (3 * 64 + 256, 4)
+
+    fresh = base_model()
+    inject_lora(fresh, rank=4, alpha=1, include_modulation=True)  # alpha is taken from the file
+    load_lora(fresh, path)
+    merge_lora(model), merge_lora(fresh)
+    for k, v in base_weights(model).items():
+        assert torch.equal(base_weights(fresh)[k], v), k
+    unmerge_lora(model)
+
+    ref = diffusers_model(PARAMS, base_sd)
+    converted = kohya_converter(PARAMS)(dict(file))  # folds alpha/r into lora_A/lora_B
+    FluxPipeline.load_lora_into_transformer(converted, network_alphas=None, transformer=ref)
+    assert peft_layers(ref) == len(converted) // 2
+    assert_close_to(run(model, x), run_diffusers(ref, x))
+
+
+def test_peft_trained_file_with_distinct_A_loads_exactly(tmp_path):
+    """A file written by diffusers' own training path (PEFT adapter on FluxTransformer2DModel, save_lora_weights with
+    its adapter metadata): q, k, v have different A's, proj_mlp is not trained. Ours holds it exactly as a rank-3r
+    LoRA on the fused layers; re-saved (now with mixed ranks), diffusers reads it back to the same output."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    base_sd, x = bench.random_weights(PARAMS), make_inputs()
+    ref = diffusers_model(PARAMS, base_sd)
+    torch.manual_seed(3)
+    targets = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+               "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+               "ff_context.net.2"]  # diffusers' train_dreambooth_lora_flux.py defaults
+    ref.add_adapter(LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, target_modules=targets))  # random A, B
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref),
+                                   transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict(),
+                                   weight_name="peft.safetensors")
+    expected = run_diffusers(ref, x)
+    assert (expected - run_diffusers(diffusers_model(PARAMS, base_sd), x)).abs().max() > 1e-2
+
+    model = base_model()
+    load_lora(model, tmp_path / "peft.safetensors")
+    qkv, linear1 = model.double_blocks[1].txt_attn.qkv, model.single_blocks[0].linear1
+    assert (qkv.rank, linear1.rank, model.double_blocks[0].img_attn.proj.rank) == (6, 6, 2)
+    assert qkv.scale == pytest.approx(1.5)
+    assert not linear1.delta_weight()[3 * 64:].any()  # the MLP rows (proj_mlp was not trained) stay zero
+    assert_close_to(run(model, x), expected)
+
+    save_lora(model, tmp_path / "resaved.safetensors", format="diffusers")
+    assert_close_to(run_diffusers(diffusers_with_lora(PARAMS, base_sd, tmp_path / "resaved.safetensors"), x),
+                    expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The BFL <-> diffusers name table
+
+def test_diffusers_parts_names_every_linear_of_diffusers_model():
+    """Every Linear of our FLUX maps onto Linears of diffusers' FluxTransformer2DModel with the same input width,
+    whose output rows add up to ours: the table is checked against diffusers itself."""
+    ref = dict(diffusers_model(PARAMS, bench.random_weights(PARAMS)).named_modules())
+    covered = set()
+    for name, lin in base_linears(base_model()).items():
+        parts = diffusers_parts(name, lin.in_features, lin.out_features)
+        assert parts is not None, name
+        assert sum(rows for _, rows in parts) == lin.out_features, name
+        for dname, rows in parts:
+            theirs = ref[dname]
+            assert (theirs.in_features, theirs.out_features) == (lin.in_features, rows), (name, dname)
+            covered.add(dname)
+    assert covered == {n for n, m in ref.items() if isinstance(m, torch.nn.Linear)}
+    D = PARAMS.hidden_size
+    assert diffusers_parts("single_blocks.1.linear1", D, 7 * D) == [
+        ("single_transformer_blocks.1.attn.to_q", D), ("single_transformer_blocks.1.attn.to_k", D),
+        ("single_transformer_blocks.1.attn.to_v", D), ("single_transformer_blocks.1.proj_mlp", 4 * D)]
+    assert diffusers_parts("semantic.proj", D, D) is None and diffusers_parts("double_blocks.0.img_norm", D, D) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Foreign and broken files
+
+def test_lora_for_another_model_size_is_named(tmp_path):
+    src = base_model()
+    inject_lora(src, rank=2)
+    save_lora(src, tmp_path / "h64.safetensors")
+    wide = Flux(small_flux_params(hidden=96, heads=4, axes=(8, 8, 8)))
+    with pytest.raises(CheckpointError, match="(?s)mis-shaped.*double_blocks.0.img_attn.qkv.lora_A.weight.*"
+                                              "hidden size is 96"):
+        load_lora(wide, tmp_path / "h64.safetensors")
+    assert not lora_modules(wide)  # nothing was injected by the failed load
+
+
+def test_lora_naming_blocks_the_model_lacks(tmp_path):
+    src = base_model()
+    inject_lora(src, rank=2)
+    save_lora(src, tmp_path / "d2.safetensors", format="diffusers")
+    shallow = Flux(small_flux_params(depth=1, single=1))
+    with pytest.raises(CheckpointError, match=r"(?s)unexpected: single_transformer_blocks.1.attn.*, "
+                                              r"transformer_blocks.1.attn.*does not have \(1 double and 1 single"):
+        load_lora(shallow, tmp_path / "d2.safetensors")
+
+
+def test_stable_diffusion_lora_gets_a_hint(tmp_path):
+    sd = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+          "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+          "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+          "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768)}
+    save_file(sd, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(CheckpointError, match="(?s)lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
+                                              ".*Stable Diffusion"):
+        load_lora(base_model(), tmp_path / "sdxl.safetensors")
+
+
+def test_garbage_and_non_lora_files(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04PK" + bytes(100))
+    with pytest.raises(CheckpointError):
+        load_lora(base_model(), tmp_path / "junk.safetensors")
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_lora(base_model(), tmp_path / "missing.safetensors")
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(192, 64)}, str(tmp_path / "full.safetensors"))
+    with pytest.raises(CheckpointError, match="load_flux"):
+        load_lora(base_model(), tmp_path / "full.safetensors")
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(CheckpointError, match="empty.safetensors .* the file holds no LoRA layers"):
+        load_lora(base_model(), tmp_path / "empty.safetensors")

@@ -1,0 +1,142 @@
+"""
+Tests for synth.py: determinism (same seed, same bytes), the decoy property (RGB cannot tell a poster from a
+person or a parked car from a running one, the IR and the evaluation threshold can), valid scenes at full size,
+the committed examples, and the command line.
+"""
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import metrics  # noqa: E402
+import synth  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ID = {c.name: c.id for c in data.DEFAULT_CLASSES}
+T = metrics.HOT_THRESHOLD  # the scenes are made so that this one threshold separates hot from cold
+SWAP = {"person": "poster", "poster": "person", "car_running": "car_parked", "car_parked": "car_running"}
+
+
+def files_of(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def test_synth_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for root, seed in ((a, 5), (b, 5), (c, 6)):
+        synth.write_synth(root, 4, 32, seed=seed)
+    files = files_of(a)
+    assert len(files) == 13  # 4 pairs x 3 + classes.json
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
+    assert data.load_classes(a / "classes.json") == data.DEFAULT_CLASSES
+    r1, r2 = synth.make_scene(np.random.default_rng(3), 48), synth.make_scene(np.random.default_rng(3), 48)
+    assert all(np.array_equal(x, y) for x, y in zip(r1, r2))
+    assert [x.dtype for x in r1] == [np.uint8, np.uint8, np.uint16] and r1[0].shape == (48, 48, 3)
+
+
+def test_decoys_rgb_is_identical_whatever_the_heat():
+    """Swapping person<->poster and running<->parked changes the labels and the IR, never one RGB byte."""
+    checked = set()
+    for seed in range(25):
+        scene = synth.sample_scene(np.random.default_rng(seed), 64)
+        swapped = copy.deepcopy(scene)
+        for o in swapped["objects"]:
+            o["kind"] = SWAP[o["kind"]]
+        (rgb, ids, ir), (rgb2, ids2, ir2) = synth.render_scene(scene), synth.render_scene(swapped)
+        assert np.array_equal(rgb, rgb2)
+        for name in ("person", "car_running"):
+            now_cold = ids == ID[name]  # these pixels become poster / car_parked
+            if now_cold.sum() > 20:
+                assert (ids2[now_cold] == ID[SWAP[name]]).all()
+                assert ir[now_cold].mean() / 65535 > T > ir2[now_cold].mean() / 65535
+                checked.add(name)
+    assert checked == {"person", "car_running"}
+
+
+def test_decoys_ir_separates_while_rgb_statistics_match():
+    region_ir = {k: [] for k in SWAP}
+    colours = {k: [] for k in SWAP}
+    hot_px, cold_px = [], []
+    hot = np.isin(np.arange(8), data.hot_ids(data.DEFAULT_CLASSES))
+    for i in range(150):
+        rgb, ids, ir = synth.make_scene(np.random.default_rng([7, i]), 64)
+        x = ir / 65535
+        hot_px.append(x[hot[ids]])
+        cold_px.append(x[~hot[ids]])
+        for k in SWAP:
+            m = ids == ID[k]
+            if m.sum() > 20:
+                region_ir[k].append(x[m].mean())
+                colours[k].append(rgb[m].mean(0))
+    assert max(region_ir["poster"]) < 0.5 < T < min(region_ir["person"])
+    assert max(region_ir["car_parked"]) < 0.5 < T < min(region_ir["car_running"])
+    assert (np.concatenate(hot_px) > T).mean() > 0.99 and (np.concatenate(cold_px) < T).mean() > 0.999
+    for a, b in (("person", "poster"), ("car_running", "car_parked")):
+        assert len(colours[a]) > 20 and len(colours[b]) > 20
+        assert np.abs(np.mean(colours[a], 0) - np.mean(colours[b], 0)).max() < 20  # same drawing distribution
+
+
+def test_scenes_have_frequent_decoys_and_day_night():
+    scenes = [synth.sample_scene(np.random.default_rng([0, i]), 64) for i in range(300)]
+    kinds = [{o["kind"] for o in s["objects"]} for s in scenes]
+    assert all(1 <= len(s["objects"]) <= 4 for s in scenes)
+    for k in ("poster", "car_parked", "person", "car_running"):
+        assert 0.35 < np.mean([k in ks for ks in kinds]) < 0.65, k
+    night = [s["night"] for s in scenes]
+    assert 0.25 < np.mean(night) < 0.55
+    day_rgb = [synth.render_scene(s)[0] for s, n in zip(scenes[:40], night) if not n]
+    night_rgb = [synth.render_scene(s)[0] for s, n in zip(scenes[:40], night) if n]
+    assert np.mean([r.mean() for r in night_rgb]) < 0.4 * np.mean([r.mean() for r in day_rgb])
+    assert np.mean([r.std() for r in night_rgb]) < 0.5 * np.mean([r.std() for r in day_rgb])
+
+
+def test_full_size_scenes_are_valid_and_rendering_is_pure():
+    """200 scenes at the training size (128): shapes and dtypes, only class ids, sky and road always present;
+    rendering one scene description twice gives the same arrays, and make_scene is exactly that rendering."""
+    known = {c.id for c in data.DEFAULT_CLASSES}
+    for i in range(200):
+        rgb, ids, ir = synth.make_scene(np.random.default_rng(i), 128)
+        assert rgb.shape == (128, 128, 3) and ids.shape == ir.shape == (128, 128)
+        assert (rgb.dtype, ids.dtype, ir.dtype) == (np.uint8, np.uint8, np.uint16)
+        present = set(np.unique(ids).tolist())
+        assert present <= known and {ID["sky"], ID["road"]} <= present, i
+    scene = synth.sample_scene(np.random.default_rng(11), 128)
+    once, twice = synth.render_scene(scene), synth.render_scene(copy.deepcopy(scene))
+    direct = synth.make_scene(np.random.default_rng(11), 128)
+    assert all(np.array_equal(x, y) and np.array_equal(x, z) for x, y, z in zip(once, twice, direct))
+
+
+def test_examples_are_reproducible_and_show_the_decoy(tmp_path):
+    readme = (REPO / "examples" / "README.md").read_text()
+    cmd = re.search(r"python synth\.py examples --example --seed (\d+)", readme)
+    assert cmd, "examples/README.md must give the command that remakes the examples"
+    synth.main([str(tmp_path), "--example", "--seed", cmd.group(1)])
+    for n in ("rgb.png", "sem.png", "ir.png"):
+        committed = (REPO / "examples" / n).read_bytes()
+        assert committed == (tmp_path / n).read_bytes() and len(committed) < 16_000, n
+    ids, _ = data.load_semantic(REPO / "examples" / "sem.png", data.DEFAULT_CLASSES)
+    present = set(ids.unique().tolist())
+    assert {ID["person"], ID["poster"]} <= present and present & {ID["car_running"], ID["car_parked"]}
+    ir = data.load_ir(REPO / "examples" / "ir.png")[0]
+    assert ir[ids == ID["person"]].mean() > T > ir[ids == ID["poster"]].mean()
+
+
+def test_cli_writes_what_write_synth_writes_and_refuses_bad_input(tmp_path, capsys):
+    synth.main([str(tmp_path / "cli"), "--count", "3", "--size", "32", "--seed", "2"])
+    assert "wrote 3 scenes" in capsys.readouterr().out
+    synth.write_synth(tmp_path / "api", 3, 32, seed=2)
+    files = files_of(tmp_path / "api")
+    assert files == files_of(tmp_path / "cli") and len(files) == 10
+    assert all((tmp_path / "cli" / f).read_bytes() == (tmp_path / "api" / f).read_bytes() for f in files)
+    for argv, problem in (([str(tmp_path / "bad"), "--size", "20"], "positive multiple of 16"),
+                          ([str(tmp_path / "cli"), "--count", "1", "--size", "32"], "not empty")):
+        with pytest.raises(SystemExit) as e:
+            synth.main(argv)
+        assert e.value.code == 2 and problem in capsys.readouterr().err

@@ -1,0 +1,220 @@
+"""train.py end to end on the tiny preset: every stage and scheme runs and writes only what it trains, resume
+reproduces an uninterrupted run (also after SIGTERM), a NaN stops with the last good weights intact, 2-process DDP
+equals 1 process, and bad options fail with one line before anything is written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import read_metadata, read_safetensors, save_atomic
+from conftest import train_args
+from flux_model import PRESETS, Flux, load_flux
+from vae import load_ae
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("scheme", ["xattn", "zeroconv", "adapter"])
+def test_warmup_trains_only_semantic_modules(run_train, tmp_path, scheme):
+    out = tmp_path / "w"
+    assert run_train(out, "--stage", "warmup", "--scheme", scheme, "--steps", "3") == 0
+    sd = read_safetensors(out / "final.safetensors")
+    assert sd and all(k.startswith("semantic.") for k in sd)
+    cfg = json.loads(read_metadata(out / "final.safetensors")["config"])
+    assert cfg["scheme"] == scheme and cfg["base_preset"] == "tiny" and cfg["stage"] == "warmup"
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(len(r["loss_by_t"]) == 10 for r in log)
+
+
+def test_stage_parameter_selection_counts():
+    """warmup: semantic only; joint: semantic + LoRA; finetune: only the strength scalars; nothing else trains."""
+    from sem_cross_attn import attach, SemanticConfig
+    from lora import inject_lora
+    model = Flux(PRESETS["tiny"])
+    sem = attach(model, SemanticConfig())
+    inject_lora(model, rank=4)
+    n_sem = sum(p.numel() for p in sem.parameters())
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    p = PRESETS["tiny"]
+    for stage, expected in [("warmup", n_sem), ("joint", n_sem + n_lora), ("finetune", p.depth + p.depth_single_blocks)]:
+        chosen = train.select_trainable(model, stage)
+        assert sum(q.numel() for _, q in chosen) == expected, stage
+        assert {n for n, q in model.named_parameters() if q.requires_grad} == {n for n, _ in chosen}
+    assert all(n.endswith("scale") for n, _ in train.select_trainable(model, "finetune"))
+
+
+def test_joint_then_finetune_moves_only_the_strengths(run_train, tmp_path):
+    w, j, f = tmp_path / "w", tmp_path / "j", tmp_path / "f"
+    assert run_train(w, "--stage", "warmup", "--steps", "2") == 0
+    assert run_train(j, "--stage", "joint", "--steps", "2", "--lora-rank", "4", "--init", str(w / "final.safetensors")) == 0
+    joint = read_safetensors(j / "final.safetensors")
+    assert any(".lora_A" in k for k in joint) and any(k.startswith("semantic.") for k in joint)
+    warm = read_safetensors(w / "final.safetensors")
+    assert any(not torch.equal(joint[k], warm[k]) for k in warm)  # started from the warmup weights, then trained
+    assert run_train(f, "--stage", "finetune", "--steps", "2", "--lora-rank", "4", "--init", str(j / "final.safetensors")) == 0
+    ft = read_safetensors(f / "final.safetensors")
+    changed = [k for k in ft if not torch.equal(ft[k], joint[k])]
+    assert changed and all(k.endswith("scale") for k in changed)  # only the strengths moved
+
+
+@pytest.mark.parametrize("scheme", ["overlay", "none"])
+def test_joint_baselines_train_only_lora(run_train, tmp_path, scheme):
+    out = tmp_path / scheme
+    assert run_train(out, "--stage", "joint", "--scheme", scheme, "--steps", "2", "--lora-rank", "2") == 0
+    sd = read_safetensors(out / "final.safetensors")
+    assert sd and all(".lora_" in k for k in sd)
+
+
+def test_base_stage_writes_a_loadable_transformer(run_train, tmp_path):
+    out = tmp_path / "base"
+    assert run_train(out, "--stage", "base", "--scheme", "none", "--steps", "2") == 0
+    model = load_flux(out / "final.safetensors", "tiny", dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in Flux(PRESETS["tiny"]).parameters())
+
+
+def test_sample_grid_written_at_the_end(run_train, tmp_path):
+    out = tmp_path / "grid"
+    assert run_train(out, "--stage", "warmup", "--steps", "1", "--sample-steps", "2") == 0
+    from PIL import Image
+    (png,) = (out / "samples").glob("*.png")
+    assert Image.open(png).size[0] == 4 * (64 + 2) + 2  # RGB | semantic | target | prediction
+
+
+def test_autoencoder_training_writes_a_loadable_autoencoder(env, tmp_path):
+    import train_ae
+    assert train_ae.main(["--data", str(env / "synth"), "--steps", "2", "--batch-size", "2", "--crop", "32",
+                          "--out", str(tmp_path), "--no-progress"]) == 0
+    ae = load_ae(tmp_path / "ae.safetensors")
+    assert ae.params.scale_factor > 0 and ae.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# resume, signals, NaN
+
+
+def test_resume_equals_uninterrupted(run_train, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_train(full, "--stage", "warmup", "--steps", "6", "--ckpt-every", "3") == 0
+    assert run_train(part, "--stage", "warmup", "--steps", "6", "--ckpt-every", "3", "--steps", "3") == 0
+    assert run_train(part, "--stage", "warmup", "--steps", "6", "--ckpt-every", "3", "--resume") == 0
+    a, b = read_safetensors(full / "final.safetensors"), read_safetensors(part / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_writes_resume_state_and_resume_reproduces(env, run_train, tmp_path):
+    """Kill a run mid-way from the test (SIGTERM), resume, compare with an uninterrupted run."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    steps = "40"
+    assert run_train(full, "--stage", "warmup", "--steps", steps, "--ckpt-every", "1000") == 0
+    cmd = [sys.executable, str(ROOT / "train.py"),
+           *train_args(env, killed, "--stage", "warmup", "--steps", steps, "--ckpt-every", "1000")]
+    # same thread count as this process, so the float reductions (and so the weights) are bit-identical
+    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = killed / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by signal" in output and (killed / "resume.pt").is_file()
+    assert not (killed / "final.safetensors").exists()
+    assert run_train(killed, "--stage", "warmup", "--steps", steps, "--ckpt-every", "1000", "--resume") == 0
+    a, b = read_safetensors(full / "final.safetensors"), read_safetensors(killed / "final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_train, tmp_path, capsys):
+    out = tmp_path / "nan"
+    rc = run_train(out, "--stage", "warmup", "--steps", "30", "--ckpt-every", "1", "--lr", "1e30",
+                   "--warmup-steps", "1", "--grad-clip", "1e30")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "loss is" in err and "at step" in err
+    good = read_safetensors(out / "latest.safetensors")  # the last good weights are intact and finite
+    assert all(torch.isfinite(v).all() for v in good.values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_init_and_options_fail_before_work(run_train, tmp_path, capsys):
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--scheme", "zeroconv", "--steps", "1") == 0
+    capsys.readouterr()
+    for args, message in [
+        (["--stage", "joint", "--scheme", "xattn", "--init", str(w / "final.safetensors")], "scheme"),
+        (["--stage", "finetune", "--scheme", "xattn"], "--init"),
+        (["--stage", "warmup", "--scheme", "overlay"], "use --stage joint"),
+        (["--stage", "base", "--scheme", "xattn"], "--scheme none"),
+        (["--stage", "warmup", "--resume"], "no "),
+        (["--stage", "warmup", "--scheme", "zeroconv", "--sem-encoder", "cnn"], "encoder vae"),
+    ]:
+        out = tmp_path / ("bad" + str(len(message)))
+        assert run_train(out, *args, "--steps", "1") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+        assert not (out / "final.safetensors").exists()
+
+
+def test_init_from_another_preset_is_refused(run_train, tmp_path, capsys):
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
+    cfg = json.loads(read_metadata(w / "final.safetensors")["config"])
+    cfg["base_preset"] = "dev"
+    sd = read_safetensors(w / "final.safetensors")
+    save_atomic(sd, tmp_path / "dev.safetensors", {"config": json.dumps(cfg)})
+    assert run_train(tmp_path / "x", "--stage", "joint", "--init", str(tmp_path / "dev.safetensors"), "--steps", "1") == 2
+    assert "base_preset" in capsys.readouterr().err
+
+
+def test_init_with_missing_semantic_weights_is_refused_by_name(run_train, tmp_path, capsys):
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
+    sd = read_safetensors(w / "final.safetensors")
+    dropped = sorted(sd)[0]
+    del sd[dropped]
+    save_atomic(sd, tmp_path / "cut.safetensors", read_metadata(w / "final.safetensors"))
+    assert run_train(tmp_path / "x", "--stage", "joint", "--init", str(tmp_path / "cut.safetensors"),
+                     "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert dropped in err and "missing" in err
+
+
+def test_run_takes_a_config(env, tmp_path):
+    """The documented entry point: the same run as the command line, from a TrainConfig."""
+    cfg = train.parse_args(train_args(env, tmp_path / "a", "--stage", "warmup", "--steps", "2"))
+    assert train.run(cfg) == 0
+    assert train.main(train_args(env, tmp_path / "b", "--stage", "warmup", "--steps", "2")) == 0
+    a, b = read_safetensors(tmp_path / "a" / "final.safetensors"), read_safetensors(tmp_path / "b" / "final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cfg.steps == 2 and cfg.lr == 0.0  # run() fills the defaults in on a copy
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DDP
+
+
+def test_two_process_ddp_equals_one_process(env, tmp_path):
+    """torchrun with 2 gloo processes and batch 2 each == 1 process with batch 4 (same global batch)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--stage", "warmup", "--data", str(env / "synth"), "--no-progress", "--sample-steps", "0",
+              "--steps", "3", "--warmup-steps", "1", "--device", "cpu"]
+    assert train.main(common + ["--out", str(one), "--batch-size", "4"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *common, "--out", str(two), "--batch-size", "2"]
+    res = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    a, b = read_safetensors(one / "final.safetensors"), read_safetensors(two / "final.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,121 @@
+"""
+Train the tiny demo's own autoencoder: the analog of FLUX's pretrained ae.safetensors for the CPU demo.
+
+    python train_ae.py --data data/synth --steps 3000 --batch-size 12 --crop 32 --out weights/demo
+    python train_ae.py --data data/synth --steps 400 --batch-size 4 --crop 0 --lr 3e-4 --warmup-steps 20 \
+        --init weights/demo/ae.safetensors --out weights/demo          # continue on whole images
+
+One step, on a batch of the three kinds of image the transformer will see (visible, semantic, infrared as 3
+channels), random crops of --crop pixels (a conv net: the size does not matter, the cost does):
+    mean, logvar = encoder(x);  z = mean + exp(logvar / 2) * N(0, I);  rec = decoder(z)
+    loss = L1(rec, x) + MSE(rec, x) + 1e-4 * KL(N(mean, var) || N(0, I))
+At the end FLUX's latent shift and scale are re-estimated so this autoencoder's latents are zero-mean, unit-variance.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+from checkpoint import CheckpointError
+from pipeline import ROOT
+from synth import write_synth
+from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", default="", help="dataset folder (rgb/, sem/, ir/); default: the synthetic set")
+    ap.add_argument("--size", type=int, default=0, help="resize + centre-crop to SxS; 0 keeps the files' size")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "ae"), help="writes OUT/ae.safetensors")
+    ap.add_argument("--init", default="", help="continue from this autoencoder")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=64, help="random crops of this side; 0: whole images")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-steps", type=int, default=50)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--device", default="")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return ap.parse_args(argv)
+
+
+def lr_at(step: int, a: argparse.Namespace) -> float:
+    """Linear warmup, then cosine to lr * min_lr_ratio (the schedule train.py uses)."""
+    if step < a.warmup_steps:
+        return a.lr * (step + 1) / a.warmup_steps
+    p = (step - a.warmup_steps) / max(1, a.steps - a.warmup_steps)
+    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def run(a: argparse.Namespace) -> Path:
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    root = Path(a.data) if a.data else ROOT / "data" / "synth"
+    if not a.data and not root.is_dir():
+        print(f"generating the synthetic training set in {root} (python synth.py)")
+        write_synth(root, count=512, size=128, seed=0, progress=a.progress)
+    ds = data.PairedDataset(root, size=a.size or None)
+    if len(ds) == 0:
+        raise ValueError(f"{root}: empty dataset")
+    g = torch.Generator().manual_seed(a.seed)
+    torch.manual_seed(a.seed)
+    ae = (load_ae(a.init, device=device) if a.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=a.lr, weight_decay=0.0)
+    images = []
+    for i in range(len(ds)):
+        it = ds[i]
+        images += [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]]
+    images = torch.stack(images)  # [3N, 3, H, W]
+    ae.requires_grad_(True)
+    from tqdm import tqdm
+    bar = tqdm(range(a.steps), desc="ae", disable=not a.progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, a)
+        x = images[torch.randint(len(images), (a.batch_size,), generator=g)]  # [B, 3, H, W]
+        if a.crop and a.crop < x.shape[-1]:
+            top, left = torch.randint(0, x.shape[-2] - a.crop + 1, (2,), generator=g).tolist()
+            x = x[..., top:top + a.crop, left:left + a.crop]
+        x = x.to(device)
+        mean, logvar = ae.encode_dist(x)  # [B, 16, h, w] each
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
+        rec = ae.decoder(z)  # [B, 3, H, W]
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), a.grad_clip)
+        opt.step()
+        if step % a.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    # FLUX's scale/shift make latents zero-mean, unit-variance; re-estimate them for this autoencoder
+    with torch.no_grad():
+        means = torch.cat([ae.encode_dist(images[i:i + 64].to(device))[0].cpu() for i in range(0, len(images), 64)])
+    ae.params.shift_factor = float(means.mean())
+    ae.params.scale_factor = float(1.0 / means.std())
+    out = Path(a.out) / "ae.safetensors"
+    save_ae(ae, out, {"train_args": json.dumps(vars(a))})
+    print(f"wrote {out} (shift {ae.params.shift_factor:.4f}, scale {ae.params.scale_factor:.4f})")
+    return out
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except (data.DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

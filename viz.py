@@ -1,0 +1,142 @@
+"""
+Pictures: tensors to images, grids, the attention figure and loss curves (PIL only: no plotting library).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from PIL import Image, ImageDraw
+
+
+def to_pil_gray(ir: Tensor) -> Image.Image:
+    """[1, H, W] in [0, 1] -> 8-bit grayscale."""
+    return Image.fromarray((ir[0].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), "L")
+
+
+def to_pil_rgb(x: Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> RGB."""
+    arr = ((x.clamp(-1, 1).permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] uint8, a black-red-yellow-white ramp (reads as 'hot')."""
+    v = np.clip(values, 0, 1)[..., None]
+    stops = np.array([[0, 0, 0], [180, 20, 10], [255, 170, 0], [255, 255, 255]], dtype=np.float32)
+    pos = v * (len(stops) - 1)
+    i = np.clip(pos.astype(int), 0, len(stops) - 2)
+    f = pos - i
+    return (stops[i[..., 0]] * (1 - f) + stops[i[..., 0] + 1] * f).astype(np.uint8)
+
+
+def grid(images: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Rows of equally sized pictures on one canvas (each enlarged `scale` times), with optional column labels."""
+    if scale != 1:
+        images = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row] for row in images]
+    w, h = images[0][0].size
+    top = 12 if labels else 0
+    cols = max(len(r) for r in images)
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, top + len(images) * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(labels or []):
+        draw.text((pad + j * (w + pad) + 2, 0), label, fill=(0, 0, 0))
+    for i, row in enumerate(images):
+        for j, im in enumerate(row):
+            canvas.paste(im.convert("RGB"), (pad + j * (w + pad), top + pad + i * (h + pad)))
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the semantic cross-attention looks
+
+
+def query_points(sem_ids: Tensor, max_points: int = 4) -> list[tuple[int, int, int]]:
+    """(class, row, col): one query pixel per class (the region pixel nearest the class centroid), smallest classes
+    first, so small objects such as people and posters are always shown."""
+    pts = []
+    for c in torch.unique(sem_ids).tolist():
+        ys, xs = torch.nonzero(sem_ids == c, as_tuple=True)
+        cy, cx = ys.float().mean(), xs.float().mean()
+        k = int(((ys - cy) ** 2 + (xs - cx) ** 2).argmin())
+        pts.append((int(ys.numel()), c, int(ys[k]), int(xs[k])))
+    pts.sort()
+    return [(c, y, x) for _, c, y, x in pts[:max_points]]
+
+
+def attention_figure(maps: dict[str, Tensor], rgb: Tensor, sem: Tensor, sem_ids: Tensor, names: dict[int, str],
+                     max_blocks: int = 3) -> Image.Image:
+    """A few blocks (rows) x one query pixel per class (columns): each block's attention over the semantic tokens
+    (`maps`: name -> [L_img, N], from pipeline.attention_maps) as a heat map over the RGB image [3, H, W]."""
+    H, W = rgb.shape[-2:]
+    h, w = H // 16, W // 16
+    names_sorted = sorted(maps, key=lambda k: (k.split(".")[0] != "double", int(k.split(".")[1])))
+    pick = [names_sorted[round(i * (len(names_sorted) - 1) / max(1, max_blocks - 1))] for i in range(max_blocks)]
+    pick = list(dict.fromkeys(pick))
+    base = np.asarray(to_pil_rgb(rgb)).astype(np.float32)
+    points = query_points(sem_ids)
+    rows = []
+    for name in pick:
+        amap = maps[name]  # [L_img, N]; the first h*w queries are the x_t tokens
+        row = [to_pil_rgb(sem)]
+        for c, py, px in points:
+            q = (py // 16) * w + (px // 16)
+            a = amap[q].float().reshape(h, w).cpu().numpy()
+            a = a / max(a.max(), 1e-8)
+            a = np.kron(a, np.ones((16, 16)))  # token grid -> pixels
+            im = Image.fromarray((0.35 * base + 0.65 * heat(a)).astype(np.uint8))
+            d = ImageDraw.Draw(im)
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], outline=(0, 255, 0), width=2)
+            row.append(im)
+        rows.append(row)
+    labels = ["semantic"] + [names.get(c, str(c)) for c, _, _ in points]
+    canvas = grid(rows, labels)
+    d = ImageDraw.Draw(canvas)
+    for i, name in enumerate(pick):  # block names down the left edge of each row
+        d.text((4, 12 + 2 + i * (H + 2) + 2), name, fill=(0, 255, 0))
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training curves
+
+
+def loss_curves(logs: dict[str, Path], out: Path, width=640, height=320, smooth=10):
+    """Training loss per run (from each run's log.jsonl), moving-average smoothed, log-scaled y."""
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    series = {}
+    for name, path in logs.items():
+        rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+        if rows:
+            x = np.array([r["step"] for r in rows], float)
+            y = np.log10(np.maximum([r["loss"] for r in rows], 1e-8))
+            k = min(smooth, len(y))
+            series[name] = (x, np.convolve(y, np.ones(k) / k, mode="valid"), k)
+    if not series:
+        return None
+    xmax = max(s[0].max() for s in series.values())
+    ymin = min(s[1].min() for s in series.values())
+    ymax = max(s[1].max() for s in series.values())
+    pad = 40
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([pad, 10, width - 10, height - pad], outline=(0, 0, 0))
+
+    def xy(x, y):
+        return (pad + (width - pad - 10) * x / max(xmax, 1),
+                height - pad - (height - pad - 10) * (y - ymin) / max(ymax - ymin, 1e-6))
+    for i, (name, (x, y, k)) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        pts = [xy(xx, yy) for xx, yy in zip(x[k - 1:], y)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        d.text((pad + 8, 14 + 12 * i), name, fill=c)
+    d.text((pad, height - pad + 6), "0", fill=(0, 0, 0))
+    d.text((width - 60, height - pad + 6), f"step {int(xmax)}", fill=(0, 0, 0))
+    d.text((2, 10), f"{10 ** ymax:.3g}", fill=(0, 0, 0))
+    d.text((2, height - pad - 10), f"{10 ** ymin:.3g}", fill=(0, 0, 0))
+    d.text((2, height // 2), "loss", fill=(0, 0, 0))
+    img.save(out)
+    return out
