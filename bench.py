@@ -5,8 +5,8 @@ bench.py: our FLUX transformer against diffusers' FluxTransformer2DModel (+ peft
     python bench.py --config tiny            # seconds: the smoke run tests/test_bench.py makes
     python bench.py --device cuda            # on a GPU: times with synchronize, memory from torch.cuda's allocator
     python bench.py --bf16 / --checkpointing / --compile    # the GPU-relevant options, applied to BOTH sides
-    python bench.py --memory-plan            # per-stage GPU memory of flux-dev at 512x512 and 1024x1024:
-                                             # a Markdown table, then one JSON line
+
+(flux-dev's memory per training stage, without a GPU: `python memory_plan.py`.)
 
 Both models get the same random weights: ours is built and randomised, its state dict (the official BFL key
 layout) is converted for diffusers with diffusers' own converter, and the outputs are compared before anything is
@@ -25,23 +25,16 @@ blocks, 1024 noisy + 1024 condition image tokens, 64 text tokens, batch 1, fp32)
                   every block, double blocks only, every 2nd block, half the inner width and heads (timed with two
                   calls fewer; no memory measured)
 
-How it measures, and why:
+How it measures (the methods and their reasons are in measure.py):
 - Time: the median of --repeats calls after --warmup calls. Ours and theirs alternate in ABBA order so a busy
   phase of a shared machine hits both sides; the spread (max - min) / median and the load average before and
-  after are printed, so a noisy run shows itself. Python's garbage collector is off inside the timed calls.
-- FLOPs: torch.utils.flop_counter.FlopCounterMode over the first warm-up call of each case (the call that also
-  checks the two sides agree). Its table has no entry for the CPU flash-attention kernels, so they are added here
-  with its own SDPA formulas.
+  after are printed, so a noisy run shows itself.
+- FLOPs: counted over the first warm-up call of each case (the call that also checks the two sides agree).
   GFLOP/s = counted FLOPs / median time; `of_peak` divides by this machine's matmul rate, a large GEMM in the same
   dtype timed in the same run (best median of the start and the end of the run).
-- Peak memory: the memory one call needs on top of the weights and inputs already resident (activations,
-  gradients, workspaces). CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before. CPU: each side
-  runs in a fresh subprocess with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so every tensor
-  buffer is its own mapping, given back to the kernel when freed, and the resident set follows the live tensors;
-  per case: one warm call, then the kernel's peak-RSS counter is reset (/proc/self/clear_refs), RSS is read, the
-  call runs again, and peak = VmHWM - that RSS. Timing runs in this process with the default allocator.
-- Memory plan: parameters from the meta-device model; activation bytes per token per block measured on small
-  widths with autograd's saved-tensor hooks (bf16 autocast, as train.py on a GPU) and scaled to dev's width.
+- Peak memory: what one call needs on top of the weights and inputs already resident, after a warm call. CUDA:
+  from the allocator, in this process. CPU: per side in a fresh process (this script, --memory-worker) whose
+  resident set follows its live tensors; timing runs in this process with the default allocator.
 """
 
 import argparse
@@ -52,12 +45,10 @@ import inspect
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux_model import Flux, FluxParams, PRESETS, image_ids, text_ids
+from flux_model import Flux, FluxParams, kontext_ids, text_ids
+from measure import RSS_FOLLOWS_TENSORS, flop_counter, load_average, matmul_peak, peak_bytes, seconds
 from sem_cross_attn import SemanticConfig, attach
 
 ROOT = Path(__file__).resolve().parent
@@ -141,10 +133,13 @@ def build_ours(params: FluxParams, sd: dict[str, Tensor]) -> Flux:
 
 
 def build_diffusers(params: FluxParams, sd: dict[str, Tensor]) -> nn.Module:
-    """diffusers' own converter of the original (BFL) layout; it hard-codes the hidden width 3072, so that one
-    value is replaced by ours before it runs. Strict load: every key of the converted dict must fit."""
+    """diffusers' FluxTransformer2DModel holding `sd` (official BFL layout), converted by diffusers' own converter
+    of that layout. Strict load: every key of the converted dict must fit. Returned in train mode (no dropout)."""
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders import single_file_utils as sfu
+    # The converter hard-codes dev's width (`inner_dim = 3072`, used to split single blocks' fused linear1) and
+    # takes no argument for it, so it cannot convert a smaller model as it stands. Its own source is run with that
+    # one number replaced by ours: everything else is diffusers' code. If the line changes, refuse rather than guess.
     src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
     if "inner_dim = 3072" not in src:
         raise RuntimeError("diffusers' FLUX converter changed: 'inner_dim = 3072' is no longer in it")
@@ -179,8 +174,7 @@ def make_inputs(cfg: BenchConfig, device, seed: int = 1) -> dict[str, Tensor]:
     """Kontext layout: [x_t | x_cond] image tokens on one grid (condition ids' first axis = 1), text at (0, 0, 0)."""
     g = torch.Generator().manual_seed(seed)
     B, (h, w), n = cfg.batch, cfg.grid, cfg.grid[0] * cfg.grid[1]
-    x = dict(img=torch.randn(B, 2 * n, 64, generator=g),
-             img_ids=torch.cat([image_ids(B, h, w), image_ids(B, h, w, index=1)], dim=1),
+    x = dict(img=torch.randn(B, 2 * n, 64, generator=g), img_ids=kontext_ids(B, h, w),
              txt=torch.randn(B, cfg.n_txt, cfg.context_in_dim, generator=g), txt_ids=text_ids(B, cfg.n_txt),
              timesteps=torch.full((B,), 0.7), y=torch.randn(B, cfg.vec_in_dim, generator=g),
              guidance=torch.full((B,), 3.5),
@@ -228,23 +222,6 @@ def sample(call, model: nn.Module, x: dict, steps: int, amp) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA on both sides: lora.py on ours, peft on diffusers, with the same numbers
 
-# BFL module (suffix inside a block) -> the diffusers modules that hold its output rows, in row order
-_DOUBLE_PARTS = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-                 "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
-                 "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
-                 "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",)}
-_SINGLE_PARTS = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",)}
-
-
-def diffusers_parts(name: str, out_features: int, hidden: int) -> list[tuple[str, int]]:
-    """[(diffusers module, rows)] for one of our LoRA'd linears; q, k, v take `hidden` rows each."""
-    kind, i, suffix = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", name).groups()
-    prefix = f"transformer_blocks.{i}." if kind == "double" else f"single_transformer_blocks.{i}."
-    names = (_DOUBLE_PARTS if kind == "double" else _SINGLE_PARTS)[suffix]
-    rows = [hidden] * (len(names) - 1) + [out_features - hidden * (len(names) - 1)]
-    return [(prefix + n, r) for n, r in zip(names, rows)]
-
 
 def add_lora_ours(model: Flux, rank: int, seed: int = 2) -> list[str]:
     """Base frozen, LoRA on lora.py's default targets. B is made nonzero, so the check below compares real LoRA
@@ -259,21 +236,21 @@ def add_lora_ours(model: Flux, rank: int, seed: int = 2) -> list[str]:
     return names
 
 
-def add_lora_theirs(model: nn.Module, ours: Flux, names: list[str], rank: int):
-    """peft LoRA on the diffusers modules that hold the same rows, with our A repeated and our B split by rows:
-    [B_q; B_k; B_v] A x = [B_q A x; B_k A x; B_v A x], so the two models compute the same function."""
+def add_lora_theirs(model: nn.Module, ours: Flux, rank: int) -> list[str]:
+    """peft LoRA on the diffusers modules that hold the rows of ours' LoRA layers, with our A repeated and our B
+    split by rows: [B_q; B_k; B_v] A x = [B_q A x; B_k A x; B_v A x], so the two models compute the same function."""
     from peft import LoraConfig
     from lora import lora_modules
-    hidden = ours.hidden_size
+    from lora_formats import diffusers_parts
     mods = lora_modules(ours)
-    parts = {n: diffusers_parts(n, mods[n].out_features, hidden) for n in names}
+    parts = {n: diffusers_parts(n, m.in_features, m.out_features) for n, m in mods.items()}
     targets = [d for p in parts.values() for d, _ in p]
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=float(rank), lora_dropout=0.0, target_modules=targets,
                                  init_lora_weights=True))
     with torch.no_grad():
         for n, p in parts.items():
-            B_rows = mods[n].lora_B.weight.split([r for _, r in p], dim=0)
+            B_rows = mods[n].lora_B.weight.split([r for _, r in p], dim=0)  # [out, r] -> one [rows, r] per module
             for (d, _), B in zip(p, B_rows):
                 layer = model.get_submodule(d)
                 layer.lora_A["default"].weight.copy_(mods[n].lora_A.weight)
@@ -292,7 +269,6 @@ class Case:
     model: nn.Module  # the eager model; its .grad fields are cleared before each call
     fn: Callable[[nn.Module], Tensor]  # runs the case once on a model
     fast: nn.Module | None = None  # torch.compile(model) with --compile
-    extra: dict = dataclasses.field(default_factory=dict)
 
     def run(self) -> Tensor:
         return self.fn(self.fast if self.fast is not None else self.model)
@@ -301,17 +277,15 @@ class Case:
         return self.fn(self.model)
 
 
-def set_checkpointing(model: nn.Module, on: bool):
-    if isinstance(model, Flux):
-        model.gradient_checkpointing = on
-    elif on:
-        model.enable_gradient_checkpointing()
+def clear_grads(model: nn.Module):
+    for p in model.parameters():
+        p.grad = None
 
 
 def build_cases(cfg: BenchConfig, side: str, opts: argparse.Namespace, sd: dict[str, Tensor], x: dict,
                 which: tuple[str, ...], lora_from: Flux | None = None) -> dict[str, Case]:
     """The cases named in `which` for one side ("ours" or "theirs"), all over ONE copy of the weights `sd`.
-    theirs' LoRA copies its weights from `lora_from` (ours' train_lora model)."""
+    theirs' LoRA copies its weights from `lora_from` (a model of ours with LoRA: ours' train_lora model)."""
     params, device = cfg.params(), opts.device
     amp = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if opts.bf16 else nullcontext
     call = call_ours if side == "ours" else call_theirs
@@ -324,17 +298,23 @@ def build_cases(cfg: BenchConfig, side: str, opts: argparse.Namespace, sd: dict[
         make = lambda: type(base).from_config(base.config)  # noqa: E731
 
     def ready(model: nn.Module) -> nn.Module:
-        set_checkpointing(model, opts.checkpointing)
+        if isinstance(model, Flux):
+            model.gradient_checkpointing = opts.checkpointing
+        elif opts.checkpointing:
+            model.enable_gradient_checkpointing()
         return model.to(device).train()  # no dropout on either side; train mode lets checkpointing act
 
     def forward(c):
-        return lambda m: _no_grad_amp(amp, lambda: c(m, x))
+        def run(m):
+            with torch.no_grad(), amp():
+                return c(m, x)
+        return run
 
     def step(c):
         return lambda m: train_step(c, m, x, amp)
 
-    def case(fn, model, **extra) -> Case:
-        return Case(model, fn, torch.compile(model) if opts.compile else None, extra)
+    def case(fn, model) -> Case:
+        return Case(model, fn, torch.compile(model) if opts.compile else None)
 
     base = ready(base)
     cases = {}
@@ -347,12 +327,10 @@ def build_cases(cfg: BenchConfig, side: str, opts: argparse.Namespace, sd: dict[
     if "train_lora" in which:
         model = share_weights(base, make)
         if side == "ours":
-            names = add_lora_ours(model, cfg.lora_rank)
+            add_lora_ours(model, cfg.lora_rank)
         else:
-            names = add_lora_theirs(model, lora_from, lora_from.lora_names, cfg.lora_rank)
-        model = ready(model)
-        cases["train_lora"] = case(step(call), model, lora_names=names,
-                                   lora_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+            add_lora_theirs(model, lora_from, cfg.lora_rank)
+        cases["train_lora"] = case(step(call), ready(model))
     if side == "theirs":
         return cases
     for stage in ("train_warmup", "train_joint"):  # frozen base; scheme B (and LoRA) train
@@ -373,66 +351,8 @@ def build_cases(cfg: BenchConfig, side: str, opts: argparse.Namespace, sd: dict[
     return cases
 
 
-def _no_grad_amp(amp, fn):
-    with torch.no_grad(), amp():
-        return fn()
-
-
-def clear_grads(model: nn.Module):
-    for p in model.parameters():
-        p.grad = None
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# FLOPs, time, peak matmul rate
-
-
-def _cpu_flash_formulas() -> dict:
-    """FlopCounterMode counts SDPA only through its CUDA kernels' names; the CPU flash kernels get the same
-    formulas here (4 B H Lq Lk Dh forward; backward as flop_counter's sdpa_backward_flop_count)."""
-    from torch.utils import flop_counter as fc
-    aten = torch.ops.aten
-
-    def fwd(q, k, v, *args, **kwargs) -> int:  # FlopCounterMode hands over shapes, not tensors
-        return fc.sdpa_flop_count(q, k, v)
-
-    def bwd(grad_out, q, k, v, *args, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
-
-    out = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        out[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
-    return out
-
-
-def flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
-    return FlopCounterMode(display=False, custom_mapping=_cpu_flash_formulas())
-
-
-def count_flops(fn: Callable) -> int:
-    with flop_counter() as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@contextmanager
-def _gc_off():
-    gc.collect()
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+# Time and peak memory per case
 
 
 def time_calls(cases: dict[str, Case], repeats: int, device: str) -> dict[str, list[float]]:
@@ -442,66 +362,17 @@ def time_calls(cases: dict[str, Case], repeats: int, device: str) -> dict[str, l
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
             clear_grads(cases[n].model)
-            _sync(device)
-            with _gc_off():
-                t0 = time.perf_counter()
-                cases[n].run()
-                _sync(device)
-                times[n].append(time.perf_counter() - t0)
+            times[n].append(seconds(cases[n].run, device))
             clear_grads(cases[n].model)  # gradients of idle models would only take memory
     return times
 
 
-def matmul_peak(device: str, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> dict:
-    """This machine's matrix-multiply rate: the median over `repeats` of an n x n x n GEMM (after one warm-up)."""
-    n = n or (4096 if device == "cpu" else 8192)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    ts = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "gflops": 2 * n ** 3 / statistics.median(ts) / 1e9}
-
-
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Peak memory
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def peak_memory(case: Case, device: str) -> int:
-    """Bytes one call needs on top of what is resident before it (see the module docstring)."""
+    """Bytes one call needs on top of what is resident before it, after a warm call (measure.peak_bytes)."""
     clear_grads(case.model)
     case.run()  # warm: one-time allocations (library workspaces, compiled graphs) are not the call's
     clear_grads(case.model)
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        case.run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    before = _status_kib("VmRSS")
-    case.run()
-    return (_status_kib("VmHWM") - before) * 1024
+    return peak_bytes(case.run, device)
 
 
 def memory_worker(args: argparse.Namespace):
@@ -514,7 +385,7 @@ def memory_worker(args: argparse.Namespace):
     lora_from = None
     if args.memory_worker == "theirs" and "train_lora" in which:
         lora_from = build_ours(cfg.params(), sd)  # whose LoRA peft copies (the numbers do not matter here)
-        lora_from.lora_names = add_lora_ours(lora_from, cfg.lora_rank)
+        add_lora_ours(lora_from, cfg.lora_rank)
     cases = build_cases(cfg, args.memory_worker, args, sd, x, which, lora_from)
     del sd, lora_from
     gc.collect()
@@ -522,12 +393,11 @@ def memory_worker(args: argparse.Namespace):
 
 
 def measure_memory_cpu(args: argparse.Namespace, side: str, which: tuple[str, ...]) -> dict[str, int]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONUNBUFFERED="1")
+    """The cases of one side, measured by this script in a fresh process whose resident set follows its tensors."""
+    env = dict(os.environ, **RSS_FOLLOWS_TENSORS, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", side, "--cases", ",".join(which),
            "--config", args.config, "--device", args.device, "--threads", str(args.threads)]
     cmd += [f"--{flag}" for flag in ("bf16", "checkpointing", "compile") if getattr(args, flag)]
-    if args.config_json:
-        cmd += ["--config-json", args.config_json]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
     if res.returncode != 0:
         raise RuntimeError(f"memory worker for {side} failed:\n{res.stderr[-4000:]}")
@@ -586,9 +456,6 @@ TARGETS = {"forward": 0.9, "train_full": 0.85, "train_lora": 0.85}  # our time /
 
 def resolve_config(args) -> BenchConfig:
     cfg = CONFIGS[args.config]
-    if getattr(args, "config_json", ""):  # tests: override fields, e.g. '{"repeats": 1}'
-        over = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config_json).items()}
-        cfg = dataclasses.replace(cfg, **over)
     if args.repeats:
         cfg = dataclasses.replace(cfg, repeats=args.repeats)
     if args.sample_steps:
@@ -618,13 +485,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     x = make_inputs(cfg, device)
     ours_only = STAGES + tuple(f"semantic:{v}" for v in SEMANTIC_VARIANTS if not args.skip_semantic)
     ours = build_cases(cfg, "ours", args, sd, x, SHARED + ours_only)
-    lora_from = ours["train_lora"].model
-    lora_from.lora_names = ours["train_lora"].extra["lora_names"]
-    theirs = build_cases(cfg, "theirs", args, sd, x, SHARED, lora_from)
+    theirs = build_cases(cfg, "theirs", args, sd, x, SHARED, lora_from=ours["train_lora"].model)
     del sd
     result["params"] = sum(p.numel() for p in ours["forward"].model.parameters())
-    result["lora_trainable"] = {"ours": ours["train_lora"].extra["lora_params"],
-                                "theirs": theirs["train_lora"].extra["lora_params"]}
+    result["lora_trainable"] = {side: sum(p.numel() for p in cases["train_lora"].model.parameters() if p.requires_grad)
+                                for side, cases in (("ours", ours), ("theirs", theirs))}
     # warm-up: the first call counts FLOPs and checks that both sides agree; more (compiled: one compiles)
     if args.bf16:
         # diffusers under autocast rounds t and the guidance to bf16 before scaling them by 1000 (3.5 -> 3504),
@@ -704,192 +569,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory plan for the official size
-
-GIB = 2 ** 30
-GPUS_GB = (24, 48, 80)
-PLAN_STAGES = ("warmup", "joint", "finetune")  # what trains: B | LoRA + B | B's scales; the base is frozen, bf16
-PLAN_RESOLUTIONS = {512: (1024, 512), 1024: (4096, 512)}  # pixels: (x_t tokens = x_cond tokens, text tokens)
-
-
-def plan_variants(hidden: int, heads: int) -> dict[str, SemanticConfig]:
-    return {"all blocks": SemanticConfig(scheme="xattn"),
-            "every:4, half width": SemanticConfig(scheme="xattn", blocks="every:4", inner_dim=hidden // 2,
-                                                  num_heads=heads // 2)}
-
-
-def stage_model(params: FluxParams, stage: str, sem_cfg: SemanticConfig, lora_rank: int = 16) -> Flux:
-    """The transformer of one training stage as train.py builds it on a GPU: base bf16 and frozen, LoRA and the
-    semantic module fp32; only the stage's parameters require grad. On the meta device when called under it."""
-    model = Flux(params).to(torch.bfloat16)
-    model.requires_grad_(False)
-    if stage == "joint":
-        from lora import inject_lora
-        inject_lora(model, rank=lora_rank)  # new LoRA parameters: fp32, trainable
-    mod = attach(model, sem_cfg, dtype=torch.float32)
-    if stage == "finetune":
-        mod.requires_grad_(False)
-        for p in mod.strength_parameters():
-            p.requires_grad_(True)
-    return model
-
-
-def saved_activation_bytes(stage: str, hidden: int, heads: int, grid: int, n_txt: int, variant: str,
-                           checkpointing: bool = False) -> dict:
-    """Bytes autograd keeps for the backward of one training step, split by where they are saved (double blocks,
-    single blocks, semantic modules, the rest), on a small model under bf16 autocast. Each saved buffer counts once
-    (views of one storage share it); parameters do not count. With checkpointing the blocks' insides are not kept:
-    what is counted then is everything outside the checkpointed blocks."""
-    hd = hidden // heads
-    params = FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=64, hidden_size=hidden,
-                        mlp_ratio=4.0, num_heads=heads, depth=2, depth_single_blocks=2,
-                        axes_dim=[hd - 2 * (hd * 7 // 16), hd * 7 // 16, hd * 7 // 16], theta=10_000, qkv_bias=True,
-                        guidance_embed=True)
-    torch.manual_seed(0)
-    model = stage_model(params, stage, plan_variants(hidden, heads)[variant])
-    model.gradient_checkpointing = checkpointing
-    model.train()
-    n = grid * grid
-    img = torch.randn(1, 2 * n, 64)
-    ids = torch.cat([image_ids(1, grid, grid), image_ids(1, grid, grid, index=1)], dim=1)
-
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    fp32_weights = {tuple(p.shape) for p in model.parameters() if p.dtype == torch.float32 and p.ndim == 2}
-    where = ["other"]
-    seen: dict[int, tuple[str, int]] = {}
-    held = []  # every saved storage stays referenced, so no freed address is reused and mistaken for a seen one
-
-    def pack(t: Tensor) -> Tensor:
-        st = t.untyped_storage()
-        held.append(st)
-        if st.data_ptr() not in param_storages and st.data_ptr() not in seen:
-            # autocast's bf16 copy of an fp32 weight (LoRA, semantic) is kept for the backward too: it grows with
-            # the weight, not with the tokens, so it is counted apart
-            cast = t.dtype == torch.bfloat16 and t.ndim == 2 and {tuple(t.shape), tuple(t.shape)[::-1]} & fp32_weights
-            seen[st.data_ptr()] = ("weight_casts" if cast else where[0], st.nbytes())
-        return t
-
-    def entering(name):
-        def hook(module, args):
-            where[0] = name
-        return hook
-
-    def leaving(module, args, out):
-        where[0] = "other"
-
-    groups = {"double": list(model.double_blocks), "single": list(model.single_blocks),
-              "semantic": list(model.semantic.double_blocks.values()) + list(model.semantic.single_blocks.values())}
-    handles = [h for name, mods in groups.items() for m in mods
-               for h in (m.register_forward_pre_hook(entering(name)), m.register_forward_hook(leaving))]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(img, ids, torch.randn(1, n_txt, 64), text_ids(1, n_txt), torch.tensor([0.5]),
-                        torch.randn(1, 32), torch.tensor([3.5]), semantic=torch.randn(1, n, 64))
-    finally:
-        for h in handles:
-            h.remove()
-    del out
-    totals = dict.fromkeys(["double", "single", "semantic", "other", "weight_casts"], 0)
-    for name, nbytes in seen.values():
-        totals[name] += nbytes
-    L_img, L = 2 * n, 2 * n + n_txt
-    n_fp32 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32 and p.ndim == 2)
-    return {"double_per_token": totals["double"] / (params.depth * L),  # per block, per joint token
-            "single_per_token": totals["single"] / (params.depth_single_blocks * L),
-            "semantic_per_img_token": totals["semantic"] / max(1, len(groups["semantic"])) / L_img,  # per module
-            "other_per_token": totals["other"] / L,
-            "cast_per_fp32_weight": totals["weight_casts"] / max(1, n_fp32),  # bytes per fp32 matrix element
-            "hidden": hidden, "totals": totals}
-
-
-def memory_plan(widths=(256, 512), grid: int = 12, n_txt: int = 16) -> dict:
-    """Per stage and resolution, for flux-dev (Kontext-dev has the same layout) with scheme B: parameters,
-    gradients, AdamW state and activations with and without gradient checkpointing, per GPU alone and per GPU
-    under FSDP. Activation bytes per token are measured at two small widths (their ratio checks that they grow
-    linearly with the width) and scaled from the larger one to dev's width."""
-    dev = PRESETS["dev"]
-    D = dev.hidden_size
-    n_blocks = dev.depth + dev.depth_single_blocks
-    keys = ("double_per_token", "single_per_token", "semantic_per_img_token", "other_per_token")
-    rows, per_token, linearity = [], {}, {}
-    for variant in plan_variants(D, dev.num_heads):
-        for stage in PLAN_STAGES:
-            small = [saved_activation_bytes(stage, w, w // 64, grid, n_txt, variant) for w in widths]
-            per_token[(variant, stage)] = {k: small[-1][k] * D / small[-1]["hidden"] for k in keys}
-            per_token[(variant, stage)]["cast_per_fp32_weight"] = small[-1]["cast_per_fp32_weight"]
-            linearity[(variant, stage)] = {k: small[1][k] / small[0][k] * widths[0] / widths[1] for k in keys
-                                           if small[0][k]}
-            with torch.device("meta"):
-                model = stage_model(dev, stage, plan_variants(D, dev.num_heads)[variant])
-            base = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("semantic.")
-                       and ".lora_" not in n)
-            fp32 = sum(p.numel() for n, p in model.named_parameters() if n.startswith("semantic.") or ".lora_" in n)
-            fp32_matrices = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32 and p.ndim == 2)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            # the largest FSDP unit: a double block with its semantic module (all gathered at once, prefetch: 2)
-            unit = max(sum(p.numel() * p.element_size() for p in blk.parameters()) for blk in model.double_blocks)
-            unit += max((sum(p.numel() * 4 for p in m.parameters()) for m in model.semantic.double_blocks.values()),
-                        default=0)
-            n_sem = len(model.semantic.double_blocks) + len(model.semantic.single_blocks)
-            weights, grads, optim = 2 * base + 4 * fp32, 4 * trainable, 8 * trainable  # AdamW: fp32 m and v
-            for res, (n_xt, n_t) in PLAN_RESOLUTIONS.items():
-                L_img, L = 2 * n_xt, 2 * n_xt + n_t
-                pt = per_token[(variant, stage)]
-                double, single = pt["double_per_token"] * L, pt["single_per_token"] * L  # one block's
-                sem_act = n_sem * pt["semantic_per_img_token"] * L_img  # Flux._run does not checkpoint these
-                other = pt["other_per_token"] * L + pt["cast_per_fp32_weight"] * fp32_matrices
-                act = dev.depth * double + dev.depth_single_blocks * single + sem_act + other
-                # checkpointing: every block keeps its input (L tokens x D, bf16), and one block's activations
-                # live again while its backward runs
-                act_ckpt = n_blocks * L * D * 2 + max(double, single) + sem_act + other
-                # if the semantic modules were checkpointed with their blocks: their input is the block's output,
-                # kept anyway; one module's activations come back in the backward
-                act_ckpt_b = act_ckpt - sem_act + (sem_act / n_sem if n_sem else 0)
-                states = weights + grads + optim
-                fsdp = {k: states / k + 2 * unit + act_ckpt for k in (2, 4, 8)}
-                rows.append({"variant": variant, "stage": stage, "resolution": res, "trainable": trainable,
-                             "weights": weights, "grads": grads, "optim": optim, "act": act, "act_ckpt": act_ckpt,
-                             "act_ckpt_with_b": act_ckpt_b, "act_semantic": sem_act,
-                             "total": states + act, "total_ckpt": states + act_ckpt,
-                             "total_ckpt_with_b": states + act_ckpt_b, "fits_ckpt_with_b": fits(states + act_ckpt_b),
-                             "fits": fits(states + act), "fits_ckpt": fits(states + act_ckpt),
-                             "fsdp_ckpt": fsdp, "fsdp_fits": {k: fits(v) for k, v in fsdp.items()}})
-    return {"model": "flux-dev", "dtype": "base bf16 frozen; LoRA and semantic fp32; AdamW fp32 m, v",
-            "per_token_bytes": {f"{v} / {s}": {k: round(x, 2) for k, x in d.items()}
-                                for (v, s), d in per_token.items()},
-            "linearity": {f"{v} / {s}": {k: round(x, 3) for k, x in d.items()} for (v, s), d in linearity.items()},
-            "rows": rows}
-
-
-def fits(nbytes: float) -> str:
-    """The smallest card of GPUS_GB (sold as GB, reported as GiB: 24 GB = 24 GiB) that holds nbytes plus 10%
-    (allocator fragmentation) and 1 GiB (CUDA context, library workspaces)."""
-    need = nbytes * 1.1 + GIB
-    return next((f"{g} GB" for g in GPUS_GB if need <= g * GIB), f"> {GPUS_GB[-1]} GB")
-
-
-def plan_markdown(plan: dict) -> str:
-    g = lambda b: f"{b / GIB:.1f}"  # noqa: E731
-    lines = ["| scheme B | stage | image | trainable | weights | grads + AdamW | act. | act. ckpt | act. ckpt+B "
-             "| total | total ckpt | fits | fits ckpt | fits ckpt+B | FSDP ckpt x2 | x4 | x8 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
-    for r in plan["rows"]:
-        f = r["fsdp_ckpt"]
-        lines.append(f"| {r['variant']} | {r['stage']} | {r['resolution']}² | {r['trainable'] / 1e6:,.0f}M "
-                     f"| {g(r['weights'])} | {g(r['grads'] + r['optim'])} | {g(r['act'])} | {g(r['act_ckpt'])} "
-                     f"| {g(r['act_ckpt_with_b'])} | {g(r['total'])} | {g(r['total_ckpt'])} | {r['fits']} "
-                     f"| {r['fits_ckpt']} | {r['fits_ckpt_with_b']} | "
-                     + " | ".join(f"{g(f[k])} ({r['fsdp_fits'][k]})" for k in sorted(f)) + " |")
-    lines.append("")
-    lines.append("GiB per GPU; fits: the smallest of 24 / 48 / 80 GB cards with 10% + 1 GiB to spare. act. ckpt: "
-                 "gradient checkpointing of the FLUX blocks (Flux._run) as the code is now: the semantic modules are "
-                 "not checkpointed and keep their activations. act. ckpt+B: if they were checkpointed with their "
-                 "blocks. FSDP (full shard, per block): parameters, gradients and AdamW state divided over the GPUs, "
-                 "two gathered blocks added, activations per GPU unchanged (ckpt as now).")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -904,8 +583,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both models (opt-in)")
     p.add_argument("--skip-semantic", action="store_true", help="do not time scheme B's options")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--memory-plan", action="store_true", help="print the flux-dev memory plan and exit")
-    p.add_argument("--config-json", default="", help=argparse.SUPPRESS)  # tests: override config fields
     p.add_argument("--memory-worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     p.add_argument("--cases", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -917,11 +594,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_worker:
         return memory_worker(args)
-    if args.memory_plan:
-        plan = memory_plan()
-        print(plan_markdown(plan))
-        print(json.dumps(plan))
-        return plan
     result = run_benchmark(args)
     print(json.dumps(result))
     return result

@@ -30,9 +30,8 @@ import torch
 import data
 import metrics
 import train
-from checkpoint import CheckpointError
 from flux_model import PRESETS
-from pipeline import ROOT, attention_maps, find_setup, generate, is_trained_key, load_pipeline
+from pipeline import ROOT, attention_maps, command, find_setup, generate, is_trained_key, load_pipeline
 from synth import write_synth
 from viz import attention_figure, grid, loss_curves, to_pil_gray, to_pil_rgb
 
@@ -237,23 +236,21 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
-    try:
-        if args.ablation:
-            return run_ablation(args)
-        if not args.ckpt and not args.base:
-            raise ValueError("pass --ckpt PATH (a train.py output) or --base")
-        ds = data.PairedDataset(args.data, size=args.size)
-        pipe = load_pipeline(None if args.base else args.ckpt)
-        summ = evaluate(pipe, ds, steps=args.steps, seed=args.seed, limit=args.limit, decoys=args.decoys.split(","),
-                        save_dir=Path(args.save) if args.save else None, progress=args.progress)
-        extra = {"ckpt": args.ckpt or "base", "steps": args.steps, "seed": args.seed}
-        if args.fid_model:
-            extra["fid"] = fid_score(pipe, ds, args.fid_model, args.steps, args.seed, args.limit)
-        print(metrics.format_table({args.ckpt or "base": summ}, decoy=True))
-        print(json.dumps(jsonable(summary_line(args.ckpt or "base", summ, extra))))
-    except (data.DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return command(lambda: run_ablation(args) if args.ablation else run_eval(args))
+
+
+def run_eval(args) -> int:
+    if not args.ckpt and not args.base:
+        raise ValueError("pass --ckpt PATH (a train.py output) or --base")
+    ds = data.PairedDataset(args.data, size=args.size)
+    pipe = load_pipeline(None if args.base else args.ckpt)
+    summ = evaluate(pipe, ds, steps=args.steps, seed=args.seed, limit=args.limit, decoys=args.decoys.split(","),
+                    save_dir=Path(args.save) if args.save else None, progress=args.progress)
+    extra = {"ckpt": args.ckpt or "base", "steps": args.steps, "seed": args.seed}
+    if args.fid_model:
+        extra["fid"] = fid_score(pipe, ds, args.fid_model, args.steps, args.seed, args.limit)
+    print(metrics.format_table({args.ckpt or "base": summ}, decoy=True))
+    print(json.dumps(jsonable(summary_line(args.ckpt or "base", summ, extra))))
     return 0
 
 

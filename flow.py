@@ -106,6 +106,15 @@ def velocity(model, x: Tensor, t: Tensor, cond: Condition, guidance: Tensor | No
                  guidance=guidance, semantic=cond.semantic)[:, :L]
 
 
+def flow_loss(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Condition, guidance: Tensor | None = None) -> Tensor:
+    """The training objective per sample, mean over tokens and channels of (v_pred - (noise - x0))^2:
+    x0, noise [B, L, 64], t [B] -> [B]. The model runs in the condition's dtype; the loss is computed in fp32."""
+    x_t, target = noised(x0, noise, t)  # [B, L, 64] each
+    dtype = cond.x_cond.dtype
+    pred = velocity(model, x_t.to(dtype), t.to(dtype), cond, guidance)  # [B, L, 64]
+    return (pred.float() - target).square().mean(dim=(1, 2))
+
+
 def denoise(model, x: Tensor, cond: Condition, timesteps: list[float], guidance: float | None = None,
             progress: bool = False) -> Tensor:
     """Euler integration of the velocity field along `timesteps` (from 1 towards 0). x: [B, L, 64] -> [B, L, 64]."""

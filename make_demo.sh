@@ -15,8 +15,8 @@ start=$(date +%s)
 [ -d data/synth-test ] || python synth.py data/synth-test --count 64 --size 128 --seed 1
 # the autoencoder: first on cheap 32px crops, then on whole images (GroupNorm statistics of a crop are not a whole
 # image's, so the last steps must see whole images)
-python train.py --stage ae --data data/synth --steps "$AE_STEPS" --batch-size 12 --ae-crop 32 --out "$FLUX_IR_WEIGHTS/demo"
-python train.py --stage ae --data data/synth --steps "$AE_FULL_STEPS" --batch-size 4 --ae-crop 0 --lr 3e-4 \
+python train_ae.py --data data/synth --steps "$AE_STEPS" --batch-size 12 --crop 32 --out "$FLUX_IR_WEIGHTS/demo"
+python train_ae.py --data data/synth --steps "$AE_FULL_STEPS" --batch-size 4 --crop 0 --lr 3e-4 \
     --warmup-steps 20 --init "$FLUX_IR_WEIGHTS/demo/ae.safetensors" --out "$FLUX_IR_WEIGHTS/demo"
 # the base: RGB -> IR only (the analog of the pretrained model), then a second cosine cycle from its output
 python train.py --stage base --scheme none --data data/synth --steps "$BASE_STEPS" --batch-size 16 --out runs/demo-base

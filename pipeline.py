@@ -15,6 +15,7 @@ metadata, so a model is rebuilt from the file alone.
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,16 @@ SCHEMES = (*MODULE_SCHEMES, *BASELINES)  # xattn (B) | zeroconv (A) | adapter (C
 def is_trained_key(name: str) -> bool:
     """What the warmup / joint / finetune stages add to the base: semantic modules and LoRA weights."""
     return name.startswith("semantic.") or ".lora_" in name
+
+
+def command(body) -> int:
+    """Run a command's body (a function of no arguments returning an exit status or None): bad input, raised as a
+    DataError, CheckpointError or ValueError anywhere below, becomes one line on stderr and exit status 2."""
+    try:
+        return body() or 0
+    except (data.DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def weights_dir() -> Path:
@@ -208,9 +219,9 @@ def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
         raise ValueError(f"image sides must be multiples of 16, got {H}x{W} (use --size)")
     with torch.no_grad():
         image = overlay(rgb, sem, pipe.cfg.get("overlay_alpha", 0.5)) if pipe.scheme == "overlay" else rgb
-        x_cond = pack(pipe.ae.encode(image))  # [B, 3, H, W] -> [B, 16, H/8, W/8] -> [B, L, 64]
         semantic = pipe.model.semantic
         sem_in = semantic_input(semantic.config, sem, pipe.ae) if semantic is not None else None
+        x_cond = pack(pipe.ae.encode(image))  # [B, 3, H, W] -> [B, 16, H/8, W/8] -> [B, L, 64]
     text = text_condition(pipe.setup, pipe.model.params, B, pipe.prompt, rgb.device, pipe.dtype)
     return make_condition(x_cond, sem_in, text, H // 16, W // 16)
 
@@ -239,7 +250,7 @@ def attention_maps(pipe: Pipeline, rgb: Tensor, sem: Tensor, seed: int = 0, step
     """Where the semantic cross-attention looks at mid-denoising (t ~ 0.5) for the first pair: block name ("double.3",
     "single.0") -> [L_img, N] attention of every image query over the semantic tokens, heads averaged."""
     module = pipe.model.semantic
-    if module is None or module.config.scheme not in ("xattn", "adapter"):
+    if module is None or not module.recorded_attentions():
         raise ValueError("attention maps exist only for the xattn and adapter schemes")
     rgb, sem = rgb[:1].to(pipe.device, pipe.dtype), sem[:1].to(pipe.device, pipe.dtype)
     cond = encode_condition(pipe, rgb, sem)

@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import data
-from checkpoint import CheckpointError
-from pipeline import attention_maps, default_ckpt, find_setup, generate, load_pipeline
+from pipeline import attention_maps, command, default_ckpt, find_setup, generate, load_pipeline
 from viz import attention_figure, to_pil_gray
 
 
@@ -35,26 +34,25 @@ def main(argv=None) -> int:
     ap.add_argument("--attn", default=None, help="also write a picture of the semantic cross-attention maps")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    try:
-        classes = data.load_classes(args.classes)
-        rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
-        setup = find_setup()
-        ckpt = None if args.base else (args.ckpt or default_ckpt(setup))
-        pipe = load_pipeline(ckpt, args.device, setup=setup)
-        print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme})")
-        ir = generate(pipe, rgb[None], sem[None], steps=args.steps, seed=args.seed, guidance=args.guidance,
-                      progress=True)  # [1, 1, H, W]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        to_pil_gray(ir[0]).save(args.out)
-        print(f"wrote {args.out} ({ir.shape[-1]}x{ir.shape[-2]})")
-        if args.attn:
-            maps = attention_maps(pipe, rgb[None], sem[None], seed=args.seed, steps=args.steps)
-            attention_figure(maps, rgb, sem, ids, {c.id: c.name for c in classes}).save(args.attn)
-            print(f"wrote {args.attn}")
-    except (data.DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return command(lambda: run(args))
+
+
+def run(args) -> None:
+    classes = data.load_classes(args.classes)
+    rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
+    setup = find_setup()
+    ckpt = None if args.base else (args.ckpt or default_ckpt(setup))
+    pipe = load_pipeline(ckpt, args.device, setup=setup)
+    print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme})")
+    ir = generate(pipe, rgb[None], sem[None], steps=args.steps, seed=args.seed, guidance=args.guidance,
+                  progress=True)  # [1, 1, H, W]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    to_pil_gray(ir[0]).save(args.out)
+    print(f"wrote {args.out} ({ir.shape[-1]}x{ir.shape[-2]})")
+    if args.attn:
+        maps = attention_maps(pipe, rgb[None], sem[None], seed=args.seed, steps=args.steps)
+        attention_figure(maps, rgb, sem, ids, {c.id: c.name for c in classes}).save(args.attn)
+        print(f"wrote {args.attn}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DEFAULT_CLASSES, MULTIPLE, DataError, new_layout, palette, save_classes, write_pair
-from metrics import HOT_THRESHOLD  # noqa: F401  re-exported: the temperatures below are chosen around it
 
 # IR value ("temperature") per class, before blur and noise; per-scene and per-object offsets add +-0.03.
 #                  day    night

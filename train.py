@@ -36,11 +36,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, read_safetensors, save_atomic, save_torch_atomic
-from flow import denoise, get_noise, get_schedule, make_condition, noised, sample_t, velocity
+from checkpoint import read_safetensors, save_atomic, save_torch_atomic
+from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, sample_t
 from flux_model import PRESETS, Flux, load_flux, pack, unpack
-from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, build_model, cache_dir, find_setup, is_trained_key,
-                      load_trained, run_config, text_condition)
+from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, build_model, cache_dir, command, find_setup,
+                      is_trained_key, load_trained, run_config, text_condition)
 from sem_cross_attn import SemanticConfig, overlay
 from synth import write_synth
 from vae import AutoEncoder, load_ae
@@ -219,9 +219,10 @@ def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:
 
 @torch.no_grad()
 def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device, dtype, master: bool) -> dict:
-    """Latents of every pair: {"ir", "rgb", "sem", "overlay"} [N, 16, h, w], semantic pixels [N, 3, H, W] (uint8, for
-    the cnn encoder) and ids. Computed once per (dataset, autoencoder, size) and then read from disk."""
-    path = cache_dir() / "latents" / f"latents-{cache_key(ds, ae_path)}-a{cfg.overlay_alpha}.safetensors"
+    """Packed latent tokens of every pair: {"ir", "rgb", "sem", "overlay"} [N, L, 64], semantic pixels [N, 3, H, W]
+    (uint8, for the cnn encoder) and ids [N, H, W]. Computed once per (dataset, autoencoder, size), then read from
+    disk."""
+    path = cache_dir() / "latents" / f"tokens-{cache_key(ds, ae_path)}-a{cfg.overlay_alpha}.safetensors"
     if path.is_file():
         return read_safetensors(path)
     if master:
@@ -230,14 +231,15 @@ def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device,
         for i in tqdm(range(len(ds)), desc="encoding latents", disable=not cfg.progress):
             item = ds[i]
             rgb, sem = item["rgb"][None].to(device, dtype), item["sem"][None].to(device, dtype)
+            fused = overlay(rgb, sem, cfg.overlay_alpha)
             ir = data.ir_to_rgb(item["ir"][None]).to(device, dtype)
-            batch = torch.cat([ir, rgb, sem, overlay(rgb, sem, cfg.overlay_alpha)])  # [4, 3, H, W]
-            z = ae.encode(batch).float().cpu()  # [4, 16, H/8, W/8]
+            batch = torch.cat([ir, rgb, sem, fused])  # [4, 3, H, W]
+            z = pack(ae.encode(batch).float().cpu())  # [4, 3, H, W] -> [4, 16, H/8, W/8] -> [4, L, 64]
             for k, zk in zip(("ir", "rgb", "sem", "overlay"), z):
                 out[k].append(zk)
             out["sem_pixels"].append(((item["sem"] + 1) * 127.5).round().to(torch.uint8))
             out["sem_ids"].append(item["sem_ids"].to(torch.int32))
-        shapes = {tuple(t.shape) for t in out["ir"]}
+        shapes = {tuple(t.shape) for t in out["sem_ids"]}
         if len(shapes) > 1:
             raise ValueError(f"{ds.root}: images of different sizes {sorted(shapes)[:3]}; pass --size S to train on "
                              "one size")
@@ -249,12 +251,13 @@ def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device,
 
 
 def semantic_batch(latents: dict, idx: Tensor, semcfg: SemanticConfig | None, device) -> Tensor | None:
-    """What Flux.forward's `semantic=` takes, from the cache: packed latents, or pixels for the cnn encoder."""
+    """What Flux.forward's `semantic=` takes, from the cache: packed latents [B, N, 64], or pixels for the cnn
+    encoder."""
     if semcfg is None:
         return None
     if semcfg.takes_pixels:
         return latents["sem_pixels"][idx].to(device).float() / 127.5 - 1  # uint8 -> [B, 3, H, W] in [-1, 1]
-    return pack(latents["sem"][idx].to(device))  # [B, 16, h, w] -> [B, N, 64]
+    return latents["sem"][idx].to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,22 +364,22 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
     """RGB | semantic | target | prediction for a few training pairs, sampled with the current weights from the
     cached latents (the VAE encoder is not needed)."""
     B = len(idx)
-    lh, lw = latents["ir"].shape[-2:]
-    H, W = lh * 8, lw * 8
+    H, W = latents["sem_ids"].shape[-2:]
     cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
     semcfg = model.semantic.config if model.semantic is not None else None
     sem_in = semantic_batch(latents, idx, semcfg, device)
-    cond = make_condition(pack(latents[cond_key][idx].to(device, dtype)), None if sem_in is None else sem_in.to(dtype),
-                          text, lh // 2, lw // 2)
+    cond = make_condition(latents[cond_key][idx].to(device, dtype), None if sem_in is None else sem_in.to(dtype), text,
+                          H // 16, W // 16)
     was_training = model.training
     model.eval()
     x = pack(get_noise(B, H, W, seed=0, device=device, dtype=dtype))
-    x = denoise(model, x, cond, get_schedule(cfg.sample_steps, (lh // 2) * (lw // 2), shift=setup.preset != "schnell"),
+    x = denoise(model, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
                 cfg.guidance if model.params.guidance_embed else None)
     model.train(was_training)
-    pred = data.rgb_to_ir(ae.decode(unpack(x, H, W)).float().clamp(-1, 1))  # [B, 1, H, W]
-    rgb = ae.decode(latents["rgb"][idx].to(device, dtype)).float().clamp(-1, 1)
-    target = data.rgb_to_ir(ae.decode(latents["ir"][idx].to(device, dtype)).float().clamp(-1, 1))
+    # decoded: [B, L, 64] -> [B, 16, H/8, W/8] -> [B, 3, H, W]
+    pred, rgb, target = (ae.decode(unpack(z, H, W)).float().clamp(-1, 1)
+                         for z in (x, latents["rgb"][idx].to(device, dtype), latents["ir"][idx].to(device, dtype)))
+    pred, target = data.rgb_to_ir(pred), data.rgb_to_ir(target)  # [B, 1, H, W]
     sem = latents["sem_pixels"][idx].float() / 127.5 - 1
     rows = [[to_pil_rgb(rgb[i]), to_pil_rgb(sem[i]), to_pil_gray(target[i]), to_pil_gray(pred[i])] for i in range(B)]
     out.mkdir(parents=True, exist_ok=True)
@@ -414,9 +417,8 @@ def run(cfg: TrainConfig) -> int:
     ae = load_ae(setup.ae, device=device, dtype=dtype)
     latents = encode_dataset(ds, ae, setup.ae, cfg, device, dtype, master)
     del ae.encoder  # not needed in the loop (the decoder stays for the sample grids)
-    N, _, lh, lw = latents["ir"].shape
-    h, w = lh // 2, lw // 2
-    L = h * w
+    N, L, _ = latents["ir"].shape  # [N, L, 64] tokens of an h x w grid
+    h, w = (s // 16 for s in latents["sem_ids"].shape[-2:])
     text = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)  # (txt, txt_ids, y), batch 1
 
     # ---- the model, what trains, the optimiser
@@ -480,23 +482,19 @@ def run(cfg: TrainConfig) -> int:
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 # the global batch is drawn identically on every rank; each rank takes its slice
-                idx = torch.randint(N, (global_batch,), generator=g)
-                t = sample_t(global_batch, g, cfg.t_sampling, cfg.logit_mean, cfg.logit_std, L)
-                noise = torch.randn((global_batch, L, 64), generator=g)
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-                idx, t, noise = idx[sl], t[sl].to(device), noise[sl].to(device)
-                x0 = pack(latents["ir"][idx].to(device))  # [B, 16, 2h, 2w] -> [B, L, 64]
-                x_t, target = noised(x0, noise, t)  # [B, L, 64] each
+                idx = torch.randint(N, (global_batch,), generator=g)[sl]
+                x0 = latents["ir"][idx].to(device)  # [B, L, 64]
                 sem_in = semantic_batch(latents, idx, semcfg, device)
-                cond = make_condition(pack(latents[cond_key][idx].to(device)).to(dtype),
+                t = sample_t(global_batch, g, cfg.t_sampling, cfg.logit_mean, cfg.logit_std, L)[sl].to(device)
+                noise = torch.randn((global_batch, L, 64), generator=g)[sl].to(device)
+                cond = make_condition(latents[cond_key][idx].to(device).to(dtype),
                                       None if sem_in is None else sem_in.to(dtype), text, h, w)
-                B = x0.shape[0]
-                guidance = torch.full((B,), cfg.guidance, device=device) if model.params.guidance_embed else None
+                guidance = torch.full((len(idx),), cfg.guidance, device=device) if model.params.guidance_embed else None
                 sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else fwd.no_sync()
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                        pred = velocity(fwd, x_t.to(dtype), t.to(dtype), cond, guidance)  # [B, L, 64]
-                    per_sample = (pred.float() - target).square().mean(dim=(1, 2))  # [B]
+                        per_sample = flow_loss(fwd, x0, noise, t, cond, guidance)  # [B]
                     loss = per_sample.mean() / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
@@ -560,11 +558,7 @@ def run(cfg: TrainConfig) -> int:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    try:
-        return run(cfg)
-    except (data.DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return command(lambda: run(cfg))
 
 
 if __name__ == "__main__":

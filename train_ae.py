@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import CheckpointError
-from pipeline import ROOT
+from pipeline import ROOT, command
 from synth import write_synth
 from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
 
@@ -57,7 +56,7 @@ def lr_at(step: int, a: argparse.Namespace) -> float:
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-def run(a: argparse.Namespace) -> Path:
+def run(a: argparse.Namespace) -> None:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     root = Path(a.data) if a.data else ROOT / "data" / "synth"
     if not a.data and not root.is_dir():
@@ -105,16 +104,11 @@ def run(a: argparse.Namespace) -> Path:
     out = Path(a.out) / "ae.safetensors"
     save_ae(ae, out, {"train_args": json.dumps(vars(a))})
     print(f"wrote {out} (shift {ae.params.shift_factor:.4f}, scale {ae.params.scale_factor:.4f})")
-    return out
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except (data.DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args = parse_args(argv)
+    return command(lambda: run(args))
 
 
 if __name__ == "__main__":
