@@ -19,10 +19,21 @@ Data flow (512x512 RGB with Kontext conditioning, dev sizes):
 
 Semantic conditioning (sem_cross_attn.py) attaches itself as `flux.semantic`; with no module attached the model
 and its state dict are exactly the official ones.
+
+Every formula below is written plainly first. Four have a second form beside them, a small named function that
+computes the same maths with less memory or in one pass: RMSNorm's backward, the RoPE rotation (with the
+column-major storage of pe it views), and the gated residual and modulation (fused multiply-adds). `FAST`
+(nanoGPT's `self.flash`, for the whole module) picks them; it is on by default, and the results and weights of this
+repository were computed with it. `flux_model.FAST = False` runs the plain formulas only: the same values up to
+rounding (tests/test_flux_model.py checks that both forms agree, forward and gradients).
+The percentages in comments were measured on a CPU, on a FLUX of hidden 512, 8 heads, 2 double + 4 single blocks,
+128 text + 2 x 256 image tokens, fp32 unless said: "forward peak" is the memory a no-grad forward allocates above
+what is resident, "training activations" the bytes autograd keeps for the backward of a training step. None of the
+fast forms changes the time of a forward or a training step measurably there (all within +-4%, the noise).
 """
 
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +42,8 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from einops import rearrange
 
 from checkpoint import CheckpointError, read_safetensors, strip_prefix, load_strict
+
+FAST = True  # the fast forms beside the plain formulas (see the module docstring); False: plain formulas only
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -51,9 +64,6 @@ class FluxParams:
     theta: int
     qkv_bias: bool
     guidance_embed: bool  # dev / Kontext are guidance-distilled; schnell is not
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _official(guidance_embed: bool) -> FluxParams:
@@ -162,39 +172,35 @@ class EmbedND(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         pe = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
-        # each 2x2 matrix stored column by column: its first column (cos, sin) is then a complex number in memory,
-        # which apply_rope views without a copy (one tensor for every block, also in what the backward keeps)
-        pe = pe.transpose(-1, -2).contiguous().transpose(-1, -2)
+        if FAST:  # each 2x2 matrix stored column by column: apply_rope_complex views its first column in place
+            pe = pe.transpose(-1, -2).contiguous().transpose(-1, -2)
         return pe.unsqueeze(1)  # [B, 1, L, Dh/2, 2, 2]: broadcast over heads
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate ADJACENT pairs (x[2k], x[2k+1]) of [B, H, L, Dh] by pe [B, 1, L, Dh/2, 2, 2], in float32."""
-    if torch.compiler.is_compiling():
-        # the 2x2 matrix form: Inductor fuses it into one kernel (it generates no code for complex numbers)
-        x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)  # [B, H, L, Dh/2, 1, 2]
-        out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]  # row i: R[i,0]*x0 + R[i,1]*x1 -> [B, H, L, Dh/2, 2]
-        return out.reshape(*x.shape).type_as(x)
-    # eager: rotating (x0, x1) by R = [[cos, -sin], [sin, cos]] is multiplying x0 + i x1 by cos + i sin, one
-    # complex product with the same real products; its backward is one product too (no zero-filled gradients
-    # of the x_[..., 0] selections), which makes the training step faster
-    col = pe[..., 0]  # first column (R[0,0], R[1,0]) = (cos, sin): [B, 1, L, Dh/2, 2]
+    """Rotate ADJACENT pairs (x[2k], x[2k+1]) of x [B, H, L, Dh] by pe [B, 1, L, Dh/2, 2, 2], in float32."""
+    if FAST and not torch.compiler.is_compiling():
+        return apply_rope_complex(x, pe)
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)  # [B, H, L, Dh/2, 1, 2]: each pair as a row vector
+    out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]  # R[i,0] x0 + R[i,1] x1: [B, H, L, Dh/2, 2]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def apply_rope_complex(x: Tensor, pe: Tensor) -> Tensor:
+    """apply_rope as one complex product: rotating (x0, x1) by R = [[cos, -sin], [sin, cos]] multiplies x0 + i x1
+    by cos + i sin. None of the matrix form's temporaries: forward peak -6% in fp32 (nothing measurable in bf16).
+    Eager only (Inductor generates no code for complex numbers)."""
+    col = pe[..., 0]  # R's first column (cos, sin): [B, 1, L, Dh/2, 2], a complex number in place if pe is column-major
     rot = torch.view_as_complex(col) if col.stride(-1) == 1 else torch.complex(col[..., 0], col[..., 1])
     x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [B, H, L, Dh/2] complex64
     return torch.view_as_real(x_ * rot).reshape(*x.shape).type_as(x)  # [B, H, L, Dh]
-
-
-def cat_tokens(*xs: Tensor) -> Tensor:
-    """[B, H, L_i, Dh] -> [B, H, sum L_i, Dh], stored as [B, L, H, Dh] (the layout a qkv linear writes). The attention
-    kernel writes its output in its query's layout, so the [B, L, H*Dh] view below then needs no copy."""
-    return torch.cat([x.transpose(1, 2) for x in xs], dim=1).transpose(1, 2)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Joint attention with RoPE and no mask (FLUX masks nothing, text padding included).
     q, k, v [B, H, L, Dh] -> [B, L, H*Dh]."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(Dh)
+    x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(Dh)) v: [B, H, L, Dh]
     return rearrange(x, "B H L D -> B L (H D)")
 
 
@@ -202,40 +208,50 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
 # Normalisation and modulation
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """y = x * rrms(x) * scale with rrms = 1 / sqrt(mean(x^2) + eps), statistics in fp32.
-    Autograd on the plain expression keeps both x and the normalised x for the backward: one extra q- and k-sized
-    tensor per block (~9% of the training step's activations). This keeps x and rrms [..., 1] only and recomputes
-    the normalised x, an elementwise product, in the backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays fp64: gradcheck)
-        rrms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + 1e-6)  # [..., 1]
-        ctx.save_for_backward(x, rrms, scale)
-        return (xf * rrms).to(x.dtype) * scale  # rounded to x's dtype before the scale, as BFL's
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        x, rrms, scale = ctx.saved_tensors
-        n = x.to(rrms.dtype) * rrms  # the normalised x, recomputed: [..., D]
-        grad_x = grad_scale = None
-        if ctx.needs_input_grad[1]:  # d/dscale: sum of g * n over every token: [D]
-            grad_scale = (g.to(n.dtype) * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(scale.dtype)
-        if ctx.needs_input_grad[0]:  # d/dx of x * rrms(x): rrms * (gn - n * mean(gn * n)), gn = g * scale
-            gn = g.to(n.dtype) * scale.to(n.dtype)
-            grad_x = (rrms * (gn - n * (gn * n).mean(dim=-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_scale
+def inv_rms(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim: [..., D] -> [..., 1]."""
+    return torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
 
 
 class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale over the last dim; statistics in float32, the normalised x rounded to
+    x's dtype before the scale (as BFL's)."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFn.apply(x, self.scale)  # [..., D] -> [..., D]
+    def forward(self, x: Tensor) -> Tensor:  # [..., D] -> [..., D]
+        if FAST:
+            return RMSNormKeepingInput.apply(x, self.scale)
+        xf = x.float()
+        return (xf * inv_rms(xf)).to(x.dtype) * self.scale
+
+
+class RMSNormKeepingInput(torch.autograd.Function):
+    """RMSNorm whose backward keeps only x and inv_rms [..., 1] and recomputes the normalised x n = x * inv_rms;
+    autograd on the plain formula keeps n too, a second x-sized tensor per norm: training activations -9% (fp32,
+    every weight trained), -15% (bf16 base, LoRA trained)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 (float64 stays float64: gradcheck)
+        r = inv_rms(xf)  # [..., 1]
+        ctx.save_for_backward(x, r, scale)
+        return (xf * r).to(x.dtype) * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, r, scale = ctx.saved_tensors
+        n = x.to(r.dtype) * r  # the normalised x, recomputed: [..., D]
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[1]:  # d/dscale = sum over tokens of g * n: [D]
+            grad_scale = (g.to(n.dtype) * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(scale.dtype)
+        if ctx.needs_input_grad[0]:  # d/dx with gn = g * scale: r * (gn - n * mean(gn * n))
+            gn = g.to(n.dtype) * scale.to(n.dtype)
+            grad_x = (r * (gn - n * (gn * n).mean(dim=-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_scale
 
 
 class QKNorm(nn.Module):
@@ -272,7 +288,19 @@ class Modulation(nn.Module):
 
 
 def modulate(x: Tensor, norm: nn.Module, mod: ModulationOut) -> Tensor:
-    return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # (1 + scale) * norm(x) + shift, in one pass
+    """(1 + scale) * norm(x) + shift."""
+    if FAST:
+        return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # one fused multiply-add (see gated_residual)
+    return (1 + mod.scale) * norm(x) + mod.shift
+
+
+def gated_residual(x: Tensor, gate: Tensor, fx: Tensor) -> Tensor:
+    """x + gate * f(x): every block's update of its stream."""
+    if FAST:
+        # one fused multiply-add, rounded once: no time or memory measurable on a CPU, kept as the default because
+        # the demo weights and results were computed with it (the plain form rounds twice: other low bits)
+        return torch.addcmul(x, gate, fx)
+    return x + gate * fx
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,7 +321,7 @@ class SelfAttention(nn.Module):
         # qkv.weight rows are [all q | all k | all v], each head-major: [B, L, 3*D] -> 3 x [B, H, L, Dh]
         q, k, v = (rearrange(t, "B L (H D) -> B H L D", H=self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
         # the norms keep their inputs for the backward: copies, so that the qkv output (v's third included) is
-        # freed once v is used (training memory)
+        # freed once v is used: training activations -1.6%
         q, k = self.norm(q.contiguous(), k.contiguous(), v)
         return q, k, v
 
@@ -325,16 +353,17 @@ class DoubleStreamBlock(nn.Module):
         txt_mod1, txt_mod2 = self.txt_mod(vec)
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, self.img_norm1, img_mod1))  # [B, H, L_img, Dh]
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, self.txt_norm1, txt_mod1))  # [B, H, L_txt, Dh]
-        # text first, matching the order of the ids (and so of pe)
-        attn = attention(cat_tokens(txt_q, img_q), cat_tokens(txt_k, img_k), cat_tokens(txt_v, img_v),
-                         pe)  # [B, L_txt + L_img, D]
-        del img_q, img_k, img_v, txt_q, txt_k, txt_v  # free the qkv outputs now (peak memory of inference)
+        # joint attention over cat(txt, img): text first, matching the order of the ids (and so of pe)
+        q = torch.cat((txt_q, img_q), dim=2)  # [B, H, L_txt + L_img, Dh]
+        k = torch.cat((txt_k, img_k), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
+        del img_q, img_k, img_v, txt_q, txt_k, txt_v  # free the parts before the attention: forward peak -12%
+        attn = attention(q, k, v, pe)  # [B, L_txt + L_img, D]
         txt_attn, img_attn = attn.split((txt.shape[1], img.shape[1]), dim=1)
-        # x + gate * f(x) as one addcmul each
-        img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, img_mod2.gate, self.img_mlp(modulate(img, self.img_norm2, img_mod2)))
-        txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_mod2.gate, self.txt_mlp(modulate(txt, self.txt_norm2, txt_mod2)))
+        img = gated_residual(img, img_mod1.gate, self.img_attn.proj(img_attn))
+        img = gated_residual(img, img_mod2.gate, self.img_mlp(modulate(img, self.img_norm2, img_mod2)))
+        txt = gated_residual(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
+        txt = gated_residual(txt, txt_mod2.gate, self.txt_mlp(modulate(txt, self.txt_norm2, txt_mod2)))
         return img, txt
 
 
@@ -360,8 +389,8 @@ class SingleStreamBlock(nn.Module):
         q, k, v = (rearrange(t, "B L (H D) -> B H L D", H=self.num_heads) for t in (q, k, v))
         attn = attention(*self.norm(q, k, v), v, pe)  # [B, L, D]
         mlp = self.mlp_act(mlp_in)  # [B, L, 4D]
-        del q, k, v, mlp_in  # the last views of linear1's output: it is freed before the cat (peak memory)
-        return torch.addcmul(x, mod.gate, self.linear2(torch.cat((attn, mlp), dim=-1)))
+        del q, k, v, mlp_in  # the last views of linear1's output, freed before the cat: forward peak -31%
+        return gated_residual(x, mod.gate, self.linear2(torch.cat((attn, mlp), dim=-1)))
 
 
 class LastLayer(nn.Module):
@@ -459,7 +488,7 @@ class Flux(nn.Module):
 
         L_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)  # [B, L_txt + L_img, D]
-        del txt, img  # (peak memory)
+        del txt, img  # forward peak -7%
         for i, block in enumerate(self.single_blocks):
             x = self._run(block, x, vec, pe)
             if sem is not None:  # only the image part attends to the semantic tokens; text stays untouched
