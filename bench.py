@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux_model import Flux, FluxParams, kontext_ids, text_ids
+from flow import kontext_ids, text_ids
+from flux_model import Flux, FluxParams
 from measure import RSS_FOLLOWS_TENSORS, flop_counter, load_average, matmul_peak, peak_bytes, seconds
 from sem_cross_attn import SemanticConfig, attach
 

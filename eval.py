@@ -213,6 +213,7 @@ def run_ablation(args) -> int:
     return 0
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT / "data" / "synth-test"), help="held-out pairs (rgb/, sem/, ir/)")
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
-    return command(lambda: run_ablation(args) if args.ablation else run_eval(args))
+    return run_ablation(args) if args.ablation else run_eval(args)
 
 
 def run_eval(args) -> int:

@@ -7,7 +7,10 @@ Rectified flow, as FLUX trains and samples it (BFL's sampling.py and minRF are t
 
 Kontext conditioning: the clean RGB tokens x_cond ride along after x_t in the image sequence at every call, with
 ids (1, row, col) on the same grid; their outputs are dropped, so the model only ever predicts v on the x_t tokens.
-`velocity` is that one call, shared by the training step (train.py) and the sampler (`denoise`).
+`velocity` is that one call, shared by the training step (`flow_loss`) and the sampler (`denoise`).
+
+Latents become tokens here too (`pack`: 2x2 patches of the 16-channel latent -> 64-channel tokens) with their
+position ids, as in BFL's sampling.py: the transformer itself only ever sees tokens and ids.
 """
 
 import math
@@ -16,7 +19,50 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flux_model import kontext_ids
+from einops import rearrange
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokens and their positions (BFL's sampling.py: prepare / unpack)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """2x2 patches of the VAE latent become tokens: [B, 16, h, w] -> [B, (h/2)(w/2), 64].
+    Inside a token the channel index is c*4 + ph*2 + pw; tokens run row-major over the (h/2, w/2) grid."""
+    if latents.ndim != 4 or latents.shape[-2] % 2 or latents.shape[-1] % 2:
+        raise ValueError(f"pack expects [B, C, h, w] latents with even h and w, got {tuple(latents.shape)}: "
+                         "image sides must be multiples of 16 pixels")
+    return rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of pack for an image of height x width PIXELS: [B, (H/16)(W/16), 64] -> [B, 16, H/8, W/8]."""
+    h, w = math.ceil(height / 16), math.ceil(width / 16)
+    if tokens.shape[1] != h * w:
+        raise ValueError(f"unpack: {tokens.shape[1]} tokens do not form a {h}x{w} grid for {height}x{width} pixels")
+    return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
+
+
+def image_ids(batch: int, h: int, w: int, index: int = 0, device=None) -> Tensor:
+    """Position ids of an h x w token grid: [B, h*w, 3] with (index, row, col).
+    index 0 marks the generated image; Kontext marks condition tokens with index 1 on the SAME (row, col) grid,
+    so the model knows they are a different image yet spatially aligned with the target."""
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)  # [B, h*w, 3]
+
+
+def kontext_ids(batch: int, h: int, w: int, device=None) -> Tensor:
+    """Ids of Kontext's image sequence cat(x_t, x_cond) on an h x w token grid: [B, 2*h*w, 3], target tokens
+    (0, row, col) first, then the condition tokens (1, row, col)."""
+    return torch.cat([image_ids(batch, h, w, device=device), image_ids(batch, h, w, index=1, device=device)], dim=1)
+
+
+def text_ids(batch: int, length: int, device=None) -> Tensor:
+    """All text tokens sit at position (0, 0, 0): [B, L_txt, 3]."""
+    return torch.zeros(batch, length, 3, device=device)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training times

@@ -12,7 +12,7 @@ Dimension letters used in the shape comments:
     H attention heads (24), Dh head dim (128), C packed latent channels (64 = 16 latent channels x 2 x 2).
 
 Data flow (512x512 RGB with Kontext conditioning, dev sizes):
-    latents [B,16,64,64] --pack--> tokens [B,1024,64]; cat(x_t, x_cond) -> [B,2048,64] --img_in--> [B,2048,3072]
+    latents [B,16,64,64] --flow.pack--> tokens [B,1024,64]; cat(x_t, x_cond) -> [B,2048,64] --img_in--> [B,2048,3072]
     T5 [B,512,4096] --txt_in--> [B,512,3072];  t, guidance, CLIP pooled y -> vec [B,3072]
     19 double blocks (separate img/txt weights, joint attention) -> 38 single blocks on cat(txt, img) [B,2560,3072]
     -> drop text -> final_layer -> velocity [B,2048,64]; the caller keeps the first 1024 (the x_t tokens).
@@ -81,49 +81,6 @@ PRESETS: dict[str, FluxParams] = {
                        mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=4, axes_dim=[8, 12, 12],
                        theta=10_000, qkv_bias=True, guidance_embed=False),
 }
-
-# ----------------------------------------------------------------------------------------------------------------
-# Latent packing and position ids (one helper each; FLUX's sampling code repeats these per task)
-
-
-def pack(latents: Tensor) -> Tensor:
-    """2x2 patches of the VAE latent become tokens: [B, 16, h, w] -> [B, (h/2)(w/2), 64].
-    Inside a token the channel index is c*4 + ph*2 + pw; tokens run row-major over the (h/2, w/2) grid."""
-    if latents.ndim != 4 or latents.shape[-2] % 2 or latents.shape[-1] % 2:
-        raise ValueError(f"pack expects [B, C, h, w] latents with even h and w, got {tuple(latents.shape)}: "
-                         "image sides must be multiples of 16 pixels")
-    return rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
-
-
-def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
-    """Inverse of pack for an image of height x width PIXELS: [B, (H/16)(W/16), 64] -> [B, 16, H/8, W/8]."""
-    h, w = math.ceil(height / 16), math.ceil(width / 16)
-    if tokens.shape[1] != h * w:
-        raise ValueError(f"unpack: {tokens.shape[1]} tokens do not form a {h}x{w} grid for {height}x{width} pixels")
-    return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
-
-
-def image_ids(batch: int, h: int, w: int, index: int = 0, device=None) -> Tensor:
-    """Position ids of an h x w token grid: [B, h*w, 3] with (index, row, col).
-    index 0 marks the generated image; Kontext marks condition tokens with index 1 on the SAME (row, col) grid,
-    so the model knows they are a different image yet spatially aligned with the target."""
-    ids = torch.zeros(h, w, 3, device=device)
-    ids[..., 0] = index
-    ids[..., 1] = torch.arange(h, device=device)[:, None]
-    ids[..., 2] = torch.arange(w, device=device)[None, :]
-    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)  # [B, h*w, 3]
-
-
-def kontext_ids(batch: int, h: int, w: int, device=None) -> Tensor:
-    """Ids of Kontext's image sequence cat(x_t, x_cond) on an h x w token grid: [B, 2*h*w, 3], target tokens
-    (0, row, col) first, then the condition tokens (1, row, col)."""
-    return torch.cat([image_ids(batch, h, w, device=device), image_ids(batch, h, w, index=1, device=device)], dim=1)
-
-
-def text_ids(batch: int, length: int, device=None) -> Tensor:
-    """All text tokens sit at position (0, 0, 0): [B, L_txt, 3]."""
-    return torch.zeros(batch, length, 3, device=device)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Embeddings: sinusoidal timestep, MLP, rotary positions

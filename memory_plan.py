@@ -21,7 +21,8 @@ import json
 import torch
 from torch import Tensor
 
-from flux_model import Flux, FluxParams, PRESETS, kontext_ids, text_ids
+from flow import kontext_ids, text_ids
+from flux_model import Flux, FluxParams, PRESETS
 from pipeline import is_trained_key
 from sem_cross_attn import SemanticConfig, attach
 

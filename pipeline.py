@@ -13,6 +13,7 @@ A train.py output carries its run config (scheme, semantic options, LoRA rank, b
 metadata, so a model is rebuilt from the file alone.
 """
 
+import functools
 import json
 import os
 import sys
@@ -24,8 +25,8 @@ from torch import Tensor
 
 import data
 from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
-from flow import Condition, denoise, get_noise, get_schedule, make_condition
-from flux_model import PRESETS, Flux, detect_preset, load_flux, pack, text_ids, unpack
+from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
+from flux_model import PRESETS, Flux, detect_preset, load_flux
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
 from vae import AutoEncoder, load_ae
 
@@ -39,14 +40,17 @@ def is_trained_key(name: str) -> bool:
     return name.startswith("semantic.") or ".lora_" in name
 
 
-def command(body) -> int:
-    """Run a command's body (a function of no arguments returning an exit status or None): bad input, raised as a
-    DataError, CheckpointError or ValueError anywhere below, becomes one line on stderr and exit status 2."""
-    try:
-        return body() or 0
-    except (data.DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def command(main):
+    """Decorator of a script's main(argv) -> exit status: bad input, raised as a DataError, CheckpointError or
+    ValueError anywhere below, becomes one line on stderr and exit status 2 (None returned is 0)."""
+    @functools.wraps(main)
+    def run_main(argv=None) -> int:
+        try:
+            return main(argv) or 0
+        except (data.DataError, CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run_main
 
 
 def weights_dir() -> Path:

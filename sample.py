@@ -19,6 +19,7 @@ from pipeline import attention_maps, command, default_ckpt, find_setup, generate
 from viz import attention_figure, to_pil_gray
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("rgb", help="visible image")
@@ -34,10 +35,6 @@ def main(argv=None) -> int:
     ap.add_argument("--attn", default=None, help="also write a picture of the semantic cross-attention maps")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    return command(lambda: run(args))
-
-
-def run(args) -> None:
     classes = data.load_classes(args.classes)
     rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
     setup = find_setup()

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from flux_model import Flux, EmbedND, RMSNorm, apply_rope, pack
+from flow import pack
+from flux_model import Flux, EmbedND, RMSNorm, apply_rope
 
 SCHEMES = ("xattn", "zeroconv", "adapter")  # the schemes with a module (attach)
 BASELINES = ("overlay", "none")  # no module: the semantic image blended into the RGB input, or not used at all

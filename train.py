@@ -37,8 +37,8 @@ from torch import Tensor
 
 import data
 from checkpoint import read_safetensors, save_atomic, save_torch_atomic
-from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, sample_t
-from flux_model import PRESETS, Flux, load_flux, pack, unpack
+from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
+from flux_model import PRESETS, Flux, load_flux
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, build_model, cache_dir, command, find_setup,
                       is_trained_key, load_trained, run_config, text_condition)
 from sem_cross_attn import SemanticConfig, overlay
@@ -350,6 +350,19 @@ def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, log_b
     save_torch_atomic(state, path)
 
 
+def load_resume(path: Path, trainable, opt, g: torch.Generator) -> tuple[int, list]:
+    """save_resume's state back into the trainable weights, the optimiser and the generator: (step, loss bins)."""
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if sorted(state["params"]) != sorted(n for n, _ in trainable):
+        raise ValueError(f"{path} was written by a run with other trainable weights (another stage or scheme)")
+    with torch.no_grad():
+        for n, p in trainable:
+            p.copy_(state["params"][n])
+    opt.load_state_dict(state["optimizer"])
+    g.set_state(state["rng"])
+    return state["step"], state["t_bins"]
+
+
 def write_weights(path: Path, model: Flux, stage: str, meta: dict):
     """Only what the stage adds to the base (semantic + LoRA); the base stage writes the whole transformer."""
     sd = model.state_dict()
@@ -376,9 +389,8 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
     x = denoise(model, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
                 cfg.guidance if model.params.guidance_embed else None)
     model.train(was_training)
-    # decoded: [B, L, 64] -> [B, 16, H/8, W/8] -> [B, 3, H, W]
-    pred, rgb, target = (ae.decode(unpack(z, H, W)).float().clamp(-1, 1)
-                         for z in (x, latents["rgb"][idx].to(device, dtype), latents["ir"][idx].to(device, dtype)))
+    z = [unpack(t, H, W) for t in (x, latents["rgb"][idx].to(device, dtype), latents["ir"][idx].to(device, dtype))]
+    pred, rgb, target = (ae.decode(zi).float().clamp(-1, 1) for zi in z)  # [B, 16, H/8, W/8] -> [B, 3, H, W]
     pred, target = data.rgb_to_ir(pred), data.rgb_to_ir(target)  # [B, 1, H, W]
     sem = latents["sem_pixels"][idx].float() / 127.5 - 1
     rows = [[to_pil_rgb(rgb[i]), to_pil_rgb(sem[i]), to_pil_gray(target[i]), to_pil_gray(pred[i])] for i in range(B)]
@@ -445,16 +457,7 @@ def run(cfg: TrainConfig) -> int:
     step, t_bins = 0, [[0.0, 0] for _ in range(10)]
     resume_path = out / "resume.pt"
     if cfg.resume:
-        state = torch.load(resume_path, weights_only=True, map_location="cpu")
-        if sorted(state["params"]) != sorted(n for n, _ in trainable):
-            raise ValueError(f"{resume_path} was written by a run with other trainable weights (another stage or "
-                             "scheme)")
-        with torch.no_grad():
-            for n, p in trainable:
-                p.copy_(state["params"][n])
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["rng"])
-        step, t_bins = state["step"], state["t_bins"]
+        step, t_bins = load_resume(resume_path, trainable, opt, g)
         if master:
             print(f"resumed from {resume_path} at step {step}")
     meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,
@@ -498,10 +501,9 @@ def run(cfg: TrainConfig) -> int:
                     loss = per_sample.mean() / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
-                for ti, li in zip(t.tolist(), per_sample.tolist()):
-                    b = min(9, int(ti * 10))
-                    t_bins[b][0] += li
-                    t_bins[b][1] += 1
+                for ti, li in zip(t.tolist(), per_sample.tolist()):  # the loss by t, in 10 bins, for the log
+                    t_bins[min(9, int(ti * 10))][0] += li
+                    t_bins[min(9, int(ti * 10))][1] += 1
             if not math.isfinite(loss_sum):
                 where = f"the last good weights are {good_ckpt}" if good_ckpt else "no checkpoint was written yet"
                 print(f"error: loss is {loss_sum} at step {step}; stopping ({where}; lower --lr?)", file=sys.stderr)
@@ -556,9 +558,9 @@ def run(cfg: TrainConfig) -> int:
     return 0
 
 
+@command
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    return command(lambda: run(cfg))
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

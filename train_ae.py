@@ -106,9 +106,10 @@ def run(a: argparse.Namespace) -> None:
     print(f"wrote {out} (shift {ae.params.shift_factor:.4f}, scale {ae.params.scale_factor:.4f})")
 
 
+@command
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return command(lambda: run(args))
+    run(parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # 2 threads on CI's 2 cores; OMP_NUM_THREADS=1 keeps a loaded machine from thrashing
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
-from flux_model import FluxParams, kontext_ids, text_ids  # noqa: E402
+from flow import kontext_ids, text_ids  # noqa: E402
+from flux_model import FluxParams  # noqa: E402
 
 
 def small_flux_params(hidden=64, heads=4, axes=(4, 6, 6), depth=2, single=2, guidance=True, in_ch=64, ctx=32,

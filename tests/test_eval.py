@@ -3,8 +3,6 @@ cheaper options with their settings), refusing unknown names before any training
 
 import json
 
-import pytest
-
 import eval as evaluation
 from flux_model import PRESETS
 from pipeline import load_pipeline

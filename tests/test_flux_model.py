@@ -19,8 +19,9 @@ import bench
 import flux_model
 from checkpoint import CheckpointError
 from conftest import small_flux_params
-from flux_model import (Flux, PRESETS, EmbedND, SelfAttention, apply_rope, attention, load_flux, pack, unpack,
-                        image_ids, kontext_ids, text_ids, timestep_embedding)
+from flow import image_ids, kontext_ids, text_ids
+from flux_model import (Flux, PRESETS, EmbedND, SelfAttention, apply_rope, attention, load_flux,
+                        timestep_embedding)
 from sem_cross_attn import SemanticConfig, attach
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,29 +164,6 @@ def test_invalid_params_rejected(small_params):
 def test_timestep_embedding_reference_values():
     emb = timestep_embedding(torch.tensor([0.5]), 256)
     torch.testing.assert_close(emb[0, :4], torch.tensor([-0.88385, 0.94594, 0.84851, 0.69869]), atol=1e-5, rtol=0)
-
-
-def test_pack_unpack_roundtrip_and_layout():
-    z = torch.randn(2, 16, 6, 10)  # a 48 x 80 pixel image
-    tokens = pack(z)
-    assert tokens.shape == (2, 15, 64)
-    # channel index inside a token is c*4 + ph*2 + pw; tokens run row-major over the 3 x 5 grid
-    assert tokens[1, 1 * 5 + 2, 3 * 4 + 1 * 2 + 0] == z[1, 3, 2 * 1 + 1, 2 * 2 + 0]
-    assert torch.equal(unpack(tokens, 48, 80), z)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        pack(torch.randn(1, 16, 5, 8))
-    with pytest.raises(ValueError, match="grid"):
-        unpack(tokens, 64, 64)
-
-
-def test_ids_kontext_condition_grid():
-    ids = image_ids(2, 2, 3, index=1)
-    assert ids.shape == (2, 6, 3)
-    assert torch.equal(ids[0, :, 0], torch.ones(6))
-    assert ids[0, 4].tolist() == [1, 1, 1]  # row 1, column 1
-    assert torch.equal(text_ids(2, 5), torch.zeros(2, 5, 3))
-    both = kontext_ids(2, 2, 3)  # target tokens (index 0) first, then the condition tokens on the same grid
-    assert torch.equal(both, torch.cat([image_ids(2, 2, 3), ids], dim=1))
 
 
 def test_forward_rejects_missing_guidance_and_bad_ids(small_params):

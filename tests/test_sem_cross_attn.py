@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flux_model import Flux, image_ids, kontext_ids
+from flow import image_ids, kontext_ids
+from flux_model import Flux
 from sem_cross_attn import (SCHEMES, BASELINES, SemanticConfig, SemanticCrossAttention, SemanticContext,
                             XAttnModule, attach, attention_weights, overlay, chosen_blocks, semantic_input)
 
