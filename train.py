@@ -41,7 +41,7 @@ from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pa
 from flux_model import PRESETS, Flux, load_flux
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, build_model, cache_dir, command, find_setup,
                       is_trained_key, load_trained, run_config, text_condition)
-from sem_cross_attn import SemanticConfig, overlay
+from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, overlay
 from synth import write_synth
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
@@ -129,7 +129,7 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
     """The self-description written into every output (pipeline.load_pipeline rebuilds the model from it)."""
     c = {"stage": cfg.stage, "scheme": cfg.scheme, "base_preset": setup.preset, "base_file": setup.flux.name,
          "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size}
-    if cfg.scheme in ("xattn", "zeroconv", "adapter"):
+    if cfg.scheme in MODULE_SCHEMES:
         semantic = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
                                   num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim)
         semantic.validate()
@@ -142,10 +142,10 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
 def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
     """Stage, scheme and --init agree (an --init comes from an earlier stage of the same scheme, base and module
     layout); returns the --init's run config. Raises ValueError naming the conflict."""
-    if cfg.stage == "warmup" and cfg.scheme in ("overlay", "none"):
+    if cfg.stage == "warmup" and cfg.scheme in BASELINES:
         raise ValueError(f"--stage warmup trains only semantic modules, and scheme {cfg.scheme!r} has none: "
                          "use --stage joint")
-    if cfg.stage == "finetune" and cfg.scheme in ("overlay", "none"):
+    if cfg.stage == "finetune" and cfg.scheme in BASELINES:
         raise ValueError(f"--stage finetune trains the semantic strengths, and scheme {cfg.scheme!r} has none")
     if cfg.stage == "base" and cfg.scheme != "none":
         raise ValueError("--stage base trains the RGB-conditioned base model: use --scheme none")
