@@ -16,6 +16,7 @@ metadata, so a model is rebuilt from the file alone.
 import functools
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,23 @@ def command(main):
             print(f"error: {e}", file=sys.stderr)
             return 2
     return run_main
+
+
+class Stopper:
+    """SIGINT/SIGTERM ask the loop to write a resume state and exit after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def close(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
 
 def weights_dir() -> Path:

@@ -39,7 +39,7 @@ import data
 from checkpoint import read_safetensors, save_atomic, save_torch_atomic
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_model import PRESETS, Flux, load_flux
-from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, build_model, cache_dir, command, find_setup,
+from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, cache_dir, command, find_setup,
                       is_trained_key, load_trained, run_config, text_condition)
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, overlay
 from synth import write_synth
@@ -324,23 +324,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
-
-
-class Stopper:
-    """SIGINT/SIGTERM ask the loop to write a resume state and exit after the current step."""
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: leave now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def close(self):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
 
 
 def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, log_bins):
