@@ -5,18 +5,23 @@ Every weight file in this project goes through here, so the rules hold everywher
 - only safetensors are read (no pickle from a file a user was sent);
 - a missing, truncated or corrupt file is reported by name before any tensor is touched;
 - loading into a module is strict: every missing, unexpected or mis-shaped key is listed, with a hint;
-- writes go to a temporary file that is renamed over the target, so a kill mid-write never corrupts the old file.
+- writes go to a temporary file that is renamed over the target, so a kill mid-write never corrupts the old file;
+- a resume state (torch.save of tensors, numbers and lists) is read with weights_only=True: no object is unpickled.
 """
 
+import contextlib
 import json
 import os
+import pickle
+import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
@@ -198,15 +203,44 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str,
     module.load_state_dict(sd, strict=False, assign=assign)
 
 
+def _detail(e: BaseException) -> str:
+    """The gist of a library error in a few words: an OSError's reason, or the first sentence of the message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", str(e).strip())  # torch's C++ source location
+    return text.split("\n")[0].split(". ")[0] or type(e).__name__
+
+
+def _write_failure(path: Path, e: BaseException) -> CheckpointError:
+    """One line for a write that failed: torch.save on a full disk only says `unexpected pos`."""
+    return CheckpointError(f"{path}: could not write it ({_detail(e)}); is the disk full, or the folder not writable? "
+                           "Any existing file is unchanged")
+
+
 def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """write(tmp) to `path.tmp`, fsync, then rename: a kill mid-write leaves the old file intact."""
+    """write(tmp) to `path.tmp`, fsync, then rename: a kill mid-write leaves the old file intact.
+
+    The file gets the mode a plain open() gives (umask, a folder's default ACL), not its writer's: safetensors writes
+    0600, which would hide a run on a shared machine from the group. A failed write (full disk, unwritable folder)
+    removes the temporary file and raises CheckpointError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a stale one from a killed run keeps the mode it was made with
+        open(tmp, "wb").close()
+        mode = tmp.stat().st_mode & 0o777
+        write(str(tmp))
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)):
+            raise _write_failure(path, e) from None
+        raise
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
@@ -216,6 +250,31 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
 
 
 def save_torch_atomic(state: dict, path: str | os.PathLike):
-    """torch.save of plain tensors, numbers and lists (a resume state, read back with weights_only=True), written
+    """torch.save of plain tensors, numbers and lists (a resume state, read back with load_torch_state), written
     atomically."""
     _write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_torch_state(path: str | os.PathLike) -> dict:
+    """save_torch_atomic's state back, on the CPU, with weights_only=True (no object is unpickled). A missing,
+    truncated or corrupt file, or one holding pickled objects, raises a one-line CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn about its protocol before failing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except MemoryError:
+        raise
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise CheckpointError(f"{path}: holds a pickled Python object ({refused[1]}), not only tensors, numbers "
+                                  "and lists; refused (a pickle can run code)") from None
+        raise CheckpointError(f"{path}: not a torch.save file, or corrupt") from None
+    except Exception as e:  # EOFError, RuntimeError (damaged zip), OSError, UnicodeDecodeError: the file's fault
+        raise CheckpointError(f"{path}: truncated or corrupt ({_detail(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a saved state (a dict)")
+    return state

@@ -29,12 +29,16 @@ How image modes are read (PIL modes; every loader first applies the EXIF orienta
         of the same scene agree. Colour files (RGB, P, ...) are reduced to the mean of their channels: exact
         for grey stored as RGB (LLVIP, FLIR), meaningless for false-colour IR, which cannot be inverted.
     load_semantic -> (ids [H, W] long, colour [3, H, W] float in [-1, 1])
-        Index images (L, P, 1, I;16*, I; LA/PA with alpha dropped) hold label ids; for P that is the
-        palette INDEX, whatever colour the file's own palette gives it. Colour images (RGB, RGBA with alpha
-        dropped, ...) are mapped back through the class palette, and a colour that is not in it is an error
-        (JPEG artefacts and anti-aliased edges are the usual cause: keep semantic maps lossless). The
-        returned colour is always re-rendered from the ids with the class palette.
+        Index images (L, 1, I;16*, I; LA with alpha dropped) hold label ids. Colour images (RGB, RGBA with
+        alpha dropped, ...) are mapped back through the class palette, and a colour that is not in it is an
+        error (JPEG artefacts and anti-aliased edges are the usual cause: keep semantic maps lossless).
+        Palette images (P, PA) are colour maps when the colours of their used indices are all class colours
+        (a lossless re-save of a colour map, e.g. by optipng), else index images (palette index = label id);
+        one that fits both readings with different ids is an error. The returned colour is always
+        re-rendered from the ids with the class palette.
     32-bit float images (F) are refused: their scale is unknown.
+Images over MAX_PIXELS (width x height, checked from the header before any pixel is decoded) are refused;
+set FLUX_IR_MAX_PIXELS=N, or pass max_pixels=N (data.py check --max-pixels N), to allow larger ones.
 Every problem with a file or folder raises DataError (a ValueError) whose message names the file.
 
 Commands (python data.py -h):
@@ -44,8 +48,11 @@ Commands (python data.py -h):
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +69,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # (EPS) to external programs. Phone JPEGs that PIL calls MPO come through the JPEG decoder.
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 MULTIPLE = 16  # 8x VAE downsampling * 2x2 patch packing
+# Largest image read by default (e.g. 8192x4096): a few hundred KB of PNG can claim 100M pixels and many GB of
+# memory. FLUX_IR_MAX_PIXELS (or a max_pixels argument) overrides it.
+MAX_PIXELS = 1 << 25
+PIXELS_ENV = "FLUX_IR_MAX_PIXELS"
 
 
 class DataError(ValueError):
@@ -159,6 +170,8 @@ def load_classes(path=None) -> tuple[SemClass, ...]:
     if path is None:
         return DEFAULT_CLASSES
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; a class table is a JSON file")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -208,18 +221,44 @@ def render_semantic(ids, classes) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Reading one image
 
-def _open(path) -> Image.Image:
-    """Decode an image fully and apply its EXIF orientation. Any failure -> DataError naming the file."""
+def pixel_limit(limit=None) -> int:
+    """The image size limit in pixels: `limit` if given, else $FLUX_IR_MAX_PIXELS if set, else MAX_PIXELS."""
+    where = "max_pixels (--max-pixels)"
+    if limit is None:
+        where, limit = PIXELS_ENV, os.environ.get(PIXELS_ENV, MAX_PIXELS)
+        try:
+            limit = int(limit)
+        except ValueError:
+            pass  # refused below, quoting the text
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise DataError(f"{where} is {limit!r}; it must be a positive whole number of pixels")
+    return limit
+
+
+def _check_pixels(path, img, limit):
+    """Refuse an opened (not yet decoded) image whose header claims more than `limit` pixels."""
+    limit = pixel_limit(limit)
+    if img.width * img.height > limit:
+        raise DataError(f"{path}: {img.width}x{img.height} is {img.width * img.height:,} pixels, over the limit "
+                        f"of {limit:,}; set {PIXELS_ENV}=N (data.py check --max-pixels N) to allow larger images")
+
+
+def _open(path, max_pixels=None) -> Image.Image:
+    """Decode an image fully and apply its EXIF orientation. Any failure -> DataError naming the file.
+    An image over the pixel limit (see pixel_limit()) is refused from its header, before decoding."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
         with Image.open(path, formats=PIL_FORMATS) as img:
+            _check_pixels(path, img, max_pixels)
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:
                 pass  # unreadable EXIF: keep the pixels as stored, as most viewers do
+    except DataError:
+        raise
     except Exception as e:  # PIL's decoders raise a zoo of types on bad input (OSError, SyntaxError, struct.error...)
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
                         "expected an uncorrupted PNG/JPEG/BMP/TIFF file") from e
@@ -228,11 +267,13 @@ def _open(path) -> Image.Image:
     return img
 
 
-def image_size(path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header only: cheap enough for thousands of files."""
+def image_size(path, max_pixels=None) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only: cheap enough for thousands of files.
+    An image over the pixel limit (see pixel_limit()) is a DataError."""
     path = Path(path)
     try:
         with Image.open(path, formats=PIL_FORMATS) as img:
+            _check_pixels(path, img, max_pixels)
             w, h = img.size
             # PNG.getexif() decodes the whole image when no EXIF was seen yet; only ask when the header had one.
             has_exif = img.format != "PNG" or any(k in img.info for k in ("exif", "XML:com.adobe.xmp", "xmp"))
@@ -240,6 +281,8 @@ def image_size(path) -> tuple[int, int]:
                 orientation = img.getexif().get(0x0112, 1) if has_exif else 1
             except Exception:
                 orientation = 1  # same leniency as _open
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # these orientations swap the sides
@@ -297,8 +340,10 @@ def _semantic_ids(img, path, classes) -> np.ndarray:
     _refuse_float(img, path)
     if _is_int_grey(img):
         ids = _grey16(img, path)
-    elif img.mode in ("L", "P", "1", "LA", "PA", "La"):
-        ids = np.asarray(img.getchannel(0)).astype(np.int64)  # for P: the palette index IS the label id
+    elif img.mode in ("P", "PA"):
+        ids = _palette_ids(img, path, classes)
+    elif img.mode in ("L", "1", "LA", "La"):
+        ids = np.asarray(img.getchannel(0)).astype(np.int64)
     else:
         return _ids_from_colours(np.asarray(_as_rgb(img), np.int64), path, classes)
     valid = np.zeros(65536, bool)
@@ -311,6 +356,21 @@ def _semantic_ids(img, path, classes) -> np.ndarray:
         raise DataError(f"{path}: label id(s) not in the class table: {listed}{' ...' if len(bad) > 10 else ''}; "
                         f"known ids: {sorted(c.id for c in classes)}")
     return ids
+
+
+def _palette_ids(img, path, classes) -> np.ndarray:
+    """P / PA image -> int64 [H, W]: ids from the colours when the used indices' palette colours are all class
+    colours (a colour map, e.g. a lossless palette re-save of an RGB map), else the palette indices (an index image,
+    checked against the class ids by the caller)."""
+    index = np.asarray(img.getchannel(0)).astype(np.int64)
+    used = np.flatnonzero(np.bincount(index.ravel(), minlength=256)).tolist()
+    pal, by_colour = img.getpalette("RGB") or [], {c.color: c for c in classes}
+    named = [by_colour.get(tuple(pal[3 * i:3 * i + 3])) for i in used]  # the class each used colour is, or None
+    if None in named:
+        return index
+    lut = np.zeros(256, np.int64)
+    lut[used] = [c.id for c in named]
+    return lut[index]
 
 
 def _ids_from_colours(rgb: np.ndarray, path, classes) -> np.ndarray:
@@ -332,21 +392,21 @@ def _ids_from_colours(rgb: np.ndarray, path, classes) -> np.ndarray:
     return known_ids[pos]
 
 
-def load_rgb(path) -> torch.Tensor:
+def load_rgb(path, max_pixels=None) -> torch.Tensor:
     """Visible image -> float [3, H, W] in [-1, 1]."""
-    rgb = _rgb01(_open(path), path)
+    rgb = _rgb01(_open(path, max_pixels), path)
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous() * 2 - 1  # [H, W, 3] in [0,1] -> [3, H, W] in [-1,1]
 
 
-def load_ir(path) -> torch.Tensor:
+def load_ir(path, max_pixels=None) -> torch.Tensor:
     """Infrared image -> float [1, H, W] in [0, 1] (8-bit / 255, 16-bit / 65535)."""
-    ir, _ = _ir01(_open(path), path)
+    ir, _ = _ir01(_open(path, max_pixels), path)
     return torch.from_numpy(ir)[None]  # [H, W] -> [1, H, W]
 
 
-def load_semantic(path, classes) -> tuple[torch.Tensor, torch.Tensor]:
+def load_semantic(path, classes, max_pixels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantic map -> (ids long [H, W], colour float [3, H, W] in [-1, 1] rendered from the ids)."""
-    ids = torch.from_numpy(_semantic_ids(_open(path), path, classes))
+    ids = torch.from_numpy(_semantic_ids(_open(path, max_pixels), path, classes))
     return ids, render_semantic(ids, classes)
 
 
@@ -411,14 +471,15 @@ def _center_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return x[:, top:top + size, left:left + size]
 
 
-def load_pair(rgb_path, sem_path, classes, size: int | None):
+def load_pair(rgb_path, sem_path, classes, size: int | None, max_pixels=None):
     """One user's (visible, semantic map) pair -> (rgb [3, H, W], sem colour [3, H, W], ids [H, W] long).
 
     The two must have the same size. size=None needs sides that are multiples of 16; size=S resizes the
     shorter side to S and centre-crops SxS (bicubic for rgb, nearest for the semantic map and ids).
+    max_pixels: the image size limit (None: see pixel_limit()).
     """
-    rgb = load_rgb(rgb_path)
-    ids, sem = load_semantic(sem_path, classes)
+    rgb = load_rgb(rgb_path, max_pixels)
+    ids, sem = load_semantic(sem_path, classes, max_pixels)
     if rgb.shape[-2:] != sem.shape[-2:]:
         raise DataError(f"{rgb_path} is {rgb.shape[2]}x{rgb.shape[1]} but {sem_path} is "
                         f"{sem.shape[2]}x{sem.shape[1]}: the semantic map must match the image")
@@ -438,13 +499,13 @@ class PairedDataset(torch.utils.data.Dataset):
     size=None keeps each image's size (sides must be multiples of 16); size=S gives SxS: shorter side
     resized to S (BICUBIC with antialias for rgb/ir, NEAREST for semantic ids so they stay valid labels),
     then centre-cropped. classes: None -> root/classes.json if present, else DEFAULT_CLASSES; or a path, or
-    a sequence of SemClass.
+    a sequence of SemClass. max_pixels: the image size limit (None: see pixel_limit()).
 
     item = {"name": stem, "rgb": [3,S,S] in [-1,1], "sem": colour [3,S,S] in [-1,1], "sem_ids": [S,S] long,
             "ir": [1,S,S] in [0,1]}
     """
 
-    def __init__(self, root, size=None, classes=None):
+    def __init__(self, root, size=None, classes=None, max_pixels=None):
         self.root = root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: no such dataset folder")
@@ -455,9 +516,10 @@ class PairedDataset(torch.utils.data.Dataset):
         valid_size = isinstance(size, int) and not isinstance(size, bool) and size > 0 and size % MULTIPLE == 0
         if size is not None and not valid_size:
             raise DataError(f"{root}: size={size!r}; it must be a positive multiple of {MULTIPLE}")
-        self.size = size
+        self.size, self.max_pixels = size, pixel_limit(max_pixels)
         if classes is None:
-            classes = root / "classes.json" if (root / "classes.json").is_file() else None
+            found = root / "classes.json"  # a folder or a broken link there is an error, not "no table"
+            classes = found if found.exists() or found.is_symlink() else None
         if classes is None or isinstance(classes, (str, Path)):
             self.classes = load_classes(classes)
         else:
@@ -468,7 +530,7 @@ class PairedDataset(torch.utils.data.Dataset):
         # Check every pair from the headers alone; decoding all files here would make startup slow.
         self.sizes, mismatched, unaligned = [], [], []
         for name in self.names:
-            sizes = {d: image_size(self.files[d][name]) for d in FOLDERS}
+            sizes = {d: image_size(self.files[d][name], self.max_pixels) for d in FOLDERS}
             if len(set(sizes.values())) > 1:
                 mismatched.append(f"  {name}: " + ", ".join(f"{d} {w}x{h}" for d, (w, h) in sizes.items()))
             w, h = sizes["rgb"]
@@ -490,9 +552,9 @@ class PairedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         name = self.names[i]
         paths = {d: self.files[d][name] for d in FOLDERS}
-        rgb = load_rgb(paths["rgb"])                             # [3, H, W]
-        ids, sem = load_semantic(paths["sem"], self.classes)     # [H, W], [3, H, W]
-        ir = load_ir(paths["ir"])                                # [1, H, W]
+        rgb = load_rgb(paths["rgb"], self.max_pixels)                          # [3, H, W]
+        ids, sem = load_semantic(paths["sem"], self.classes, self.max_pixels)  # [H, W], [3, H, W]
+        ir = load_ir(paths["ir"], self.max_pixels)                             # [1, H, W]
         shapes = {"rgb": tuple(rgb.shape[-2:]), "sem": tuple(ids.shape), "ir": tuple(ir.shape[-2:])}
         if len(set(shapes.values())) > 1:  # the header check can miss an orientation stored after the pixels
             raise DataError(f"{self.root}: pair {name!r} decodes to different sizes (HxW): {shapes}")
@@ -504,9 +566,9 @@ class PairedDataset(torch.utils.data.Dataset):
         return {"name": name, "rgb": rgb, "sem": sem, "sem_ids": ids, "ir": ir}
 
 
-def check(root, size=None, progress=False) -> str:
+def check(root, size=None, progress=False, max_pixels=None) -> str:
     """Decode every pair of a dataset folder; return a printable summary, or raise DataError listing failures."""
-    ds = PairedDataset(root, size=size)
+    ds = PairedDataset(root, size=size, max_pixels=max_pixels)
     n_ids = max(c.id for c in ds.classes) + 1
     pixels, images = torch.zeros(n_ids, dtype=torch.long), torch.zeros(n_ids, dtype=torch.long)
     ir_min, ir_max, ir_sum, ir_n, failures = 1.0, 0.0, 0.0, 0, []
@@ -541,14 +603,30 @@ def check(root, size=None, progress=False) -> str:
 # -----------------------------------------------------------------------------
 # Writing pairs, and importers for public RGB-T segmentation sets
 
-def new_layout(out) -> Path:
-    """Create out/{rgb,sem,ir}/, refusing folders that already hold files."""
+@contextmanager
+def building_layout(out):
+    """Write a dataset folder all at once: yields a temporary folder beside `out` holding rgb/ sem/ ir/, renamed
+    to `out` when the block completes. An error or a kill leaves `out` as it was (the next run clears a killed
+    run's leftovers), so a half-written set is never taken for a complete one. `out` must be new or empty."""
     out = Path(out)
-    for d in FOLDERS:
-        if (out / d).is_dir() and any((out / d).iterdir()):
-            raise DataError(f"{out / d}: not empty; write into a new folder so old pairs are not mixed in")
-        (out / d).mkdir(parents=True, exist_ok=True)
-    return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: not empty; write into a new folder so old pairs are not mixed in")
+    full = Path(os.path.abspath(out))
+    partial = full.with_name(f".{full.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for d in FOLDERS:
+            (partial / d).mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the dataset folder ({e.strerror or e})") from e
+    try:
+        yield partial
+        if out.is_dir():
+            out.rmdir()  # the empty folder the user made: replaced by the finished one
+        partial.rename(full)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def write_pair(out, name, rgb, ids, ir, classes):
@@ -563,20 +641,20 @@ def import_mfnet(src, out, progress=False) -> int:
     src = Path(src)
     files = {"images": _list_images(src / "images"), "labels": _list_images(src / "labels")}
     names = _match_stems(src, files)
-    out = new_layout(out)
-    for name in tqdm(names, desc="import-mfnet", disable=not progress):
-        img_path, label_path = files["images"][name], files["labels"][name]
-        img = _open(img_path)
-        if img.mode != "RGBA":
-            raise DataError(f"{img_path}: mode {img.mode}; MFNet images are 4-channel RGB-T PNGs "
-                            "(thermal = 4th channel)")
-        rgbt = np.asarray(img)                                                   # [H, W, 4] uint8
-        ids = _semantic_ids(_open(label_path), label_path, MFNET_CLASSES)        # [H, W]
-        if ids.shape != rgbt.shape[:2]:
-            raise DataError(f"{src}: pair {name!r}: image {rgbt.shape[1]}x{rgbt.shape[0]} "
-                            f"but label {ids.shape[1]}x{ids.shape[0]}")
-        write_pair(out, name, rgbt[..., :3], ids, rgbt[..., 3], MFNET_CLASSES)
-    save_classes(MFNET_CLASSES, out / "classes.json")
+    with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
+        for name in tqdm(names, desc="import-mfnet", disable=not progress):
+            img_path, label_path = files["images"][name], files["labels"][name]
+            img = _open(img_path)
+            if img.mode != "RGBA":
+                raise DataError(f"{img_path}: mode {img.mode}; MFNet images are 4-channel RGB-T PNGs "
+                                "(thermal = 4th channel)")
+            rgbt = np.asarray(img)                                                   # [H, W, 4] uint8
+            ids = _semantic_ids(_open(label_path), label_path, MFNET_CLASSES)        # [H, W]
+            if ids.shape != rgbt.shape[:2]:
+                raise DataError(f"{src}: pair {name!r}: image {rgbt.shape[1]}x{rgbt.shape[0]} "
+                                f"but label {ids.shape[1]}x{ids.shape[0]}")
+            write_pair(tmp, name, rgbt[..., :3], ids, rgbt[..., 3], MFNET_CLASSES)
+        save_classes(MFNET_CLASSES, tmp / "classes.json")
     return len(names)
 
 
@@ -588,18 +666,18 @@ def import_fmb(src, out, progress=False) -> int:
                         "import FMB/train and FMB/test separately")
     files = {d: _list_images(src / d) for d in ("Visible", "Infrared", "Label")}
     names = _match_stems(src, files)
-    out = new_layout(out)
-    for name in tqdm(names, desc="import-fmb", disable=not progress):
-        p = {d: files[d][name] for d in files}
-        rgb = np.round(_rgb01(_open(p["Visible"]), p["Visible"]) * 255).astype(np.uint8)  # [H, W, 3]
-        ir, bits = _ir01(_open(p["Infrared"]), p["Infrared"])                             # [H, W] in [0,1]
-        ir = np.round(ir * 65535).astype(np.uint16) if bits == 16 else np.round(ir * 255).astype(np.uint8)
-        ids = _semantic_ids(_open(p["Label"]), p["Label"], FMB_CLASSES)
-        shapes = {"Visible": rgb.shape[:2], "Infrared": ir.shape, "Label": ids.shape}
-        if len(set(shapes.values())) > 1:
-            raise DataError(f"{src}: pair {name!r} sizes disagree (HxW): {shapes}")
-        write_pair(out, name, rgb, ids, ir, FMB_CLASSES)
-    save_classes(FMB_CLASSES, out / "classes.json")
+    with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
+        for name in tqdm(names, desc="import-fmb", disable=not progress):
+            p = {d: files[d][name] for d in files}
+            rgb = np.round(_rgb01(_open(p["Visible"]), p["Visible"]) * 255).astype(np.uint8)  # [H, W, 3]
+            ir, bits = _ir01(_open(p["Infrared"]), p["Infrared"])                             # [H, W] in [0,1]
+            ir = np.round(ir * 65535).astype(np.uint16) if bits == 16 else np.round(ir * 255).astype(np.uint8)
+            ids = _semantic_ids(_open(p["Label"]), p["Label"], FMB_CLASSES)
+            shapes = {"Visible": rgb.shape[:2], "Infrared": ir.shape, "Label": ids.shape}
+            if len(set(shapes.values())) > 1:
+                raise DataError(f"{src}: pair {name!r} sizes disagree (HxW): {shapes}")
+            write_pair(tmp, name, rgb, ids, ir, FMB_CLASSES)
+        save_classes(FMB_CLASSES, tmp / "classes.json")
     return len(names)
 
 
@@ -615,13 +693,15 @@ def main(argv=None):
     p = sub.add_parser("check", help="decode every pair of a dataset folder and summarise it")
     p.add_argument("root")
     p.add_argument("--size", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help=f"largest image, width x height (default: ${PIXELS_ENV}, else {MAX_PIXELS})")
     args = parser.parse_args(argv)
     try:
         if args.cmd in ("import-mfnet", "import-fmb"):
             n = (import_mfnet if args.cmd == "import-mfnet" else import_fmb)(args.src, args.out, progress=True)
             print(f"imported {n} pairs into {args.out}")
         elif args.cmd == "check":
-            print(check(args.root, args.size, progress=True))
+            print(check(args.root, args.size, progress=True, max_pixels=args.max_pixels))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

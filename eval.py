@@ -12,16 +12,22 @@ in [0, 1]: PSNR, SSIM, per-class intensity error, and over the regions of the se
 (cold in the ground truth, hot in the prediction) and the miss rate (hot in the ground truth, cold in the
 prediction). Decoy classes (default: poster, car_parked, which look exactly like hot classes in RGB) get their own
 hallucination rate. FID needs a user-supplied feature network (--fid-model, a TorchScript file; nothing downloads).
+A NaN or infinite prediction stops the evaluation with an error naming the pair: it is never scored.
 
 The ablation trains each conditioning scheme (`train.run`) with the same data, --train-steps, seed and LoRA (stage `joint`: LoRA on the
 backbone + the scheme's semantic modules; `none` is LoRA alone on RGB, `overlay` LoRA alone on RGB blended with the
 semantic colours), evaluates all of them on the same held-out set, and writes table.md, results.json and figures.
+A scheme whose <out>/<scheme>/final.safetensors exists is reused only if it was trained with exactly this
+invocation's settings (the train_args its metadata records); otherwise eval.py names the setting that differs and
+stops before any training: pass --retrain, or a new --out.
 """
 
 import argparse
 import json
+import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,7 @@ import torch
 import data
 import metrics
 import train
+from checkpoint import read_metadata
 from flux_model import PRESETS
 from pipeline import ROOT, attention_maps, command, find_setup, generate, is_trained_key, load_pipeline
 from synth import write_synth
@@ -45,11 +52,29 @@ LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroc
 B_OPTIONS = {"xattn-double": lambda p: {"sem_blocks": "double"},
              "xattn-every2": lambda p: {"sem_blocks": "every:2"},
              "xattn-half": lambda p: {"sem_inner_dim": p.hidden_size // 2, "sem_heads": max(1, p.num_heads // 2)}}
+COUNT_FLAGS = ("steps", "train_steps", "limit", "batch_size", "lora_rank")  # must be >= 1 when given
+# the ablation flag behind each TrainConfig field that train_config sets from the command line
+TRAIN_FLAGS = {"data": "--train-data", "steps": "--train-steps", "batch_size": "--batch-size", "seed": "--seed",
+               "lora_rank": "--lora-rank", "lora_alpha": "--lora-rank", "lr": "--lr"}
+NOT_COMPARED = ("out", "progress", "resume", "overwrite")  # where a run lives, how it reports and was started
+
+
+def decoy_ids(classes, names=None) -> list[int]:
+    """The ids of the decoy classes `names` (None: the defaults the dataset has); a name that is not one of the
+    dataset's classes is an error listing them."""
+    known = [c.name for c in classes]
+    if names is None:
+        names = [n for n in DECOY_NAMES if n in known]
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"--decoys {','.join(unknown)}: not a class of the dataset; its classes are "
+                         f"{', '.join(known)}")
+    return [c.id for c in classes if c.name in names]
 
 
 @torch.no_grad()
 def predict(pipe, ds, steps: int, seed: int, limit: int | None, batch_size: int = 8, progress: bool = True):
-    """Yield (index, item, prediction [1, H, W]) for the first `limit` pairs; pair i is sampled with seed + i."""
+    """Yield (index, item, prediction [1, H, W]) for the first `limit` pairs; pair i is sampled with seed + i.
+    A prediction with a NaN or infinite pixel raises ValueError naming the pair."""
     from tqdm import tqdm
     n = len(ds) if not limit else min(limit, len(ds))
     bar = tqdm(total=n, desc="evaluating", disable=not progress)
@@ -61,25 +86,28 @@ def predict(pipe, ds, steps: int, seed: int, limit: int | None, batch_size: int 
             pred = generate(pipe, torch.stack([it["rgb"] for it in group]), torch.stack([it["sem"] for it in group]),
                             steps=steps, seed=[seed + i + k for k in range(len(group))]).cpu()
             for k, it in enumerate(group):
+                if not bool(torch.isfinite(pred[k]).all()):
+                    raise ValueError(f"{ds.root}: the prediction for pair {i + k} ({it['name']}) is not finite "
+                                     "(NaN or inf): the model's weights or sampling diverged; nothing is scored")
                 yield i + k, it, pred[k]
             i += len(group)
             bar.update(len(group))
     bar.close()
 
 
-def evaluate(pipe, ds, steps=20, seed=0, limit=None, decoys=DECOY_NAMES, save_dir: Path | None = None,
+def evaluate(pipe, ds, steps=20, seed=0, limit=None, decoys=None, save_dir: Path | None = None,
              progress=True) -> dict:
-    """Score a pipeline on a dataset: metrics.summarize over every pair (+ the decoy slice)."""
-    classes = ds.classes
-    hot = data.hot_ids(classes)
-    decoy_ids = [c.id for c in classes if c.name in decoys]
+    """Score a pipeline on a dataset: metrics.summarize over every pair (+ the slice of the decoy classes
+    `decoys`; None: DECOY_NAMES where the dataset has them)."""
+    hot = data.hot_ids(ds.classes)
+    decoy = decoy_ids(ds.classes, decoys)
     records = []
     for i, item, pred in predict(pipe, ds, steps, seed, limit, progress=progress):
         records.append(metrics.evaluate_image(pred[0].double(), item["ir"][0].double(), item["sem_ids"]))
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             to_pil_gray(pred).save(save_dir / f"{item['name']}.png")
-    return metrics.summarize(records, hot_ids=hot, decoy_ids=decoy_ids)
+    return metrics.summarize(records, hot_ids=hot, decoy_ids=decoy)
 
 
 def fid_score(pipe, ds, model_path, steps, seed, limit) -> float:
@@ -135,12 +163,32 @@ def comparison_figure(pipes: dict, ds, indices: list[int], steps: int, seed: int
 
 def train_config(scheme: str, args, run: Path) -> train.TrainConfig:
     """The ablation protocol as one train.py config: stage joint (LoRA on the backbone + the scheme's modules), the
-    same data, steps, batch, seed, learning rate and LoRA for every scheme; scheme B's options on top."""
+    same data, steps, batch, seed, learning rate and LoRA for every scheme; scheme B's options on top. A scheme
+    is trained only when it has no final weights or --retrain asks for it, so its run starts over (overwrite)."""
     options = B_OPTIONS[scheme](PRESETS[find_setup().preset]) if scheme in B_OPTIONS else {}
-    return train.TrainConfig(stage="joint", scheme=scheme.split("-")[0], data=str(args.train_data),
+    return train.TrainConfig(stage="joint", scheme=scheme.split("-")[0], data=str(Path(args.train_data).resolve()),
                              steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, out=str(run),
                              lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), sample_steps=0, lr=args.lr,
-                             progress=args.progress, **options)
+                             progress=args.progress, overwrite=True, **options)
+
+
+def check_reusable(final: Path, want: train.TrainConfig) -> dict:
+    """The train_args `final` records, if they equal `want` (but for NOT_COMPARED); else ValueError naming the
+    first setting that differs."""
+    try:
+        recorded = json.loads(read_metadata(final)["train_args"])
+    except (KeyError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{final} records no readable train_args, so its settings are unknown; pass --retrain to "
+                         "train it again, or a new --out")
+    for name, value in asdict(want).items():
+        if name in NOT_COMPARED or recorded.get(name, "(not recorded)") == value:
+            continue
+        flag = f" ({TRAIN_FLAGS[name]})" if name in TRAIN_FLAGS else ""
+        raise ValueError(f"{final} was trained with {name}={recorded.get(name, '(not recorded)')!r}, this run asks "
+                         f"for {value!r}{flag}; pass --retrain to train it again, or a new --out")
+    return recorded
 
 
 def run_ablation(args) -> int:
@@ -160,24 +208,31 @@ def run_ablation(args) -> int:
             print(f"generating {d}")
             write_synth(d, count=count, size=128, seed=s)
     test = data.PairedDataset(test_data)
-    results, extras, logs, pipes = {}, {}, {}, {}
+    decoys = decoy_names(args)
+    decoy_ids(test.classes, decoys)
+    # every reused run is checked before any training, so a mismatch costs no time
+    reuse = {s: not args.retrain and (out / s / "final.safetensors").is_file() for s in schemes}
+    for scheme in schemes:
+        if reuse[scheme]:
+            check_reusable(out / scheme / "final.safetensors", train_config(scheme, args, out / scheme))
+    results, extras, logs, pipes, runs = {}, {}, {}, {}, {}
     for scheme in schemes:
         run = out / scheme
         final = run / "final.safetensors"
-        if not final.is_file() or args.retrain:
-            if (run / "log.jsonl").exists():
-                (run / "log.jsonl").unlink()
+        if not reuse[scheme]:
             t0 = time.time()
             rc = train.run(train_config(scheme, args, run))
             if rc:
                 raise RuntimeError(f"training {scheme} failed ({rc})")
             print(f"{scheme}: trained in {time.time() - t0:.0f} s")
+        runs[LABELS[scheme]] = check_reusable(final, train_config(scheme, args, run))  # what was actually trained
         logs[LABELS[scheme]] = run / "log.jsonl"
         rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
         sps = float(np.median([r["steps_per_s"] for r in rows[1:]] or [rows[-1]["steps_per_s"]]))
         pipe = load_pipeline(final, quiet=True)
         trained = sum(v.numel() for k, v in pipe.model.state_dict().items() if is_trained_key(k))
-        summ = evaluate(pipe, test, steps=args.steps, seed=args.seed, limit=args.limit, progress=args.progress)
+        summ = evaluate(pipe, test, steps=args.steps, seed=args.seed, limit=args.limit, decoys=decoys,
+                        progress=args.progress)
         results[LABELS[scheme]] = summ
         extras[LABELS[scheme]] = {"trainable params": trained, "s/step": round(1 / sps, 3)}
         pipes[scheme] = pipe
@@ -189,7 +244,7 @@ def run_ablation(args) -> int:
         "train_pairs": len(data.PairedDataset(train_data)), "test_pairs": min(len(test), args.limit or len(test)),
         "train_steps": args.train_steps, "batch_size": args.batch_size, "lora_rank": args.lora_rank, "lr": args.lr,
         "eval_steps": args.steps, "seed": args.seed, "base": str(setup.flux)},
-        "results": results, "extras": extras}), indent=1))
+        "results": results, "extras": extras, "train_args": runs}), indent=1))
     print(table)
     loss_curves(logs, out / "loss_curves.png")
     # test scenes with decoys for the figure: a poster or a parked car, and a person
@@ -223,7 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first K pairs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=None)
-    ap.add_argument("--decoys", default=",".join(DECOY_NAMES), help="cold classes that look like hot ones")
+    ap.add_argument("--decoys", default=None, help="cold classes that look like hot ones, comma-separated "
+                    f"(default: {','.join(DECOY_NAMES)} where the dataset has them)")
     ap.add_argument("--save", default=None, help="also write the predictions to this folder")
     ap.add_argument("--fid-model", default=None, help="TorchScript feature network for FID (user-supplied)")
     ap.add_argument("--ablation", action="store_true", help="train every scheme of --schemes, then score them")
@@ -237,15 +293,27 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
+    for name in COUNT_FLAGS:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
     return run_ablation(args) if args.ablation else run_eval(args)
+
+
+def decoy_names(args) -> list[str] | None:
+    """--decoys as a list of names (None: the defaults)."""
+    return None if args.decoys is None else [n.strip() for n in args.decoys.split(",") if n.strip()]
 
 
 def run_eval(args) -> int:
     if not args.ckpt and not args.base:
         raise ValueError("pass --ckpt PATH (a train.py output) or --base")
     ds = data.PairedDataset(args.data, size=args.size)
+    decoys = decoy_names(args)
+    decoy_ids(ds.classes, decoys)  # a misspelt name is refused before the model loads
     pipe = load_pipeline(None if args.base else args.ckpt)
-    summ = evaluate(pipe, ds, steps=args.steps, seed=args.seed, limit=args.limit, decoys=args.decoys.split(","),
+    summ = evaluate(pipe, ds, steps=args.steps, seed=args.seed, limit=args.limit, decoys=decoys,
                     save_dir=Path(args.save) if args.save else None, progress=args.progress)
     extra = {"ckpt": args.ckpt or "base", "steps": args.steps, "seed": args.seed}
     if args.fid_model:

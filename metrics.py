@@ -3,7 +3,8 @@ Evaluation metrics for visible -> infrared generation: image quality, semantic f
 
 Protocol (what every number in the README means):
 - Images are single-channel IR in [0, 1], compared at the ground truth's resolution, one image at a time.
-  Accepted shapes: [H, W], [B, H, W] or [B, 1, H, W]. All arithmetic is float64.
+  Accepted shapes: [H, W], [B, H, W] or [B, 1, H, W]. All arithmetic is float64. A NaN or infinite pixel
+  (or feature) is an error, never a score: NaN compares as "not hot" and would count as a perfect prediction.
 - PSNR = 10 log10(data_range^2 / MSE) per image, then the mean over images (identical images give +inf).
 - SSIM follows Wang et al. 2004 exactly as scikit-image computes it with
   `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)`:
@@ -39,7 +40,15 @@ HOT_THRESHOLD = 0.6      # a region whose mean intensity is above this is a hot 
 MIN_REGION_PIXELS = 16   # smaller components are label noise / slivers, too small to call hot or cold reliably
 
 # -----------------------------------------------------------------------------
-# shapes
+# shapes and values
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """Refuse NaN / inf values: every metric below would turn them into a plausible-looking number."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf) of {x.numel()}; metrics need finite "
+                         "inputs")
 
 
 def _as_batch(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +69,8 @@ def _pair(pred, target) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Both images as [B, H, W] float64 on pred's device, plus whether the input was a single [H, W] image."""
     single = torch.as_tensor(pred).dim() == 2
     p, t = _as_batch(pred), _as_batch(target)
+    _check_finite(p, "pred")
+    _check_finite(t, "target")
     if p.shape != t.shape:
         raise ValueError(f"pred {tuple(p.shape)} and target {tuple(t.shape)} differ; resize before comparing")
     return p, t.to(p.device), single
@@ -72,6 +83,7 @@ def _single_image(x, name: str) -> np.ndarray:
         x = x[0]
     if x.dim() != 2:
         raise ValueError(f"{name}: semantic metrics take one image at a time, got {tuple(x.shape)}")
+    _check_finite(x, name)
     return x.detach().to("cpu", torch.float64).numpy()
 
 
@@ -374,6 +386,7 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     f = torch.as_tensor(features).to(torch.float64)
     if f.dim() != 2 or f.shape[0] < 2:
         raise ValueError(f"need [N >= 2, D] features, got {tuple(f.shape)}")
+    _check_finite(f, "features")
     mu = f.mean(0)                                                      # [N, D] -> [D]
     d = f - mu
     return mu, d.T @ d / (f.shape[0] - 1)                               # [D, D]
@@ -399,6 +412,8 @@ def fid_from_features(mu1, sigma1, mu2, sigma2) -> float:
     eigenvalues in float64: no scipy.linalg.sqrtm, no complex parts, and singular covariances (N < D) are fine."""
     mu1, mu2 = (torch.as_tensor(m).to(torch.float64) for m in (mu1, mu2))
     s1, s2 = (torch.as_tensor(s).to(torch.float64) for s in (sigma1, sigma2))
+    for x, name in ((mu1, "mu1"), (mu2, "mu2"), (s1, "sigma1"), (s2, "sigma2")):
+        _check_finite(x, name)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
         raise ValueError(f"shape mismatch: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, sigma {tuple(s1.shape)}/{tuple(s2.shape)}")
     r1 = _sqrt_psd(s1)
@@ -422,6 +437,7 @@ def fid_features_from_model(model: torch.nn.Module, images: torch.Tensor, batch_
     x = torch.as_tensor(images)
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"images must be [N, 1 or 3, H, W], got {tuple(x.shape)}")
+    _check_finite(x, "images")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data import DEFAULT_CLASSES, MULTIPLE, DataError, new_layout, palette, save_classes, write_pair
+from data import DEFAULT_CLASSES, MULTIPLE, DataError, building_layout, palette, save_classes, write_pair
 
 # IR value ("temperature") per class, before blur and noise; per-scene and per-object offsets add +-0.03.
 #                  day    night
@@ -203,14 +203,15 @@ def make_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
 # Writing scenes to disk
 
 def write_synth(out, count, size, seed=0, progress=False) -> int:
-    """count scenes as out/{rgb,sem,ir}/NNNNNN.png + classes.json. Scene i depends only on (seed, i)."""
+    """count scenes as out/{rgb,sem,ir}/NNNNNN.png + classes.json. Scene i depends only on (seed, i).
+    out appears only when every scene is written, so an interrupted run is never reused as a complete set."""
     if size < MULTIPLE or size % MULTIPLE:
         raise DataError(f"synth: size {size} must be a positive multiple of {MULTIPLE}")
-    out = new_layout(out)
-    for i in tqdm(range(count), desc="synth", disable=not progress):
-        rgb, ids, ir = make_scene(np.random.default_rng([seed, i]), size)
-        write_pair(out, f"{i:06d}", rgb, ids, ir, DEFAULT_CLASSES)
-    save_classes(DEFAULT_CLASSES, out / "classes.json")
+    with building_layout(out) as tmp:
+        for i in tqdm(range(count), desc="synth", disable=not progress):
+            rgb, ids, ir = make_scene(np.random.default_rng([seed, i]), size)
+            write_pair(tmp, f"{i:06d}", rgb, ids, ir, DEFAULT_CLASSES)
+        save_classes(DEFAULT_CLASSES, tmp / "classes.json")
     return count
 
 

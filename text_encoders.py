@@ -520,8 +520,11 @@ def _clip_files(folder: Path) -> list[Path]:
     return files
 
 
+_CLIP_TEXT_PARTS = ("embeddings.token_embedding.", "encoder.layers.", "final_layer_norm.")  # under text_model.
+
+
 def _t5_hint(missing: set, unexpected: set, mismatched: list) -> str:
-    if any(k.startswith("text_model.") for k in unexpected):
+    if any(k.startswith(("text_model.", *_CLIP_TEXT_PARTS)) for k in unexpected):
         return "these are CLIP weights; load them with load_clip()"
     if any(".DenseReluDense.wi." in k for k in unexpected):
         return "this is an original T5 (single relu `wi`); FLUX needs T5 v1.1 (gated-gelu `wi_0`, `wi_1`)"
@@ -578,10 +581,12 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu",
         pad_token = pad_token or (pad.get("content") if isinstance(pad, dict) else pad)
     tokenizer = CLIPTokenizer(files[0], files[1], cfg.max_position_embeddings, pad_token)
     sd = read_sharded(folder, dtype, device)
-    # HF saves `position_ids` as a buffer in some versions; it is only arange(77)
-    sd.pop("text_model.embeddings.position_ids", None)
     if hf.get("model_type") == "clip":  # full CLIPModel: keep the text tower
         sd = {k: v for k, v in sd.items() if k.startswith("text_model.")}
+    elif any(k.startswith(_CLIP_TEXT_PARTS) for k in sd) and not any(k.startswith("text_model.") for k in sd):
+        sd = {"text_model." + k: v for k, v in sd.items()}  # transformers 5 dropped CLIPTextModel's inner text_model
+    # HF saves `position_ids` as a buffer in some versions; it is only arange(77)
+    sd.pop("text_model.embeddings.position_ids", None)
     with torch.device("meta"):
         model = CLIPTextEncoder(cfg)
     load_strict(model, sd, f"CLIP text encoder {folder}", hint=_clip_hint)

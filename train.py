@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import data
-from checkpoint import read_safetensors, save_atomic, save_torch_atomic
+from checkpoint import CheckpointError, load_torch_state, read_safetensors, save_atomic, save_torch_atomic
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_model import PRESETS, Flux, load_flux
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, cache_dir, command, find_setup,
@@ -100,6 +100,7 @@ class TrainConfig:
     ckpt_every: int = opt(100, "steps between latest.safetensors + resume.pt")
     device: str = opt("", "default: cuda:LOCAL_RANK if available, else cpu")
     progress: bool = opt(True, "progress bar")
+    overwrite: bool = opt(False, "start over in an --out that holds another run (its weights, resume state and log)")
 
 
 STAGE_DEFAULTS = {  # steps, lr for FLUX.1-size models
@@ -132,11 +133,44 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
     if cfg.scheme in MODULE_SCHEMES:
         semantic = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
                                   num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim)
-        semantic.validate()
+        try:
+            semantic.validate()
+        except ValueError as e:
+            raise ValueError(f"--scheme/--sem-*: {e}") from None
         c["semantic"] = semantic.to_dict()
     if cfg.stage in ("joint", "finetune"):
         c["lora_rank"], c["lora_alpha"] = cfg.lora_rank, cfg.lora_alpha
     return c
+
+
+def check_numbers(cfg: TrainConfig, setup: Setup) -> None:
+    """Every count positive, every rate finite and in range: one ValueError naming the flag."""
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "sample_every", "sample_steps", "size", "sem_heads", "sem_inner_dim"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    for name in ("lr", "strength_lr_mult", "grad_clip", "logit_std"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and 0 < v < torch.finfo(torch.float32).max):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive finite float32 number, got {v}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.size % 16:
+        raise ValueError(f"--size must be a multiple of 16 (8x VAE downsampling x 2x2 patches), got {cfg.size}")
+    if cfg.stage in ("joint", "finetune") and cfg.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be at least 1, got {cfg.lora_rank}")
+    if cfg.scheme in ("xattn", "adapter"):
+        p = PRESETS[setup.preset]
+        heads, inner = cfg.sem_heads or p.num_heads, cfg.sem_inner_dim or p.hidden_size
+        if inner % heads or (inner // heads) % 4:
+            raise ValueError(f"--sem-inner-dim {inner} / --sem-heads {heads} must give a whole head dim that is a "
+                             "multiple of 4 (RoPE rotates pairs on 2 spatial axes)")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA GPU is available here")
 
 
 def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
@@ -162,10 +196,61 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
     for key in ("scheme", "base_preset", "semantic"):
         if got.get(key) != want.get(key):
             raise ValueError(f"--init {cfg.init} has {key}={got.get(key)!r} but this run has {want.get(key)!r}")
-    if got.get("lora_rank") and want.get("lora_rank") and got["lora_rank"] != want["lora_rank"]:
-        raise ValueError(f"--init {cfg.init} has LoRA rank {got['lora_rank']} but this run asks for "
-                         f"{want['lora_rank']}")
+    if got.get("lora_rank") and want.get("lora_rank"):
+        for key, flag in (("lora_rank", "--lora-rank"), ("lora_alpha", "--lora-alpha")):
+            if got.get(key) != want[key]:
+                raise ValueError(f"--init {cfg.init} has {key}={got.get(key)!r} but this run asks for {flag} "
+                                 f"{want[key]!r}")
     return got
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder: one run at a time, nothing of an earlier run lost
+
+RUN_FILES = ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim_out(cfg: TrainConfig, master: bool) -> Path | None:
+    """Refuse, before any work, an --out that another live run writes to (OUT/run.lock holds its pid) or that holds an
+    earlier run's files, unless --resume continues it or --overwrite starts over (then those files are removed).
+    The master process takes the lock (an unwritable --out fails here); returns the lock file."""
+    out = Path(cfg.out)
+    lock = out / "run.lock"
+    if master and lock.is_file():
+        owner = lock.read_text().strip()
+        if owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner)):
+            raise ValueError(f"{out}: another run (pid {owner}) is writing here; wait for it to end or use another "
+                             "--out")
+    earlier = [n for n in RUN_FILES if (out / n).exists()]
+    if earlier and not (cfg.resume or cfg.overwrite):
+        what = "a finished run" if (out / "final.safetensors").exists() else "a stopped run"
+        raise ValueError(f"{out} holds {what} ({', '.join(earlier)}): continue it with --resume, or pass --overwrite "
+                         "to start over")
+    if not master:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    lock.write_text(f"{os.getpid()}\n")
+    if cfg.overwrite and not cfg.resume:
+        for n in earlier:
+            (out / n).unlink()
+    return lock
+
+
+def resume_command(world: int) -> str:
+    """The command that continues this run (torchrun's when it runs under torchrun)."""
+    args = " ".join(a for a in sys.argv[1:] if a != "--resume")
+    launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+    return f"{launcher} train.py {args} --resume"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +299,7 @@ def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:
             h.update(f"{d}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
     st = Path(ae_path).stat()
     h.update(f"{ae_path}:{st.st_size}:{st.st_mtime_ns}:{ds.size}".encode())
+    h.update(json.dumps([asdict(c) for c in ds.classes]).encode())  # the palette the semantic maps were read with
     return h.hexdigest()[:20]
 
 
@@ -326,16 +412,47 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # Outputs
 
 
-def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, log_bins):
-    """Resume state with no pickle of objects: tensors, numbers and lists, read back with weights_only=True."""
+# settings a resumed run may change: they do not change what is computed (--steps is checked on its own)
+RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "log_every", "sample_every", "sample_steps", "ckpt_every",
+                     "device", "compile", "gradient_checkpointing", "steps")
+
+
+def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, log_bins, cfg: TrainConfig):
+    """Resume state with no pickle of objects: tensors, numbers, lists and strings, read back with weights_only=True.
+    It records the run's settings, so that --resume continues the same run."""
     state = {"step": step, "params": {n: p.detach().cpu() for n, p in trainable}, "optimizer": opt.state_dict(),
-             "rng": g.get_state(), "t_bins": log_bins}
+             "rng": g.get_state(), "t_bins": log_bins, "train_args": json.dumps(asdict(cfg))}
     save_torch_atomic(state, path)
 
 
-def load_resume(path: Path, trainable, opt, g: torch.Generator) -> tuple[int, list]:
-    """save_resume's state back into the trainable weights, the optimiser and the generator: (step, loss bins)."""
-    state = torch.load(path, weights_only=True, map_location="cpu")
+def check_resume_settings(path: Path, state: dict, cfg: TrainConfig) -> dict:
+    """Refuse a --resume whose settings would change the run; returns the allowed overrides made (a longer --steps)."""
+    if "train_args" not in state:
+        print(f"warning: {path} predates recorded settings; they cannot be checked against this command")
+        return {}
+    was, now = json.loads(state["train_args"]), asdict(cfg)
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and was.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"--resume with other settings than {path} was written with: "
+                         + ", ".join(f"--{k.replace('_', '-')} {was.get(k)!r} -> {now[k]!r}" for k in changed)
+                         + "; resume with the run's own settings, or start a new run (--overwrite or another --out)")
+    if now["steps"] != was["steps"]:
+        if now["steps"] < state["step"]:
+            raise ValueError(f"--steps {now['steps']}: {path} is already at step {state['step']}")
+        print(f"note: --steps {was['steps']} -> {now['steps']}: the learning-rate schedule follows the new length "
+              f"from step {state['step']} on (recorded in the outputs' metadata)")
+        return {"steps": [was["steps"], now["steps"]], "at_step": state["step"]}
+    return {}
+
+
+def load_resume(path: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig) -> tuple[int, list, dict]:
+    """save_resume's state back into the trainable weights, the optimiser and the generator:
+    (step, loss bins, the overrides check_resume_settings allowed)."""
+    state = load_torch_state(path)
+    if missing := [k for k in ("step", "params", "optimizer", "rng", "t_bins") if k not in state]:
+        raise CheckpointError(f"{path}: not a resume state written by train.py (no {', '.join(missing)}); start over "
+                              "with --overwrite")
+    overrides = check_resume_settings(path, state, cfg)
     if sorted(state["params"]) != sorted(n for n, _ in trainable):
         raise ValueError(f"{path} was written by a run with other trainable weights (another stage or scheme)")
     with torch.no_grad():
@@ -343,7 +460,24 @@ def load_resume(path: Path, trainable, opt, g: torch.Generator) -> tuple[int, li
             p.copy_(state["params"][n])
     opt.load_state_dict(state["optimizer"])
     g.set_state(state["rng"])
-    return state["step"], state["t_bins"]
+    return state["step"], state["t_bins"], overrides
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written after the resume state a run continues from), atomically."""
+    if path.is_file():
+        rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, path)
+
+
+@torch.no_grad()
+def gives_finite_loss(model: Flux, batch: tuple, use_cuda: bool) -> bool:
+    """The weights as they are now, on the last batch: finite loss? (A huge but finite weight can give NaN.)"""
+    x0, noise, t, cond, guidance = batch
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=use_cuda):
+        return bool(torch.isfinite(flow_loss(model, x0, noise, t, cond, guidance)).all())
 
 
 def write_weights(path: Path, model: Flux, stage: str, meta: dict):
@@ -402,13 +536,16 @@ def run(cfg: TrainConfig) -> int:
         print(setup.describe())
     cfg.lr = cfg.lr or (DEMO_LR if setup.kind == "demo" else {k: v[1] for k, v in STAGE_DEFAULTS.items()})[cfg.stage]
     out = Path(cfg.out)
+    check_numbers(cfg, setup)
     want = stage_config(cfg, setup)
     check_config(cfg, setup, want)
+    lock = claim_out(cfg, master)
     use_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if use_cuda else torch.float32  # base weights; trainable weights stay fp32
 
     # ---- latents (VAE encoder used once, then freed) and the prompt embedding
     ds = dataset_for(cfg, setup, master)
+    want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
     ae = load_ae(setup.ae, device=device, dtype=dtype)
     latents = encode_dataset(ds, ae, setup.ae, cfg, device, dtype, master)
     del ae.encoder  # not needed in the loop (the decoder stays for the sample grids)
@@ -440,11 +577,14 @@ def run(cfg: TrainConfig) -> int:
     step, t_bins = 0, [[0.0, 0] for _ in range(10)]
     resume_path = out / "resume.pt"
     if cfg.resume:
-        step, t_bins = load_resume(resume_path, trainable, opt, g)
+        step, t_bins, overrides = load_resume(resume_path, trainable, opt, g, cfg)
         if master:
+            trim_log(out / "log.jsonl", step)
             print(f"resumed from {resume_path} at step {step}")
     meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,
             "train_args": json.dumps(asdict(cfg))}
+    if cfg.resume and overrides:
+        meta["resume_overrides"] = json.dumps(overrides)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if master else None
     stopper = Stopper()
@@ -481,6 +621,7 @@ def run(cfg: TrainConfig) -> int:
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                         per_sample = flow_loss(fwd, x0, noise, t, cond, guidance)  # [B]
+                    last_batch = (x0, noise, t, cond, guidance)
                     loss = per_sample.mean() / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
@@ -513,14 +654,24 @@ def run(cfg: TrainConfig) -> int:
                 flag = torch.tensor([float(stop)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop = bool(flag.item())
-            if master and (step % cfg.ckpt_every == 0 or stop or step == cfg.steps):
-                write_weights(out / "latest.safetensors", model, cfg.stage, meta)
-                save_resume(resume_path, trainable, opt, step, g, t_bins)
-                good_ckpt = out / "latest.safetensors"
+            if step % cfg.ckpt_every == 0 or stop or step == cfg.steps:
+                # only weights that still give a finite loss are ever written as good ones
+                ok = torch.tensor([float(gives_finite_loss(model, last_batch, use_cuda))], device=device)
+                if world > 1:
+                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                if not ok.item():
+                    where = f"the last good weights are {good_ckpt}" if good_ckpt else "no checkpoint was written yet"
+                    print(f"error: the weights after step {step} give a non-finite loss; stopping ({where}; lower "
+                          "--lr?)", file=sys.stderr)
+                    return 1
+                if master:
+                    write_weights(out / "latest.safetensors", model, cfg.stage, meta)
+                    save_resume(resume_path, trainable, opt, step, g, t_bins, cfg)
+                    good_ckpt = out / "latest.safetensors"
             if stop:
                 if master:
                     print(f"\nstopped by signal {stopper.signal or 'on another rank'} at step {step}; resume with "
-                          f"`python train.py {' '.join(sys.argv[1:])} --resume`")
+                          f"`{resume_command(world)}`")
                 return 128 + (stopper.signal or signal.SIGTERM)
         bar.close()
         if master:
@@ -536,6 +687,8 @@ def run(cfg: TrainConfig) -> int:
         stopper.close()
         if log is not None:
             log.close()
+        if lock is not None:
+            lock.unlink(missing_ok=True)
         if world > 1:
             dist.destroy_process_group()
     return 0

@@ -2,6 +2,9 @@
 atomic, and a fuzz test over the safetensors header/metadata parser finds no crash other than CheckpointError."""
 
 import json
+import os
+import pickle
+import re
 import struct
 
 import pytest
@@ -10,8 +13,9 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from safetensors.torch import save_file
 from torch import nn
 
+import checkpoint
 from checkpoint import (CheckpointError, check_keys, read_header, read_metadata, read_safetensors, load_strict,
-                        save_atomic, strip_prefix, read_sharded)
+                        save_atomic, save_torch_atomic, load_torch_state, strip_prefix, read_sharded)
 
 
 def valid_file(tmp_path, name="a.safetensors"):
@@ -100,7 +104,6 @@ def test_meta_model_takes_file_tensors_without_copy():
 def test_save_atomic_never_leaves_a_half_file(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     save_atomic({"a": torch.ones(2)}, path)
-    import checkpoint
 
     def crash(*a, **k):
         raise KeyboardInterrupt  # a kill in the middle of writing
@@ -108,6 +111,86 @@ def test_save_atomic_never_leaves_a_half_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_atomic({"a": torch.zeros(2)}, path)
     assert torch.equal(read_safetensors(path)["a"], torch.ones(2))  # the previous file is intact
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=oct)
+def test_written_files_get_the_umask_mode_not_the_writers(tmp_path, umask):
+    """safetensors writes 0600 by itself; every file written here gets what a plain open() gives."""
+    old = os.umask(umask)
+    try:
+        save_atomic({"a": torch.ones(2)}, tmp_path / "w.safetensors")
+        save_torch_atomic({"a": torch.ones(2)}, tmp_path / "resume.pt")
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == want
+    for name in ("w.safetensors", "resume.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+
+
+def _fail_half_way(message_error):
+    """A writer that gets part of the file onto the disk, then fails as a full disk makes it fail."""
+    def write(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 partial")
+        raise message_error
+    return write
+
+
+TORCH_FULL_DISK = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+SAFETENSORS_FULL_DISK = checkpoint.SafetensorError("Error while serializing: I/O error: No space left on device")
+
+
+@pytest.mark.parametrize("save, writer, error", [
+    (save_torch_atomic, "torch.save", TORCH_FULL_DISK),
+    (save_torch_atomic, "torch.save", OSError(28, "No space left on device")),
+    (save_atomic, "save_file", SAFETENSORS_FULL_DISK),
+], ids=["torch-unexpected-pos", "torch-enospc", "safetensors-enospc"])
+def test_a_failed_write_leaves_no_tmp_and_names_the_file(tmp_path, monkeypatch, save, writer, error):
+    path = tmp_path / "resume.pt"
+    save({"a": torch.ones(2)}, path)
+    before = path.read_bytes()
+    if writer == "torch.save":
+        monkeypatch.setattr(checkpoint.torch, "save", _fail_half_way(error))
+    else:
+        monkeypatch.setattr(checkpoint, "save_file", _fail_half_way(error))
+    with pytest.raises(CheckpointError) as e:
+        save({"a": torch.zeros(2)}, path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: could not write it") and "disk full" in msg and "\n" not in msg
+    assert msg.endswith("Any existing file is unchanged")
+    assert "inline_container" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]  # no resume.pt.tmp
+    assert path.read_bytes() == before
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("ran code",))
+
+
+def test_a_bad_resume_state_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "resume.pt"
+    state = {"step": 3, "params": {"w": torch.randn(2, 3)}, "rng": torch.Generator().get_state(), "t_bins": [[1.0]]}
+    save_torch_atomic(state, path)
+    back = load_torch_state(path)
+    assert back["step"] == 3 and torch.equal(back["params"]["w"], state["params"]["w"])
+    good = path.read_bytes()
+    torch.save({"step": _Code()}, tmp_path / "objects.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    cases = {b"": "truncated or corrupt", good[:10]: "truncated or corrupt",
+             good[:len(good) // 2]: "truncated or corrupt", good[:-1]: "truncated or corrupt", b"garbage" * 9: "not a torch.save file, or corrupt",
+             pickle.dumps(object()): "not a torch.save file, or corrupt",
+             (tmp_path / "objects.pt").read_bytes(): r"holds a pickled Python object \(print\)",
+             (tmp_path / "list.pt").read_bytes(): "holds a list, not a saved state"}
+    for raw, message in cases.items():
+        path.write_bytes(raw)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {message}[^\n]*$"):
+            load_torch_state(path)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_torch_state(tmp_path / "absent.pt")
 
 
 def test_prefix_and_shards(tmp_path):

@@ -5,8 +5,10 @@ MFNet/FMB folders, check, and fuzz tests: on random files only DataError escapes
 """
 
 import re
+import struct
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,16 @@ def exif_bytes(orientation):
     ex = Image.Exif()
     ex[0x0112] = orientation
     return ex.tobytes()
+
+
+def png_claiming(path, w, h):
+    """A PNG whose header says w x h while its pixel data is that of 16x16: only decoding would notice."""
+    save(np.zeros((16, 16), np.uint8), path)
+    b = bytearray(path.read_bytes())
+    b[16:24] = struct.pack(">II", w, h)                             # IHDR width, height
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))       # IHDR checksum
+    path.write_bytes(bytes(b))
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -113,6 +125,36 @@ def test_semantic_palette_image_indices_are_ids_not_colours(tmp_path):
     assert torch.allclose((colour[:, 0, 1] + 1) * 127.5, torch.tensor(COLOR["road"], dtype=torch.float), atol=1e-3)
 
 
+def palette_image(index, colours):
+    """P image of `index` [H, W] whose palette gives index i the colour colours[i] (a dict)."""
+    p = Image.fromarray(np.asarray(index, np.uint8), "P")
+    flat = [0] * 768
+    for i, rgb in colours.items():
+        flat[3 * i:3 * i + 3] = rgb
+    p.putpalette(flat)
+    return p
+
+
+def test_palette_semantic_map_in_class_colours_is_a_colour_map(tmp_path):
+    ids = np.array([[0, 4, 5], [6, 7, 1]], np.uint8)
+    lut = data.palette(data.DEFAULT_CLASSES)
+    # A lossless palette re-save of a colour map (PIL's quantize, as optipng does): read through the colours, also
+    # when its indices (0..5) happen to be valid class ids too
+    q = save(Image.fromarray(lut[ids]).quantize(), tmp_path / "q.png")
+    assert Image.open(q).mode == "P" and np.asarray(Image.open(q)).max() < 6
+    assert not np.array_equal(np.asarray(Image.open(q)), ids)  # the indices alone would give other classes
+    assert data.load_semantic(q, data.DEFAULT_CLASSES)[0].tolist() == ids.tolist()
+    # Palette colours that are class colours at indices that are not ids (ids 0..7, indices 20..27)
+    p = save(palette_image(ids + 20, {i + 20: c for i, c in enumerate(lut.tolist())}), tmp_path / "p.png")
+    assert data.load_semantic(p, data.DEFAULT_CLASSES)[0].tolist() == ids.tolist()
+    # The class palette at the ids' own indices: both readings agree
+    same = save(palette_image(ids, dict(enumerate(lut.tolist()))), tmp_path / "same.png")
+    assert data.load_semantic(same, data.DEFAULT_CLASSES)[0].tolist() == ids.tolist()
+    # One colour that is not a class colour makes it an index image again
+    idx = save(palette_image(ids, {**dict(enumerate(lut.tolist())), 7: (1, 2, 3)}), tmp_path / "idx.png")
+    assert data.load_semantic(idx, data.DEFAULT_CLASSES)[0].tolist() == ids.tolist()
+
+
 def test_semantic_index_and_colour_images_give_the_same_ids(tmp_path):
     ids = np.array([[0, 4, 5], [6, 7, 1]], np.uint8)
     lut = data.palette(data.DEFAULT_CLASSES)
@@ -141,6 +183,37 @@ def test_unknown_colour_names_file_colour_and_pixel_count(tmp_path):
 def test_unknown_label_id_names_file_id_and_count(tmp_path):
     with pytest.raises(DataError, match=r"ids\.png.*9 x 2 px"):
         data.load_semantic(save(np.array([[9, 9, 0]], np.uint8), tmp_path / "ids.png"), data.DEFAULT_CLASSES)
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(data.PIXELS_ENV, raising=False)
+    bomb = png_claiming(tmp_path / "bomb.png", 8000, 8000)  # 64M pixels claimed by a file of a few bytes
+    over = r"bomb\.png: 8000x8000 is 64,000,000 pixels, over the limit of 33,554,432; set FLUX_IR_MAX_PIXELS=N"
+    for load in (data.load_rgb, data.load_ir, data.image_size, lambda p: data.load_semantic(p, data.DEFAULT_CLASSES)):
+        with pytest.raises(DataError, match=over):
+            load(bomb)
+    # Refused before decoding: under the limit, the decoder is what finds the missing pixels
+    monkeypatch.setattr(data, "MAX_PIXELS", 1000)
+    small = png_claiming(tmp_path / "small.png", 64, 64)
+    with pytest.raises(DataError, match="4,096 pixels, over the limit of 1,000"):
+        data.load_rgb(small)
+    with pytest.raises(DataError, match="cannot read image"):
+        data.load_rgb(small, max_pixels=4096)
+    # A dataset is refused from its headers; the argument, the variable and check's flag raise the limit
+    root = make_root(tmp_path / "d", hw=(32, 48))
+    with pytest.raises(DataError, match=r"a\.png: 48x32 is 1,536 pixels, over the limit of 1,000"):
+        data.PairedDataset(root)
+    assert data.PairedDataset(root, max_pixels=1536)[0]["rgb"].shape == (3, 32, 48)
+    with pytest.raises(SystemExit) as e:
+        data.main(["check", str(root)])
+    assert e.value.code == 2 and "over the limit" in capsys.readouterr().err
+    data.main(["check", str(root), "--max-pixels", "1536"])
+    assert "1 pairs" in capsys.readouterr().out
+    monkeypatch.setenv(data.PIXELS_ENV, "1536")
+    assert len(data.PairedDataset(root)) == 1
+    monkeypatch.setenv(data.PIXELS_ENV, "lots")
+    with pytest.raises(DataError, match="FLUX_IR_MAX_PIXELS is 'lots'; it must be a positive whole number"):
+        data.PairedDataset(root)
 
 
 @pytest.mark.parametrize("case", ["missing", "folder", "junk", "truncated", "gif", "float", "int-range"])
@@ -203,6 +276,17 @@ def test_unparseable_class_file(tmp_path):
         data.load_classes(tmp_path / "c.json")
     with pytest.raises(DataError, match="nope"):
         data.load_classes(tmp_path / "nope.json")
+
+
+def test_classes_json_that_is_a_folder_or_a_broken_link_is_an_error(tmp_path):
+    root = make_root(tmp_path / "d")
+    (root / "classes.json").mkdir()
+    with pytest.raises(DataError, match=r"classes\.json: is a folder"):
+        data.PairedDataset(root)
+    (root / "classes.json").rmdir()
+    (root / "classes.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(DataError, match=r"classes\.json: cannot read class table"):
+        data.PairedDataset(root)
 
 
 # -----------------------------------------------------------------------------
@@ -431,6 +515,30 @@ def test_import_fmb_errors(tmp_path):
     save(np.zeros((32, 32), np.uint8), src / "Label" / "00002.png")
     with pytest.raises(DataError, match="00002.*sizes disagree"):
         data.import_fmb(src, tmp_path / "o2")
+
+
+def test_import_with_a_bad_pair_leaves_nothing_and_a_rerun_works(tmp_path):
+    src = fake_mfnet(tmp_path / "mf", names=("00001D", "00002N", "00003D"))
+    label = src / "labels" / "00003D.png"
+    good = label.read_bytes()
+    save(np.full((32, 48), 200, np.uint8), label)  # the last pair is bad
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder made beforehand
+    with pytest.raises(DataError, match=r"00003D\.png.*200 x 1536 px"):
+        data.import_mfnet(src, out)
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mf", "out"]
+    label.write_bytes(good)
+    assert data.import_mfnet(src, out) == 3 and len(data.PairedDataset(out)) == 3
+
+    (src, _), out = fake_fmb(tmp_path / "fmb"), tmp_path / "fout"
+    label = src / "Label" / "00002.png"
+    good = label.read_bytes()
+    save(np.full((32, 48), 255, np.uint8), label)
+    with pytest.raises(DataError, match=r"00002\.png"):
+        data.import_fmb(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmb", "mf", "out"]
+    label.write_bytes(good)
+    assert data.import_fmb(src, out) == 2 and len(data.PairedDataset(out)) == 2
 
 
 # -----------------------------------------------------------------------------

@@ -198,6 +198,29 @@ def test_hot_region_rendered_cold_is_a_miss():
     assert rates["gt_cold"] == 0 and math.isnan(rates["hallucination_rate"])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_refused_never_scored(bad):
+    # a NaN prediction is "not hot" everywhere: scored, it would be a 0% hallucination rate
+    sem, gt = _scene()
+    pred = gt.clone()
+    pred[0, 0] = bad
+    for score in (M.psnr, M.ssim, M.evaluate_image, M.region_stats, M.per_class_error):
+        args = (pred, gt, sem) if score not in (M.psnr, M.ssim) else (pred, gt)
+        with pytest.raises(ValueError, match="pred has 1 non-finite"):
+            score(*args)
+        args = (gt, pred, sem) if score not in (M.psnr, M.ssim) else (gt, pred)
+        with pytest.raises(ValueError, match="target has 1 non-finite"):
+            score(*args)
+    feats = torch.randn(4, 3, dtype=torch.float64)
+    feats[1, 2] = bad
+    with pytest.raises(ValueError, match="features has 1 non-finite"):
+        M.fid(feats, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="sigma1 has"):
+        M.fid_from_features(torch.zeros(2), torch.full((2, 2), bad), torch.zeros(2), torch.eye(2))
+    with pytest.raises(ValueError, match="images has"):
+        M.fid_features_from_model(torch.nn.Identity(), pred.float()[None, None])
+
+
 def test_hot_threshold_is_strict_and_exported():
     assert M.HOT_THRESHOLD == 0.6
     sem, gt = _scene()

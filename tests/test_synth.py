@@ -6,7 +6,9 @@ the committed examples, and the command line.
 
 import copy
 import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +142,26 @@ def test_cli_writes_what_write_synth_writes_and_refuses_bad_input(tmp_path, caps
         with pytest.raises(SystemExit) as e:
             synth.main(argv)
         assert e.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_killed_generation_leaves_no_set_and_the_rerun_writes_a_complete_one(tmp_path):
+    """A first-run generation killed midway (as train.py does when data/synth is missing) must not look done."""
+    out = tmp_path / "synth"
+    proc = subprocess.Popen([sys.executable, str(REPO / "synth.py"), str(out), "--count", "100000", "--size", "32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(3000):  # until a few scenes are on disk (a guard against hanging, not a timing check)
+            if proc.poll() is not None or len(list(tmp_path.rglob("*.png"))) >= 6:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(list(tmp_path.rglob("*.png"))) >= 6, "generation did not start"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists()
+    synth.write_synth(out, 4, 32, seed=0)
+    synth.write_synth(tmp_path / "fresh", 4, 32, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "synth"]  # the killed run's files are gone
+    files = files_of(out)
+    assert files == files_of(tmp_path / "fresh") and len(files) == 13
+    assert all((out / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes() for f in files)

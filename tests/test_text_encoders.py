@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import text_encoders as te  # noqa: E402
-from checkpoint import CheckpointError  # noqa: E402
+from checkpoint import CheckpointError, strip_prefix  # noqa: E402
 
 WORDS = ("a photo of the cat sitting on mat thermal infrared image person walking car road night street bright hot "
          "cold building tree sky dog running at with in and near two three white black warm engine window").split()
@@ -260,6 +260,30 @@ def test_clip_tolerates_position_ids_buffer_and_full_clipmodel_folder(clip_folde
         shutil.copy(f, b / f.name)
     with torch.no_grad():
         assert _max_rel(te.load_clip(b, dtype=torch.float32).model(ids)[1], ref) <= 1e-5
+
+
+def test_clip_loads_with_and_without_the_text_model_prefix(clip_folder, t5_folder, tmp_path):
+    """transformers 5 saves CLIPTextModel keys without `text_model.`; both layouts load to the same encoder, and the
+    unprefixed one is still recognised as CLIP by the T5 loader's hint."""
+    folder, hf = clip_folder
+    sd = load_file(str(folder / "model.safetensors"))
+    assert all(k.startswith("text_model.") for k in sd)  # the layout transformers 4 writes
+    flat = tmp_path / "clip_v5"
+    shutil.copytree(folder, flat)
+    flat_sd = strip_prefix(sd, "text_model.")
+    flat_sd["embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(flat_sd, str(flat / "model.safetensors"))
+    ids = torch.tensor([[97, 5, 6, 98] + [98] * 73])
+    with torch.no_grad():
+        ref = hf(input_ids=ids)
+        for layout in (folder, flat):
+            hidden, pooled = te.load_clip(layout, dtype=torch.float32).model(ids)
+            assert _max_rel(hidden, ref.last_hidden_state) <= 1e-5 and _max_rel(pooled, ref.pooler_output) <= 1e-5
+    t5_named = tmp_path / "t5_config_clip_weights"
+    shutil.copytree(t5_folder[0], t5_named)
+    shutil.copy(flat / "model.safetensors", t5_named / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"these are CLIP weights; load them with load_clip\(\)"):
+        te.load_t5(t5_named)
 
 
 # ---------------------------------------------------------------------------------------------------- 3. tokenizers
