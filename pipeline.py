@@ -5,9 +5,13 @@ What the commands run on: the base files, a model built from a run config, and I
     build_model     -> base transformer + the modules a run config names (semantic scheme, LoRA)
     load_trained    -> a train.py output's weights into that model, strictly (checkpoint.check_state_dict)
     load_pipeline   -> all of the above + the autoencoder and the prompt: a Pipeline
+    run_classes     -> the class palette a train.py output was trained with (its run config), if it records one
     generate        -> rgb, sem [B, 3, H, W] -> IR [B, 1, H, W]:
                        encode_condition: RGB --VAE--> [B,16,H/8,W/8] --pack--> x_cond [B,L,64] (overlay: blended first)
                        noise [B,16,H/8,W/8] --pack--> x [B,L,64] --flow.denoise--> x --unpack, VAE decode--> IR
+                       (a prediction that is not finite is a ValueError, never a black image)
+    resolve_device  -> a --device that exists, checked before anything loads
+    check_image_out / save_image -> an output picture: its name checked before the work, written by rename
 
 A train.py output carries its run config (scheme, semantic options, LoRA rank, base preset) in its safetensors
 metadata, so a model is rebuilt from the file alone.
@@ -22,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
+from checkpoint import CheckpointError, _write_atomic, check_state_dict, read_metadata, read_safetensors
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
 from flux_model import PRESETS, Flux, detect_preset, load_flux
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
@@ -43,12 +48,13 @@ def is_trained_key(name: str) -> bool:
 
 def command(main):
     """Decorator of a script's main(argv) -> exit status: bad input, raised as a DataError, CheckpointError or
-    ValueError anywhere below, becomes one line on stderr and exit status 2 (None returned is 0)."""
+    ValueError anywhere below, and a file the system refuses (OSError: unwritable folder, full disk), become one line
+    on stderr and exit status 2 (None returned is 0)."""
     @functools.wraps(main)
     def run_main(argv=None) -> int:
         try:
             return main(argv) or 0
-        except (data.DataError, CheckpointError, ValueError) as e:
+        except (data.DataError, CheckpointError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     return run_main
@@ -69,6 +75,55 @@ class Stopper:
     def close(self):
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+def resolve_device(name: str | None = None, flag: str = "--device") -> torch.device:
+    """`name` (None or "": a GPU if there is one, else the CPU) as a device that exists on this machine."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag} {name!r}: not a device (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} {name}: no GPU is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{flag} {name}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {name}: the Apple GPU (mps) is not available on this machine (use --device cpu)")
+    elif device.type != "cpu":
+        raise ValueError(f"{flag} {name}: {device.type} devices are not supported (use cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def check_image_out(path, flag: str = "-o") -> str:
+    """Before any work: `path` can be written as a picture (a file name with an image extension, in a folder that
+    exists or can be made). Returns the image format PIL writes for it. Nothing is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name such as {path / 'ir.png'}")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if path.suffix.lower() not in data.IMAGE_EXTS or fmt is None:
+        raise ValueError(f"{flag} {path}: unknown image extension {path.suffix!r} (use one of "
+                         f"{', '.join(data.IMAGE_EXTS)})")
+    folder = path.absolute().parent
+    while not folder.exists():  # the nearest existing folder is where the missing ones will be made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    return fmt
+
+
+def save_image(img: Image.Image, path, flag: str = "-o") -> None:
+    """Write to a temporary file in the same folder, then rename: a failure (a full disk) never truncates an
+    existing file, and is a one-line CheckpointError naming `path`."""
+    fmt = check_image_out(path, flag)
+    _write_atomic(path, lambda tmp: img.save(tmp, format=fmt))
 
 
 def weights_dir() -> Path:
@@ -147,18 +202,45 @@ def run_config(path) -> dict:
     if "config" not in meta:
         raise CheckpointError(f"{path}: no 'config' metadata: not a train.py output (a LoRA file? use lora_formats.py)")
     try:
-        return json.loads(meta["config"])
+        cfg = json.loads(meta["config"])
     except ValueError as e:
         raise CheckpointError(f"{path}: corrupt config metadata ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: corrupt config metadata (a {type(cfg).__name__}, not a JSON object)")
+    return cfg
+
+
+def run_classes(cfg: dict, where) -> tuple[data.SemClass, ...] | None:
+    """The class palette a run config records (train.py writes the dataset's classes as data.save_classes rows),
+    validated; None for a file written before configs carried it."""
+    rows = cfg.get("classes")
+    if rows is None:
+        return None
+    where = f"{where}: the classes in its config"
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise CheckpointError(f"{where} are not a list of {{id, name, color, hot}} objects")
+    try:
+        classes = [data.SemClass(**(r | {"color": tuple(r["color"])})) for r in rows]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{where} are malformed ({e})") from None
+    return data.validate_classes(classes, where=where)
 
 
 def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dtype | None = None) -> Flux:
     """The base transformer in `dtype` + the modules the run config names (semantic scheme, then LoRA), before their
     weights load. `modules_dtype` (default `dtype`) is the new modules' dtype: training keeps them fp32."""
+    scheme, rank = cfg.get("scheme", "none"), cfg.get("lora_rank") or 0
+    if scheme not in SCHEMES or not isinstance(rank, int) or rank < 0:
+        raise CheckpointError(f"run config with scheme {scheme!r} and LoRA rank {rank!r}: not a train.py config")
+    if scheme in MODULE_SCHEMES:
+        try:
+            semantic = SemanticConfig(**cfg["semantic"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"run config: its semantic options are malformed ({e})") from None
     model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype)
-    if cfg.get("scheme", "none") in MODULE_SCHEMES:
-        attach(model, SemanticConfig(**cfg["semantic"]), dtype=modules_dtype or dtype)
-    if cfg.get("lora_rank"):
+    if scheme in MODULE_SCHEMES:
+        attach(model, semantic, dtype=modules_dtype or dtype)
+    if rank:
         from lora import inject_lora
         inject_lora(model, rank=cfg["lora_rank"], alpha=cfg.get("lora_alpha"), dtype=modules_dtype or dtype)
     return model
@@ -195,6 +277,7 @@ class Pipeline:
     prompt: str
     device: torch.device
     dtype: torch.dtype
+    ckpt: Path | None = None  # the trained weights, if any (named when something goes wrong)
 
     @property
     def scheme(self) -> str:  # xattn | zeroconv | adapter | overlay | none
@@ -212,7 +295,7 @@ def default_ckpt(setup: Setup) -> Path | None:
 def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None, prompt: str = DEFAULT_PROMPT,
                   quiet: bool = False) -> Pipeline:
     """The base (+ the trained weights of `ckpt`, a train.py output), frozen, in eval mode, with its autoencoder."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     setup = setup or find_setup()
     if not quiet:
@@ -229,7 +312,8 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
     model.eval().requires_grad_(False)
     ae = load_ae(setup.ae, device=device, dtype=dtype).eval().requires_grad_(False)
     guidance = cfg.get("guidance", setup.guidance) if PRESETS[setup.preset].guidance_embed else None
-    return Pipeline(setup, model, ae, cfg, guidance, cfg.get("prompt", prompt), device, dtype)
+    return Pipeline(setup, model, ae, cfg, guidance, cfg.get("prompt", prompt), device, dtype,
+                    Path(ckpt) if ckpt else None)
 
 
 def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
@@ -264,16 +348,26 @@ def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: in
     timesteps = get_schedule(steps, x.shape[1], shift=pipe.setup.preset != "schnell")
     x = denoise(pipe.model, x, cond, timesteps, guidance if guidance is not None else pipe.guidance, progress)
     img = pipe.ae.decode(unpack(x.float().to(pipe.dtype), H, W))  # [B, L, 64] -> [B, 16, H/8, W/8] -> [B, 3, H, W]
+    for what, t, source in (("transformer", x, pipe.ckpt or pipe.setup.flux), ("autoencoder", img, pipe.setup.ae)):
+        if not torch.isfinite(t).all():  # clamp would turn NaN into a plausible black image
+            raise ValueError(f"the {what}'s prediction is not finite (NaN or inf): the weights ({source}) are "
+                             "broken, e.g. saved from a diverged training run")
     return data.rgb_to_ir(img.float().clamp(-1, 1))
+
+
+def check_attention_maps(pipe: Pipeline) -> None:
+    """attention_maps needs a semantic module with cross-attention (checked before any sampling)."""
+    module = pipe.model.semantic
+    if module is None or not module.recorded_attentions():
+        raise ValueError(f"attention maps exist only for the xattn and adapter schemes (this model: {pipe.scheme})")
 
 
 @torch.no_grad()
 def attention_maps(pipe: Pipeline, rgb: Tensor, sem: Tensor, seed: int = 0, steps: int = 20) -> dict[str, Tensor]:
     """Where the semantic cross-attention looks at mid-denoising (t ~ 0.5) for the first pair: block name ("double.3",
     "single.0") -> [L_img, N] attention of every image query over the semantic tokens, heads averaged."""
+    check_attention_maps(pipe)
     module = pipe.model.semantic
-    if module is None or not module.recorded_attentions():
-        raise ValueError("attention maps exist only for the xattn and adapter schemes")
     rgb, sem = rgb[:1].to(pipe.device, pipe.dtype), sem[:1].to(pipe.device, pipe.dtype)
     cond = encode_condition(pipe, rgb, sem)
     H, W = rgb.shape[-2:]

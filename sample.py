@@ -8,15 +8,49 @@ The steps (pipeline.py builds the model and runs them; flow.py is the sampler):
     load_pipeline      -> base transformer + autoencoder, the trained semantic module / LoRA from --ckpt
     generate           -> x_cond tokens, seeded noise, Euler over FLUX's shifted schedule, VAE decode -> IR [1, H, W]
     --attn             -> the cross-attention maps at mid-denoising for one query pixel per class (viz.py)
+
+The semantic palette is --classes, else the one the checkpoint was trained with (its run config), else the
+synthetic one. Every flag and output name is checked before anything loads; outputs are written by rename.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import data
-from pipeline import attention_maps, command, default_ckpt, find_setup, generate, load_pipeline
+from pipeline import (attention_maps, check_attention_maps, check_image_out, command, default_ckpt, find_setup,
+                      generate, load_pipeline, resolve_device, run_classes, run_config, save_image)
 from viz import attention_figure, to_pil_gray
+
+MAX_SEED = 2 ** 63 - 1
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors naming the flag, before anything loads."""
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: must be at least 1")
+    if args.size is not None and (args.size <= 0 or args.size % data.MULTIPLE):
+        raise ValueError(f"--size {args.size}: must be a positive multiple of {data.MULTIPLE}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance {args.guidance}: must be a finite number")
+    check_image_out(args.out, "-o")
+    if args.attn:
+        check_image_out(args.attn, "--attn")
+        if Path(args.attn).absolute() == Path(args.out).absolute():
+            raise ValueError(f"--attn {args.attn}: is also the -o image; give it another name")
+
+
+def semantic_classes(args: argparse.Namespace, ckpt) -> tuple[tuple[data.SemClass, ...], str]:
+    """(classes, where they come from): --classes, else the checkpoint's run config, else the synthetic palette."""
+    if args.classes:
+        return data.load_classes(args.classes), args.classes
+    recorded = run_classes(run_config(ckpt), ckpt) if ckpt else None
+    if recorded is not None:
+        return recorded, f"{ckpt} (its training classes)"
+    return data.DEFAULT_CLASSES, "the synthetic palette (pass --classes for another)"
 
 
 @command
@@ -24,31 +58,35 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("rgb", help="visible image")
     ap.add_argument("sem", help="semantic map (colour image in the class palette, or label-id image)")
-    ap.add_argument("-o", "--out", default="ir.png", help="output infrared image (8-bit PNG)")
+    ap.add_argument("-o", "--out", default="ir.png", help="output infrared image (8-bit; .png, .jpg, .bmp or .tif)")
     ap.add_argument("--ckpt", default=None, help="train.py output (default: runs/warmup, else the demo weights)")
     ap.add_argument("--base", action="store_true", help="sample the base model without semantic weights")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=None, help="guidance input (dev/Kontext bases)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=None, help="resize shorter side to S and centre-crop to SxS")
-    ap.add_argument("--classes", default=None, help="classes.json of the semantic palette (default: synthetic)")
+    ap.add_argument("--classes", default=None,
+                    help="classes.json of the semantic palette (default: the checkpoint's, else synthetic)")
     ap.add_argument("--attn", default=None, help="also write a picture of the semantic cross-attention maps")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    classes = data.load_classes(args.classes)
-    rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
+    check_args(args)
+    device = resolve_device(args.device)
     setup = find_setup()
     ckpt = None if args.base else (args.ckpt or default_ckpt(setup))
-    pipe = load_pipeline(ckpt, args.device, setup=setup)
-    print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme})")
+    classes, source = semantic_classes(args, ckpt)
+    rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
+    pipe = load_pipeline(ckpt, device, setup=setup)
+    print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme}); classes: {source}")
+    if args.attn:
+        check_attention_maps(pipe)
     ir = generate(pipe, rgb[None], sem[None], steps=args.steps, seed=args.seed, guidance=args.guidance,
                   progress=True)  # [1, 1, H, W]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    to_pil_gray(ir[0]).save(args.out)
+    save_image(to_pil_gray(ir[0]), args.out, "-o")
     print(f"wrote {args.out} ({ir.shape[-1]}x{ir.shape[-2]})")
     if args.attn:
         maps = attention_maps(pipe, rgb[None], sem[None], seed=args.seed, steps=args.steps)
-        attention_figure(maps, rgb, sem, ids, {c.id: c.name for c in classes}).save(args.attn)
+        save_image(attention_figure(maps, rgb, sem, ids, {c.id: c.name for c in classes}), args.attn, "--attn")
         print(f"wrote {args.attn}")
 
 

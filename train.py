@@ -40,7 +40,7 @@ from checkpoint import CheckpointError, load_torch_state, read_safetensors, save
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_model import PRESETS, Flux, load_flux
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, cache_dir, command, find_setup,
-                      is_trained_key, load_trained, run_config, text_condition)
+                      is_trained_key, load_trained, resolve_device, run_config, text_condition)
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, overlay
 from synth import write_synth
 from vae import AutoEncoder, load_ae
@@ -169,8 +169,8 @@ def check_numbers(cfg: TrainConfig, setup: Setup) -> None:
         if inner % heads or (inner // heads) % 4:
             raise ValueError(f"--sem-inner-dim {inner} / --sem-heads {heads} must give a whole head dim that is a "
                              "multiple of 4 (RoPE rotates pairs on 2 spatial axes)")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: no CUDA GPU is available here")
+    if cfg.device:
+        resolve_device(cfg.device)  # a device that exists here, or one line naming --device
 
 
 def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:

@@ -10,6 +10,9 @@ channels), random crops of --crop pixels (a conv net: the size does not matter, 
     mean, logvar = encoder(x);  z = mean + exp(logvar / 2) * N(0, I);  rec = decoder(z)
     loss = L1(rec, x) + MSE(rec, x) + 1e-4 * KL(N(mean, var) || N(0, I))
 At the end FLUX's latent shift and scale are re-estimated so this autoencoder's latents are zero-mean, unit-variance.
+
+Ctrl-C / SIGTERM writes OUT/ae_resume.pt (weights, optimizer, step, generator) after the current step and exits
+with 128 + the signal; the same command with --resume continues bit for bit. The state is removed when the run ends.
 """
 
 import argparse
@@ -22,9 +25,13 @@ import torch
 import torch.nn.functional as F
 
 import data
-from pipeline import ROOT, command
+from checkpoint import CheckpointError, load_torch_state, save_torch_atomic
+from pipeline import ROOT, Stopper, command, resolve_device
 from synth import write_synth
 from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
+
+RESUME_NAME = "ae_resume.pt"
+NOT_THE_RUN = ("resume", "overwrite", "progress", "device", "log_every", "out")  # a resumed run may change these
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +52,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--device", default="")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--resume", action="store_true", help=f"continue a stopped run from OUT/{RESUME_NAME}")
+    ap.add_argument("--overwrite", action="store_true", help=f"start afresh over a stopped run's OUT/{RESUME_NAME}")
     return ap.parse_args(argv)
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """One-line errors naming the flag, before any work."""
+    for flag, value, low in (("--steps", a.steps, 1), ("--batch-size", a.batch_size, 1),
+                             ("--log-every", a.log_every, 1), ("--crop", a.crop, 0), ("--size", a.size, 0),
+                             ("--warmup-steps", a.warmup_steps, 0), ("--seed", a.seed, 0)):
+        if value < low:
+            raise ValueError(f"{flag} {value}: must be at least {low}")
+    for flag, value in (("--lr", a.lr), ("--grad-clip", a.grad_clip)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value}: must be a positive finite number")
+    if not 0 <= a.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio {a.min_lr_ratio}: must be in [0, 1]")
+    if a.resume and a.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the stopped run, or start afresh")
 
 
 def lr_at(step: int, a: argparse.Namespace) -> float:
@@ -56,8 +81,52 @@ def lr_at(step: int, a: argparse.Namespace) -> float:
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-def run(a: argparse.Namespace) -> None:
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def run_args(a: argparse.Namespace) -> dict:
+    """The flags that define the run: a resumed run must be given the same."""
+    return {k: v for k, v in vars(a).items() if k not in NOT_THE_RUN}
+
+
+def check_resume_state(a: argparse.Namespace, path: Path) -> None:
+    """--resume needs a state; a new run must not silently destroy a stopped run's state."""
+    if a.resume and not path.is_file():
+        raise ValueError(f"--resume: no {path} (was the stopped run started with --out {a.out}?)")
+    if not a.resume and path.exists() and not a.overwrite:
+        raise ValueError(f"{path} holds a stopped run: continue it with --resume, or pass --overwrite to start afresh")
+
+
+def save_resume(path: Path, ae: AutoEncoder, opt, step: int, g: torch.Generator, a: argparse.Namespace) -> None:
+    """Tensors, numbers and strings only (checkpoint.load_torch_state reads it back with weights_only=True)."""
+    state = {"step": step, "weights": {k: v.detach().cpu() for k, v in ae.state_dict().items()},
+             "optimizer": opt.state_dict(), "rng": g.get_state(), "args": json.dumps(run_args(a), sort_keys=True)}
+    save_torch_atomic(state, path)
+
+
+def load_resume(path: Path, ae: AutoEncoder, opt, g: torch.Generator, a: argparse.Namespace) -> int:
+    """save_resume's state back into the autoencoder, the optimizer and the generator; returns the step."""
+    def unreadable(e: Exception) -> CheckpointError:  # torch's own messages are long and point elsewhere
+        return CheckpointError(f"{path}: not a train_ae.py resume state ({type(e).__name__}); "
+                               "pass --overwrite to start afresh")
+    state = load_torch_state(path)  # a truncated, corrupt or pickled file is a one-line error naming it
+    try:
+        saved = json.loads(state["args"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise unreadable(e) from None
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in run_args(a).items()
+               if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: {path} was written by a run with other flags ({'; '.join(changed)}); "
+                         "resume with the original flags, or pass --overwrite to start afresh")
+    try:
+        ae.load_state_dict(state["weights"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["rng"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise unreadable(e) from None
+
+
+def load_images(a: argparse.Namespace) -> torch.Tensor:
+    """Every visible, semantic and infrared (as 3 channels) image of the dataset: [3N, 3, H, W] in [-1, 1]."""
     root = Path(a.data) if a.data else ROOT / "data" / "synth"
     if not a.data and not root.is_dir():
         print(f"generating the synthetic training set in {root} (python synth.py)")
@@ -65,51 +134,91 @@ def run(a: argparse.Namespace) -> None:
     ds = data.PairedDataset(root, size=a.size or None)
     if len(ds) == 0:
         raise ValueError(f"{root}: empty dataset")
-    g = torch.Generator().manual_seed(a.seed)
-    torch.manual_seed(a.seed)
-    ae = (load_ae(a.init, device=device) if a.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
-    opt = torch.optim.AdamW(ae.parameters(), lr=a.lr, weight_decay=0.0)
     images = []
     for i in range(len(ds)):
         it = ds[i]
         images += [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]]
-    images = torch.stack(images)  # [3N, 3, H, W]
+    return torch.stack(images)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Train as `a` says: 0 when done, 128 + signal when stopped by one (the resume state is written first)."""
+    check_args(a)
+    out = Path(a.out)
+    resume_path = out / RESUME_NAME
+    check_resume_state(a, resume_path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    device = resolve_device(a.device)
+    images = load_images(a)  # [3N, 3, H, W]
+    g = torch.Generator().manual_seed(a.seed)
+    torch.manual_seed(a.seed)
+    ae = (load_ae(a.init, device=device) if a.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=a.lr, weight_decay=0.0)
+    start = load_resume(resume_path, ae, opt, g, a) if a.resume else 0
+    if a.resume:
+        print(f"resumed from {resume_path} at step {start}")
+    elif a.overwrite:
+        resume_path.unlink(missing_ok=True)  # the stopped run is given up: its state must not be resumed later
     ae.requires_grad_(True)
     from tqdm import tqdm
-    bar = tqdm(range(a.steps), desc="ae", disable=not a.progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, a)
-        x = images[torch.randint(len(images), (a.batch_size,), generator=g)]  # [B, 3, H, W]
-        if a.crop and a.crop < x.shape[-1]:
-            top, left = torch.randint(0, x.shape[-2] - a.crop + 1, (2,), generator=g).tolist()
-            x = x[..., top:top + a.crop, left:left + a.crop]
-        x = x.to(device)
-        mean, logvar = ae.encode_dist(x)  # [B, 16, h, w] each
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
-        rec = ae.decoder(z)  # [B, 3, H, W]
-        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), a.grad_clip)
-        opt.step()
-        if step % a.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    # FLUX's scale/shift make latents zero-mean, unit-variance; re-estimate them for this autoencoder
+    stopper = Stopper()
+    try:
+        print(f"training the autoencoder on {len(images)} images, steps {start}..{a.steps}")
+        bar = tqdm(range(start, a.steps), desc="ae", initial=start, total=a.steps, disable=not a.progress)
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, a)
+            x = images[torch.randint(len(images), (a.batch_size,), generator=g)]  # [B, 3, H, W]
+            if a.crop and a.crop < x.shape[-1]:
+                top, left = torch.randint(0, x.shape[-2] - a.crop + 1, (2,), generator=g).tolist()
+                x = x[..., top:top + a.crop, left:left + a.crop]
+            x = x.to(device)
+            mean, logvar = ae.encode_dist(x)  # [B, 16, h, w] each
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
+            rec = ae.decoder(z)  # [B, 3, H, W]
+            kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ae.parameters(), a.grad_clip)
+            opt.step()
+            if step % a.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if stopper.signal is not None and step + 1 < a.steps:  # a signal during the last step: just finish
+                save_resume(resume_path, ae, opt, step + 1, g, a)
+                again = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
+                print(f"\nstopped by signal {stopper.signal} at step {step + 1}; resume with "
+                      f"`python train_ae.py {' '.join(again)} --resume`")
+                return 128 + stopper.signal
+        bar.close()
+        finish(ae, images, a, device)  # a signal from here on waits: the remaining work is short
+        resume_path.unlink(missing_ok=True)  # the run is complete
+    finally:
+        stopper.close()
+    return 0
+
+
+def finish(ae: AutoEncoder, images: torch.Tensor, a: argparse.Namespace, device) -> None:
+    """FLUX's scale/shift make latents zero-mean, unit-variance: re-estimate them for this autoencoder, then write
+    OUT/ae.safetensors."""
     with torch.no_grad():
         means = torch.cat([ae.encode_dist(images[i:i + 64].to(device))[0].cpu() for i in range(0, len(images), 64)])
     ae.params.shift_factor = float(means.mean())
     ae.params.scale_factor = float(1.0 / means.std())
-    out = Path(a.out) / "ae.safetensors"
-    save_ae(ae, out, {"train_args": json.dumps(vars(a))})
-    print(f"wrote {out} (shift {ae.params.shift_factor:.4f}, scale {ae.params.scale_factor:.4f})")
+    if not (math.isfinite(ae.params.shift_factor) and math.isfinite(ae.params.scale_factor)):
+        raise ValueError(f"the autoencoder's latents are not finite after {a.steps} steps (diverged: lower --lr?); "
+                         "nothing written")
+    target = Path(a.out) / "ae.safetensors"
+    save_ae(ae, target, {"train_args": json.dumps(vars(a))})
+    print(f"wrote {target} (shift {ae.params.shift_factor:.4f}, scale {ae.params.scale_factor:.4f})")
 
 
 @command
 def main(argv=None) -> int:
-    run(parse_args(argv))
-    return 0
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

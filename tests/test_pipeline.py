@@ -73,3 +73,11 @@ def test_demo_weights_load_strictly_and_sample(monkeypatch):
     rgb, sem, ids = data.load_pair(ROOT / "examples" / "rgb.png", ROOT / "examples" / "sem.png", classes, None)
     ir = pipeline.generate(pipe, rgb[None], sem[None], steps=4, seed=0)
     assert ir.shape == (1, 1) + tuple(rgb.shape[-2:])
+
+
+@pytest.mark.parametrize("cfg", [{"scheme": "xattn", "semantic": {"scheme": "xattn", "bogus": 1}},
+                                 {"scheme": "xattn"}, {"scheme": "magic"}, {"scheme": "none", "lora_rank": "8"}])
+def test_crafted_run_configs_are_refused_in_one_line(env, tmp_path, cfg):
+    save_atomic({"x": torch.zeros(1)}, tmp_path / "c.safetensors", {"config": json.dumps(cfg)})
+    with pytest.raises(CheckpointError, match="run config"):
+        pipeline.load_pipeline(tmp_path / "c.safetensors", quiet=True)

@@ -1,11 +1,18 @@
-"""sample.py: the command writes an IR image of the pair's size and the attention picture; bad pairs fail with
-one line and write nothing."""
+"""sample.py: the command writes an IR image of the pair's size and the attention picture, with the palette the
+checkpoint was trained with; bad pairs, bad flags and broken weights fail with one line and write nothing; a failed
+write never damages an existing file."""
 
+import errno
+import json
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
+import data
 import sample
+from checkpoint import read_metadata, read_safetensors, save_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +48,82 @@ def test_attention_picture_needs_an_attention_scheme(run_train, tmp_path, capsys
     rc = sample.main([str(ex / "rgb.png"), str(ex / "sem.png"), "-o", str(tmp_path / "ir.png"), "--steps", "1",
                       "--ckpt", str(w / "final.safetensors"), "--size", "64", "--attn", str(tmp_path / "a.png")])
     assert rc == 2 and "xattn and adapter" in capsys.readouterr().err
+
+
+def test_bad_flags_fail_with_one_line_naming_the_flag_before_loading(env, tmp_path, capsys):
+    """The pair does not exist: an error about the flag (not the pair, not the weights) proves it came first."""
+    (tmp_path / "folder").mkdir()
+    no_gpu = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    for args, message in [(["--steps", "0"], "--steps 0"), (["--steps", "-1"], "--steps -1"),
+                          (["--size", "-16"], "--size -16"), (["--size", "8"], "--size 8"),
+                          (["--size", "0"], "--size 0"), (["--seed", "-1"], "--seed -1"),
+                          (["--guidance", "nan"], "--guidance nan"), (["--device", "foo"], "--device 'foo'"),
+                          (["--device", no_gpu], "GPU"), (["-o", str(tmp_path / "folder")], "is a folder"),
+                          (["-o", str(tmp_path / "ir.xyz")], "unknown image extension '.xyz'"),
+                          (["--attn", str(tmp_path / "attn.txt")], "--attn"),
+                          (["-o", str(tmp_path / "ir.png" / "x.png")], "not a folder")]:
+        (tmp_path / "ir.png").write_bytes(b"a file")
+        rc = sample.main([str(tmp_path / "missing_rgb.png"), str(tmp_path / "missing_sem.png"), "--base",
+                          "-o", str(tmp_path / "out.png"), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (args, err)
+        assert message in err and "missing_rgb" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "ir.png"]
+
+
+def test_non_finite_weights_are_an_error_never_a_black_image(run_train, tmp_path, capsys):
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
+    sd = {k: torch.full_like(v, float("nan")) for k, v in read_safetensors(w / "final.safetensors").items()}
+    save_atomic(sd, tmp_path / "nan.safetensors", read_metadata(w / "final.safetensors"))
+    ex, out = ROOT / "examples", tmp_path / "ir.png"
+    rc = sample.main([str(ex / "rgb.png"), str(ex / "sem.png"), "-o", str(out), "--ckpt",
+                      str(tmp_path / "nan.safetensors"), "--steps", "2", "--size", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not finite" in err and "nan.safetensors" in err
+    assert not out.exists()
+
+
+def test_a_failed_write_leaves_the_existing_image_intact(env, tmp_path, capsys, monkeypatch):
+    """A full disk mid-write: the old image keeps its bytes, and no temporary file is left behind."""
+    out = tmp_path / "ir.png"
+    Image.new("L", (8, 8), 77).save(out)
+    before = out.read_bytes()
+
+    def disk_full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    ex = ROOT / "examples"
+    rc = sample.main([str(ex / "rgb.png"), str(ex / "sem.png"), "-o", str(out), "--base", "--steps", "1",
+                      "--size", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "No space left on device" in err.splitlines()[-1]  # (the progress bar is on stderr too)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ir.png"]
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_sampling_reads_the_map_with_the_checkpoints_classes(run_train, tmp_path, capsys, recorded):
+    """A map drawn in the training palette (here: sky recoloured) samples without --classes when the run config
+    records that palette; a file that records none falls back to the synthetic palette, which refuses the colour."""
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
+    meta = read_metadata(w / "final.safetensors")
+    cfg = json.loads(meta["config"])
+    cfg.pop("classes", None)
+    sky = (1, 2, 3)
+    if recorded:
+        cfg["classes"] = [{"id": c.id, "name": c.name, "color": list(sky if c.name == "sky" else c.color),
+                           "hot": c.hot} for c in data.DEFAULT_CLASSES]
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_atomic(read_safetensors(w / "final.safetensors"), ckpt, meta | {"config": json.dumps(cfg)})
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "rgb.png")
+    Image.new("RGB", (64, 64), sky).save(tmp_path / "sem.png")
+    rc = sample.main([str(tmp_path / "rgb.png"), str(tmp_path / "sem.png"), "-o", str(tmp_path / "ir.png"),
+                      "--ckpt", str(ckpt), "--steps", "1"])
+    if recorded:
+        assert rc == 0 and (tmp_path / "ir.png").is_file()
+        assert "its training classes" in capsys.readouterr().out
+    else:
+        assert rc == 2 and "not in the class palette" in capsys.readouterr().err

@@ -1,0 +1,83 @@
+"""train_ae.py: it writes a loadable autoencoder, keeps the Ctrl-C / SIGTERM promise (a resume state after the
+current step, and --resume continues bit for bit), and never silently loses or misuses a stopped run's state."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import train_ae
+from checkpoint import read_safetensors
+from vae import load_ae
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ae_args(world, out, *args) -> list[str]:
+    return ["--data", str(world / "synth"), "--out", str(out), "--batch-size", "2", "--crop", "32",
+            "--warmup-steps", "2", "--no-progress", *args]
+
+
+def test_autoencoder_training_writes_a_loadable_autoencoder(env, tmp_path):
+    assert train_ae.main(["--data", str(env / "synth"), "--steps", "2", "--batch-size", "2", "--crop", "32",
+                          "--out", str(tmp_path), "--no-progress"]) == 0
+    ae = load_ae(tmp_path / "ae.safetensors")
+    assert ae.params.scale_factor > 0 and ae.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 4, 4)
+
+
+def test_sigterm_writes_ae_resume_state_and_resume_reproduces(env, tmp_path, capsys):
+    """Kill a run from the test (SIGTERM) once its loop runs, resume, compare with an uninterrupted run."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    steps = "200"
+    assert train_ae.main(ae_args(env, full, "--steps", steps)) == 0
+    cmd = [sys.executable, str(ROOT / "train_ae.py"), *ae_args(env, killed, "--steps", steps)]
+    # same thread count as this process, so the float reductions (and so the weights) are bit-identical
+    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads()),
+                                                   "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    while not any("training the autoencoder" in line for line in seen):  # printed once the signal handler is in
+        line = proc.stdout.readline()
+        assert line, "".join(seen)  # the process ended before its loop
+        seen.append(line)
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by signal" in output and not (killed / "ae.safetensors").exists()
+    stopped_at = torch.load(killed / train_ae.RESUME_NAME, weights_only=True)["step"]
+    assert 0 < stopped_at < int(steps)
+    capsys.readouterr()
+    assert train_ae.main(ae_args(env, killed, "--steps", steps, "--resume")) == 0
+    assert f"at step {stopped_at}" in capsys.readouterr().out
+    a, b = read_safetensors(full / "ae.safetensors"), read_safetensors(killed / "ae.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_ae(full / "ae.safetensors").params == load_ae(killed / "ae.safetensors").params
+    assert not (killed / train_ae.RESUME_NAME).exists()  # the run is complete: nothing left to resume
+
+
+def test_a_stopped_runs_state_is_never_lost_or_misused(env, tmp_path, capsys):
+    """--resume needs a state; a new run over one, or a resume with other flags, is refused unless --overwrite."""
+    out = tmp_path / "ae"
+
+    def fails(*args) -> str:
+        assert train_ae.main(ae_args(env, out, *args)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+        return err
+
+    assert "--resume: no " in fails("--steps", "3", "--resume")
+    state = out / train_ae.RESUME_NAME
+    train_ae.save_resume(state, load_ae(env / "weights" / "demo" / "ae.safetensors").train(),
+                         torch.optim.AdamW([torch.zeros(1)]), 1, torch.Generator(),
+                         train_ae.parse_args(ae_args(env, out, "--steps", "3")))
+    written = state.read_bytes()
+    assert "--overwrite" in fails("--steps", "3")  # a new run would destroy the stopped one
+    assert "--steps 3 -> 4" in fails("--steps", "4", "--resume")  # bit for bit needs the same run
+    assert state.read_bytes() == written and not (out / "ae.safetensors").exists()
+    state.write_bytes(b"not a torch.save file")
+    assert str(state) in fails("--steps", "3", "--resume")
+    assert train_ae.main(ae_args(env, out, "--steps", "3", "--overwrite")) == 0
+    assert (out / "ae.safetensors").is_file() and not state.exists()
