@@ -1,8 +1,8 @@
 """
-Paired data for visible -> infrared generation: loading, checking and importing
-(visible RGB, semantic map, infrared) triples. Synthetic scenes in this layout come from synth.py.
+Paired data for visible -> infrared generation: loading and checking (visible RGB, semantic map, infrared)
+triples. Public RGB-T sets are converted to this layout by importers.py, synthetic scenes come from synth.py.
 
-Dataset layout (what PairedDataset reads, and what the importers here and synth.py write):
+Dataset layout (what PairedDataset reads, and what importers.py and synth.py write):
 
     root/rgb/<stem>.png    visible image
     root/sem/<stem>.png    semantic map: colours from the class palette, or an index image of label ids
@@ -42,8 +42,7 @@ set FLUX_IR_MAX_PIXELS=N, or pass max_pixels=N (data.py check --max-pixels N), t
 Every problem with a file or folder raises DataError (a ValueError) whose message names the file.
 
 Commands (python data.py -h):
-    import-mfnet SRC OUT / import-fmb SRC OUT   convert the public RGB-T segmentation sets to this layout
-    check ROOT [--size S]                      decode every pair and print a summary
+    check ROOT [--size S] [--max-pixels N]   decode every pair and print a summary
 """
 
 import argparse
@@ -90,12 +89,13 @@ class SemClass:
     hot: bool = False
 
 
-def _classes(rows) -> tuple[SemClass, ...]:
+def class_table(rows) -> tuple[SemClass, ...]:
+    """(id, name, (r, g, b), hot) rows -> a class table."""
     return tuple(SemClass(i, name, tuple(color), hot) for i, name, color, hot in rows)
 
 
 # Synthetic scenes (synth.py). poster / car_parked look exactly like person / car_running in RGB.
-DEFAULT_CLASSES = _classes([
+DEFAULT_CLASSES = class_table([
     (0, "sky", (70, 130, 180), False),
     (1, "road", (128, 64, 128), False),
     (2, "building", (70, 70, 70), False),
@@ -104,40 +104,6 @@ DEFAULT_CLASSES = _classes([
     (5, "poster", (255, 170, 0), False),
     (6, "car_running", (0, 0, 142), True),
     (7, "car_parked", (0, 170, 170), False),
-])
-
-# MFNet (Ha et al. 2017), colours as in the RTFNet visualisation. Hot = car, person, bike is OUR choice:
-# MFNet does not say which cars are running, so parked cars count as hot and miss rates on them are pessimistic.
-MFNET_CLASSES = _classes([
-    (0, "unlabeled", (0, 0, 0), False),
-    (1, "car", (64, 0, 128), True),
-    (2, "person", (64, 64, 0), True),
-    (3, "bike", (0, 128, 192), True),
-    (4, "curve", (0, 0, 192), False),
-    (5, "car_stop", (128, 128, 0), False),
-    (6, "guardrail", (64, 64, 128), False),
-    (7, "color_cone", (192, 128, 128), False),
-    (8, "bump", (192, 64, 0), False),
-])
-
-# FMB (SegMiF, Liu et al. 2023), Cityscapes-like colours. Hot = people and motor vehicles is OUR choice:
-# a bicycle has no engine (its rider is a person), traffic lights are too small and too dim to count.
-FMB_CLASSES = _classes([
-    (0, "unlabeled", (0, 0, 0), False),
-    (1, "road", (128, 64, 128), False),
-    (2, "sidewalk", (244, 35, 232), False),
-    (3, "building", (70, 70, 70), False),
-    (4, "traffic_light", (250, 170, 30), False),
-    (5, "traffic_sign", (220, 220, 0), False),
-    (6, "vegetation", (107, 142, 35), False),
-    (7, "sky", (70, 130, 180), False),
-    (8, "person", (220, 20, 60), True),
-    (9, "car", (0, 0, 142), True),
-    (10, "truck", (0, 0, 70), True),
-    (11, "bus", (0, 60, 100), True),
-    (12, "motorcycle", (0, 0, 230), True),
-    (13, "bicycle", (119, 11, 32), False),
-    (14, "pole", (153, 153, 153), False),
 ])
 
 
@@ -243,7 +209,7 @@ def _check_pixels(path, img, limit):
                         f"of {limit:,}; set {PIXELS_ENV}=N (data.py check --max-pixels N) to allow larger images")
 
 
-def _open(path, max_pixels=None) -> Image.Image:
+def open_image(path, max_pixels=None) -> Image.Image:
     """Decode an image fully and apply its EXIF orientation. Any failure -> DataError naming the file.
     An image over the pixel limit (see pixel_limit()) is refused from its header, before decoding."""
     path = Path(path)
@@ -280,7 +246,7 @@ def image_size(path, max_pixels=None) -> tuple[int, int]:
             try:
                 orientation = img.getexif().get(0x0112, 1) if has_exif else 1
             except Exception:
-                orientation = 1  # same leniency as _open
+                orientation = 1  # same leniency as open_image
     except DataError:
         raise
     except Exception as e:
@@ -312,7 +278,7 @@ def _as_rgb(img) -> Image.Image:
     return img.convert("RGB")
 
 
-def _rgb01(img, path) -> np.ndarray:
+def rgb01(img, path) -> np.ndarray:
     """Any supported mode -> float32 [H, W, 3] in [0, 1]."""
     _refuse_float(img, path)
     if _is_int_grey(img):
@@ -320,14 +286,14 @@ def _rgb01(img, path) -> np.ndarray:
     return np.asarray(_as_rgb(img), np.float32) / 255.0
 
 
-def _ir01(img, path) -> tuple[np.ndarray, int]:
+def ir01(img, path) -> tuple[np.ndarray, int]:
     """Any supported mode -> (float32 [H, W] in [0, 1], bit depth of the source: 8 or 16)."""
     _refuse_float(img, path)
     if _is_int_grey(img):
         return (_grey16(img, path) / 65535.0).astype(np.float32), 16
     if img.mode in ("L", "1", "LA", "La"):
         return np.asarray(img.getchannel(0).convert("L"), np.float32) / 255.0, 8
-    return _rgb01(img, path).mean(axis=2), 8  # grey stored as colour: the channels are equal
+    return rgb01(img, path).mean(axis=2), 8  # grey stored as colour: the channels are equal
 
 
 def _color_code(rgb: np.ndarray) -> np.ndarray:
@@ -335,7 +301,7 @@ def _color_code(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def _semantic_ids(img, path, classes) -> np.ndarray:
+def semantic_ids(img, path, classes) -> np.ndarray:
     """Index or colour semantic image -> int64 [H, W] of label ids, every one of them a class id."""
     _refuse_float(img, path)
     if _is_int_grey(img):
@@ -394,19 +360,19 @@ def _ids_from_colours(rgb: np.ndarray, path, classes) -> np.ndarray:
 
 def load_rgb(path, max_pixels=None) -> torch.Tensor:
     """Visible image -> float [3, H, W] in [-1, 1]."""
-    rgb = _rgb01(_open(path, max_pixels), path)
+    rgb = rgb01(open_image(path, max_pixels), path)
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous() * 2 - 1  # [H, W, 3] in [0,1] -> [3, H, W] in [-1,1]
 
 
 def load_ir(path, max_pixels=None) -> torch.Tensor:
     """Infrared image -> float [1, H, W] in [0, 1] (8-bit / 255, 16-bit / 65535)."""
-    ir, _ = _ir01(_open(path, max_pixels), path)
+    ir, _ = ir01(open_image(path, max_pixels), path)
     return torch.from_numpy(ir)[None]  # [H, W] -> [1, H, W]
 
 
 def load_semantic(path, classes, max_pixels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantic map -> (ids long [H, W], colour float [3, H, W] in [-1, 1] rendered from the ids)."""
-    ids = torch.from_numpy(_semantic_ids(_open(path, max_pixels), path, classes))
+    ids = torch.from_numpy(semantic_ids(open_image(path, max_pixels), path, classes))
     return ids, render_semantic(ids, classes)
 
 
@@ -427,7 +393,7 @@ def rgb_to_ir(rgb: torch.Tensor) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Folders of pairs
 
-def _list_images(folder) -> dict[str, Path]:
+def list_images(folder) -> dict[str, Path]:
     """stem -> path for the image files in a folder. Hidden files and other extensions are ignored."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -442,7 +408,7 @@ def _list_images(folder) -> dict[str, Path]:
     return files
 
 
-def _match_stems(where, files: dict[str, dict[str, Path]]) -> list[str]:
+def match_stems(where, files: dict[str, dict[str, Path]]) -> list[str]:
     """Stems present in every folder; any stem missing from some folder is an error listing them."""
     every = set.union(*(set(f) for f in files.values()))
     if not every:
@@ -524,8 +490,8 @@ class PairedDataset(torch.utils.data.Dataset):
             self.classes = load_classes(classes)
         else:
             self.classes = validate_classes(classes)
-        self.files = {d: _list_images(root / d) for d in FOLDERS}
-        self.names = _match_stems(root, self.files)
+        self.files = {d: list_images(root / d) for d in FOLDERS}
+        self.names = match_stems(root, self.files)
 
         # Check every pair from the headers alone; decoding all files here would make startup slow.
         self.sizes, mismatched, unaligned = [], [], []
@@ -601,7 +567,7 @@ def check(root, size=None, progress=False, max_pixels=None) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Writing pairs, and importers for public RGB-T segmentation sets
+# Writing pairs (importers.py, synth.py)
 
 @contextmanager
 def building_layout(out):
@@ -636,60 +602,11 @@ def write_pair(out, name, rgb, ids, ir, classes):
     Image.fromarray(np.ascontiguousarray(ir)).save(out / "ir" / f"{name}.png")  # uint16 -> 16-bit grey PNG
 
 
-def import_mfnet(src, out, progress=False) -> int:
-    """MFNet: src/images/*.png are 4-channel RGB-T (0-2 RGB, 3 thermal), src/labels/*.png label ids 0..8."""
-    src = Path(src)
-    files = {"images": _list_images(src / "images"), "labels": _list_images(src / "labels")}
-    names = _match_stems(src, files)
-    with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
-        for name in tqdm(names, desc="import-mfnet", disable=not progress):
-            img_path, label_path = files["images"][name], files["labels"][name]
-            img = _open(img_path)
-            if img.mode != "RGBA":
-                raise DataError(f"{img_path}: mode {img.mode}; MFNet images are 4-channel RGB-T PNGs "
-                                "(thermal = 4th channel)")
-            rgbt = np.asarray(img)                                                   # [H, W, 4] uint8
-            ids = _semantic_ids(_open(label_path), label_path, MFNET_CLASSES)        # [H, W]
-            if ids.shape != rgbt.shape[:2]:
-                raise DataError(f"{src}: pair {name!r}: image {rgbt.shape[1]}x{rgbt.shape[0]} "
-                                f"but label {ids.shape[1]}x{ids.shape[0]}")
-            write_pair(tmp, name, rgbt[..., :3], ids, rgbt[..., 3], MFNET_CLASSES)
-        save_classes(MFNET_CLASSES, tmp / "classes.json")
-    return len(names)
-
-
-def import_fmb(src, out, progress=False) -> int:
-    """FMB: src/Visible, src/Infrared, src/Label (ids 0..14) with matching stems; point src at one split."""
-    src = Path(src)
-    if not (src / "Visible").is_dir() and any((src / s / "Visible").is_dir() for s in ("train", "test")):
-        raise DataError(f"{src}: no Visible/ here, but a split folder has one; "
-                        "import FMB/train and FMB/test separately")
-    files = {d: _list_images(src / d) for d in ("Visible", "Infrared", "Label")}
-    names = _match_stems(src, files)
-    with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
-        for name in tqdm(names, desc="import-fmb", disable=not progress):
-            p = {d: files[d][name] for d in files}
-            rgb = np.round(_rgb01(_open(p["Visible"]), p["Visible"]) * 255).astype(np.uint8)  # [H, W, 3]
-            ir, bits = _ir01(_open(p["Infrared"]), p["Infrared"])                             # [H, W] in [0,1]
-            ir = np.round(ir * 65535).astype(np.uint16) if bits == 16 else np.round(ir * 255).astype(np.uint8)
-            ids = _semantic_ids(_open(p["Label"]), p["Label"], FMB_CLASSES)
-            shapes = {"Visible": rgb.shape[:2], "Infrared": ir.shape, "Label": ids.shape}
-            if len(set(shapes.values())) > 1:
-                raise DataError(f"{src}: pair {name!r} sizes disagree (HxW): {shapes}")
-            write_pair(tmp, name, rgb, ids, ir, FMB_CLASSES)
-        save_classes(FMB_CLASSES, tmp / "classes.json")
-    return len(names)
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("import-mfnet", "import-fmb"):
-        p = sub.add_parser(name, help=f"convert {name[7:].upper()} to rgb/ sem/ ir/ + classes.json")
-        p.add_argument("src")
-        p.add_argument("out")
     p = sub.add_parser("check", help="decode every pair of a dataset folder and summarise it")
     p.add_argument("root")
     p.add_argument("--size", type=int, default=None)
@@ -697,10 +614,7 @@ def main(argv=None):
                    help=f"largest image, width x height (default: ${PIXELS_ENV}, else {MAX_PIXELS})")
     args = parser.parse_args(argv)
     try:
-        if args.cmd in ("import-mfnet", "import-fmb"):
-            n = (import_mfnet if args.cmd == "import-mfnet" else import_fmb)(args.src, args.out, progress=True)
-            print(f"imported {n} pairs into {args.out}")
-        elif args.cmd == "check":
+        if args.cmd == "check":
             print(check(args.root, args.size, progress=True, max_pixels=args.max_pixels))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,7 +20,6 @@ One training step (the shapes for 512x512, dev sizes):
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,12 +35,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, load_torch_state, read_safetensors, save_atomic, save_torch_atomic
+from checkpoint import save_atomic
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_model import PRESETS, Flux, load_flux
-from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, cache_dir, command, find_setup,
+from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, command, find_setup,
                       is_trained_key, load_trained, resolve_device, run_config, text_condition)
-from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, overlay
+from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig
+from latents import encode_dataset, semantic_batch
+from run_state import changed_settings, claim, load_state, resume_command, save_state, trim_log
 from synth import write_synth
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
@@ -205,55 +206,6 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The output folder: one run at a time, nothing of an earlier run lost
-
-RUN_FILES = ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def claim_out(cfg: TrainConfig, master: bool) -> Path | None:
-    """Refuse, before any work, an --out that another live run writes to (OUT/run.lock holds its pid) or that holds an
-    earlier run's files, unless --resume continues it or --overwrite starts over (then those files are removed).
-    The master process takes the lock (an unwritable --out fails here); returns the lock file."""
-    out = Path(cfg.out)
-    lock = out / "run.lock"
-    if master and lock.is_file():
-        owner = lock.read_text().strip()
-        if owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner)):
-            raise ValueError(f"{out}: another run (pid {owner}) is writing here; wait for it to end or use another "
-                             "--out")
-    earlier = [n for n in RUN_FILES if (out / n).exists()]
-    if earlier and not (cfg.resume or cfg.overwrite):
-        what = "a finished run" if (out / "final.safetensors").exists() else "a stopped run"
-        raise ValueError(f"{out} holds {what} ({', '.join(earlier)}): continue it with --resume, or pass --overwrite "
-                         "to start over")
-    if not master:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    lock.write_text(f"{os.getpid()}\n")
-    if cfg.overwrite and not cfg.resume:
-        for n in earlier:
-            (out / n).unlink()
-    return lock
-
-
-def resume_command(world: int) -> str:
-    """The command that continues this run (torchrun's when it runs under torchrun)."""
-    args = " ".join(a for a in sys.argv[1:] if a != "--resume")
-    launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
-    return f"{launcher} train.py {args} --resume"
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
 
 
@@ -289,61 +241,6 @@ def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedData
     if len(ds) == 0:
         raise ValueError(f"{root}: empty dataset")
     return ds
-
-
-def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:
-    h = hashlib.sha256()
-    for name in ds.names:
-        for d in data.FOLDERS:
-            st = ds.files[d][name].stat()
-            h.update(f"{d}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    st = Path(ae_path).stat()
-    h.update(f"{ae_path}:{st.st_size}:{st.st_mtime_ns}:{ds.size}".encode())
-    h.update(json.dumps([asdict(c) for c in ds.classes]).encode())  # the palette the semantic maps were read with
-    return h.hexdigest()[:20]
-
-
-@torch.no_grad()
-def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, cfg: TrainConfig, device, dtype, master: bool) -> dict:
-    """Packed latent tokens of every pair: {"ir", "rgb", "sem", "overlay"} [N, L, 64], semantic pixels [N, 3, H, W]
-    (uint8, for the cnn encoder) and ids [N, H, W]. Computed once per (dataset, autoencoder, size), then read from
-    disk."""
-    path = cache_dir() / "latents" / f"tokens-{cache_key(ds, ae_path)}-a{cfg.overlay_alpha}.safetensors"
-    if path.is_file():
-        return read_safetensors(path)
-    if master:
-        from tqdm import tqdm
-        out = {k: [] for k in ("ir", "rgb", "sem", "overlay", "sem_pixels", "sem_ids")}
-        for i in tqdm(range(len(ds)), desc="encoding latents", disable=not cfg.progress):
-            item = ds[i]
-            rgb, sem = item["rgb"][None].to(device, dtype), item["sem"][None].to(device, dtype)
-            fused = overlay(rgb, sem, cfg.overlay_alpha)
-            ir = data.ir_to_rgb(item["ir"][None]).to(device, dtype)
-            batch = torch.cat([ir, rgb, sem, fused])  # [4, 3, H, W]
-            z = pack(ae.encode(batch).float().cpu())  # [4, 3, H, W] -> [4, 16, H/8, W/8] -> [4, L, 64]
-            for k, zk in zip(("ir", "rgb", "sem", "overlay"), z):
-                out[k].append(zk)
-            out["sem_pixels"].append(((item["sem"] + 1) * 127.5).round().to(torch.uint8))
-            out["sem_ids"].append(item["sem_ids"].to(torch.int32))
-        shapes = {tuple(t.shape) for t in out["sem_ids"]}
-        if len(shapes) > 1:
-            raise ValueError(f"{ds.root}: images of different sizes {sorted(shapes)[:3]}; pass --size S to train on "
-                             "one size")
-        latents = {k: torch.stack(v) for k, v in out.items()}
-        save_atomic(latents, path, {"dataset": str(ds.root), "count": str(len(ds))})
-    if dist.is_initialized():
-        dist.barrier()
-    return read_safetensors(path)
-
-
-def semantic_batch(latents: dict, idx: Tensor, semcfg: SemanticConfig | None, device) -> Tensor | None:
-    """What Flux.forward's `semantic=` takes, from the cache: packed latents [B, N, 64], or pixels for the cnn
-    encoder."""
-    if semcfg is None:
-        return None
-    if semcfg.takes_pixels:
-        return latents["sem_pixels"][idx].to(device).float() / 127.5 - 1  # uint8 -> [B, 3, H, W] in [-1, 1]
-    return latents["sem"][idx].to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,64 +309,38 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # Outputs
 
 
+RUN_FILES = ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl")  # what a run leaves in --out
 # settings a resumed run may change: they do not change what is computed (--steps is checked on its own)
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "log_every", "sample_every", "sample_steps", "ckpt_every",
                      "device", "compile", "gradient_checkpointing", "steps")
 
 
-def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, log_bins, cfg: TrainConfig):
-    """Resume state with no pickle of objects: tensors, numbers, lists and strings, read back with weights_only=True.
-    It records the run's settings, so that --resume continues the same run."""
-    state = {"step": step, "params": {n: p.detach().cpu() for n, p in trainable}, "optimizer": opt.state_dict(),
-             "rng": g.get_state(), "t_bins": log_bins, "train_args": json.dumps(asdict(cfg))}
-    save_torch_atomic(state, path)
+def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, t_bins, cfg: TrainConfig):
+    """The trainable weights, optimiser, generator, step, loss bins and the run's settings (run_state.save_state)."""
+    save_state(path, step, dict(trainable), opt, g, asdict(cfg), t_bins=t_bins)
 
 
-def check_resume_settings(path: Path, state: dict, cfg: TrainConfig) -> dict:
-    """Refuse a --resume whose settings would change the run; returns the allowed overrides made (a longer --steps)."""
-    if "train_args" not in state:
-        print(f"warning: {path} predates recorded settings; they cannot be checked against this command")
-        return {}
-    was, now = json.loads(state["train_args"]), asdict(cfg)
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and was.get(k) != now[k]]
-    if changed:
-        raise ValueError(f"--resume with other settings than {path} was written with: "
-                         + ", ".join(f"--{k.replace('_', '-')} {was.get(k)!r} -> {now[k]!r}" for k in changed)
-                         + "; resume with the run's own settings, or start a new run (--overwrite or another --out)")
+def load_resume(path: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig) -> tuple[int, list, dict]:
+    """save_resume's state back into the trainable weights, the optimiser and the generator: (step, loss bins, the
+    overrides allowed: a longer --steps, recorded). A change of any other setting is refused."""
+    state = load_state(path, [n for n, _ in trainable], extra=("t_bins",))
+    was, now = state["settings"], asdict(cfg)
+    if changed := changed_settings(was, now, RESUME_MAY_CHANGE):
+        raise ValueError(f"--resume with other settings than {path} was written with: {', '.join(changed)}; resume "
+                         "with the run's own settings, or start a new run (--overwrite or another --out)")
+    overrides = {}
     if now["steps"] != was["steps"]:
         if now["steps"] < state["step"]:
             raise ValueError(f"--steps {now['steps']}: {path} is already at step {state['step']}")
         print(f"note: --steps {was['steps']} -> {now['steps']}: the learning-rate schedule follows the new length "
               f"from step {state['step']} on (recorded in the outputs' metadata)")
-        return {"steps": [was["steps"], now["steps"]], "at_step": state["step"]}
-    return {}
-
-
-def load_resume(path: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig) -> tuple[int, list, dict]:
-    """save_resume's state back into the trainable weights, the optimiser and the generator:
-    (step, loss bins, the overrides check_resume_settings allowed)."""
-    state = load_torch_state(path)
-    if missing := [k for k in ("step", "params", "optimizer", "rng", "t_bins") if k not in state]:
-        raise CheckpointError(f"{path}: not a resume state written by train.py (no {', '.join(missing)}); start over "
-                              "with --overwrite")
-    overrides = check_resume_settings(path, state, cfg)
-    if sorted(state["params"]) != sorted(n for n, _ in trainable):
-        raise ValueError(f"{path} was written by a run with other trainable weights (another stage or scheme)")
+        overrides = {"steps": [was["steps"], now["steps"]], "at_step": state["step"]}
     with torch.no_grad():
         for n, p in trainable:
-            p.copy_(state["params"][n])
+            p.copy_(state["weights"][n])
     opt.load_state_dict(state["optimizer"])
     g.set_state(state["rng"])
     return state["step"], state["t_bins"], overrides
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written after the resume state a run continues from), atomically."""
-    if path.is_file():
-        rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -539,7 +410,7 @@ def run(cfg: TrainConfig) -> int:
     check_numbers(cfg, setup)
     want = stage_config(cfg, setup)
     check_config(cfg, setup, want)
-    lock = claim_out(cfg, master)
+    lock = claim(Path(cfg.out), RUN_FILES, "final.safetensors", cfg.resume, cfg.overwrite, master)
     use_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if use_cuda else torch.float32  # base weights; trainable weights stay fp32
 
@@ -547,7 +418,7 @@ def run(cfg: TrainConfig) -> int:
     ds = dataset_for(cfg, setup, master)
     want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
     ae = load_ae(setup.ae, device=device, dtype=dtype)
-    latents = encode_dataset(ds, ae, setup.ae, cfg, device, dtype, master)
+    latents = encode_dataset(ds, ae, setup.ae, cfg.overlay_alpha, device, dtype, master, cfg.progress)
     del ae.encoder  # not needed in the loop (the decoder stays for the sample grids)
     N, L, _ = latents["ir"].shape  # [N, L, 64] tokens of an h x w grid
     h, w = (s // 16 for s in latents["sem_ids"].shape[-2:])
@@ -671,7 +542,7 @@ def run(cfg: TrainConfig) -> int:
             if stop:
                 if master:
                     print(f"\nstopped by signal {stopper.signal or 'on another rank'} at step {step}; resume with "
-                          f"`{resume_command(world)}`")
+                          f"`{resume_command('train.py', world)}`")
                 return 128 + (stopper.signal or signal.SIGTERM)
         bar.close()
         if master:

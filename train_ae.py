@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import CheckpointError, load_torch_state, save_torch_atomic
 from pipeline import ROOT, Stopper, command, resolve_device
+from run_state import changed_settings, claim, load_state, resume_command, save_state
 from synth import write_synth
 from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
 
@@ -69,8 +69,6 @@ def check_args(a: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {value}: must be a positive finite number")
     if not 0 <= a.min_lr_ratio <= 1:
         raise ValueError(f"--min-lr-ratio {a.min_lr_ratio}: must be in [0, 1]")
-    if a.resume and a.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: continue the stopped run, or start afresh")
 
 
 def lr_at(step: int, a: argparse.Namespace) -> float:
@@ -86,43 +84,17 @@ def run_args(a: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(a).items() if k not in NOT_THE_RUN}
 
 
-def check_resume_state(a: argparse.Namespace, path: Path) -> None:
-    """--resume needs a state; a new run must not silently destroy a stopped run's state."""
-    if a.resume and not path.is_file():
-        raise ValueError(f"--resume: no {path} (was the stopped run started with --out {a.out}?)")
-    if not a.resume and path.exists() and not a.overwrite:
-        raise ValueError(f"{path} holds a stopped run: continue it with --resume, or pass --overwrite to start afresh")
-
-
-def save_resume(path: Path, ae: AutoEncoder, opt, step: int, g: torch.Generator, a: argparse.Namespace) -> None:
-    """Tensors, numbers and strings only (checkpoint.load_torch_state reads it back with weights_only=True)."""
-    state = {"step": step, "weights": {k: v.detach().cpu() for k, v in ae.state_dict().items()},
-             "optimizer": opt.state_dict(), "rng": g.get_state(), "args": json.dumps(run_args(a), sort_keys=True)}
-    save_torch_atomic(state, path)
-
-
 def load_resume(path: Path, ae: AutoEncoder, opt, g: torch.Generator, a: argparse.Namespace) -> int:
-    """save_resume's state back into the autoencoder, the optimizer and the generator; returns the step."""
-    def unreadable(e: Exception) -> CheckpointError:  # torch's own messages are long and point elsewhere
-        return CheckpointError(f"{path}: not a train_ae.py resume state ({type(e).__name__}); "
-                               "pass --overwrite to start afresh")
-    state = load_torch_state(path)  # a truncated, corrupt or pickled file is a one-line error naming it
-    try:
-        saved = json.loads(state["args"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise unreadable(e) from None
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in run_args(a).items()
-               if saved.get(k) != v]
-    if changed:
+    """A stopped run's state (run_state.save_state) back into the autoencoder, the optimizer and the generator;
+    returns the step. Other flags than the stopped run's are refused."""
+    state = load_state(path, list(ae.state_dict()))
+    if changed := changed_settings(state["settings"], run_args(a), NOT_THE_RUN):
         raise ValueError(f"--resume: {path} was written by a run with other flags ({'; '.join(changed)}); "
                          "resume with the original flags, or pass --overwrite to start afresh")
-    try:
-        ae.load_state_dict(state["weights"])
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["rng"])
-        return int(state["step"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise unreadable(e) from None
+    ae.load_state_dict(state["weights"])
+    opt.load_state_dict(state["optimizer"])
+    g.set_state(state["rng"])
+    return int(state["step"])
 
 
 def load_images(a: argparse.Namespace) -> torch.Tensor:
@@ -146,11 +118,9 @@ def run(a: argparse.Namespace) -> int:
     check_args(a)
     out = Path(a.out)
     resume_path = out / RESUME_NAME
-    check_resume_state(a, resume_path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    if a.resume and not resume_path.is_file():
+        raise ValueError(f"--resume: no {resume_path} (was the stopped run started with --out {a.out}?)")
+    lock = claim(out, (RESUME_NAME,), "ae.safetensors", a.resume, a.overwrite)  # a stopped run is never lost
     device = resolve_device(a.device)
     images = load_images(a)  # [3N, 3, H, W]
     g = torch.Generator().manual_seed(a.seed)
@@ -160,8 +130,6 @@ def run(a: argparse.Namespace) -> int:
     start = load_resume(resume_path, ae, opt, g, a) if a.resume else 0
     if a.resume:
         print(f"resumed from {resume_path} at step {start}")
-    elif a.overwrite:
-        resume_path.unlink(missing_ok=True)  # the stopped run is given up: its state must not be resumed later
     ae.requires_grad_(True)
     from tqdm import tqdm
     stopper = Stopper()
@@ -188,16 +156,16 @@ def run(a: argparse.Namespace) -> int:
             if step % a.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if stopper.signal is not None and step + 1 < a.steps:  # a signal during the last step: just finish
-                save_resume(resume_path, ae, opt, step + 1, g, a)
-                again = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
+                save_state(resume_path, step + 1, ae.state_dict(), opt, g, run_args(a))
                 print(f"\nstopped by signal {stopper.signal} at step {step + 1}; resume with "
-                      f"`python train_ae.py {' '.join(again)} --resume`")
+                      f"`{resume_command('train_ae.py')}`")
                 return 128 + stopper.signal
         bar.close()
         finish(ae, images, a, device)  # a signal from here on waits: the remaining work is short
         resume_path.unlink(missing_ok=True)  # the run is complete
     finally:
         stopper.close()
+        lock.unlink(missing_ok=True)
     return 0
 
 

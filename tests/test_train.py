@@ -337,19 +337,13 @@ def test_outputs_carry_the_class_palette_and_the_latent_cache_follows_it(run_tra
     assert run_train(out, "--stage", "warmup", "--steps", "1") == 0
     cfg = json.loads(read_metadata(out / "final.safetensors")["config"])
     import data
+    import latents
     classes = data.PairedDataset(env / "synth").classes
     assert [tuple(c["color"]) for c in cfg["classes"]] == [c.color for c in classes]
     ds = data.PairedDataset(env / "synth")
-    key = train.cache_key(ds, env / "weights" / "demo" / "ae.safetensors")
+    key = latents.cache_key(ds, env / "weights" / "demo" / "ae.safetensors")
     swapped = list(ds.classes)
     swapped[0], swapped[1] = (data.SemClass(swapped[0].id, swapped[0].name, swapped[1].color),
                               data.SemClass(swapped[1].id, swapped[1].name, swapped[0].color))
     ds.classes = tuple(swapped)
-    assert train.cache_key(ds, env / "weights" / "demo" / "ae.safetensors") != key
-
-
-def test_the_stop_hint_gives_the_command_that_resumes(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py", "--stage", "joint", "--resume"])
-    assert train.resume_command(1) == "python train.py --stage joint --resume"
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert train.resume_command(4) == "torchrun --nproc_per_node 4 train.py --stage joint --resume"
+    assert latents.cache_key(ds, env / "weights" / "demo" / "ae.safetensors") != key

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import train_ae
+from run_state import save_state
 from checkpoint import read_safetensors
 from vae import load_ae
 
@@ -70,9 +71,9 @@ def test_a_stopped_runs_state_is_never_lost_or_misused(env, tmp_path, capsys):
 
     assert "--resume: no " in fails("--steps", "3", "--resume")
     state = out / train_ae.RESUME_NAME
-    train_ae.save_resume(state, load_ae(env / "weights" / "demo" / "ae.safetensors").train(),
-                         torch.optim.AdamW([torch.zeros(1)]), 1, torch.Generator(),
-                         train_ae.parse_args(ae_args(env, out, "--steps", "3")))
+    ae = load_ae(env / "weights" / "demo" / "ae.safetensors").train()
+    save_state(state, 1, ae.state_dict(), torch.optim.AdamW(ae.parameters()), torch.Generator(),
+               train_ae.run_args(train_ae.parse_args(ae_args(env, out, "--steps", "3"))))
     written = state.read_bytes()
     assert "--overwrite" in fails("--steps", "3")  # a new run would destroy the stopped one
     assert "--steps 3 -> 4" in fails("--steps", "4", "--resume")  # bit for bit needs the same run
