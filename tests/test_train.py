@@ -347,3 +347,18 @@ def test_outputs_carry_the_class_palette_and_the_latent_cache_follows_it(run_tra
                               data.SemClass(swapped[1].id, swapped[1].name, swapped[0].color))
     ds.classes = tuple(swapped)
     assert latents.cache_key(ds, env / "weights" / "demo" / "ae.safetensors") != key
+
+
+def test_a_dataset_of_mixed_sizes_is_refused_naming_pixel_sizes(env, run_train, tmp_path, capsys):
+    import shutil
+    from synth import write_synth
+    write_synth(tmp_path / "a", count=2, size=64, seed=0)
+    write_synth(tmp_path / "b", count=2, size=32, seed=1)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "a", mixed)
+    for d in ("rgb", "sem", "ir"):
+        for f in (tmp_path / "b" / d).iterdir():
+            shutil.copy(f, mixed / d / f"small_{f.name}")
+    assert run_train(tmp_path / "out", "--stage", "warmup", "--steps", "1", "--data", str(mixed)) == 2
+    err = capsys.readouterr().err
+    assert "(32, 32)" in err and "(64, 64)" in err and "--size" in err
