@@ -19,11 +19,11 @@ python train_ae.py --data data/synth --steps "$AE_STEPS" --batch-size 12 --crop 
 python train_ae.py --data data/synth --steps "$AE_FULL_STEPS" --batch-size 4 --crop 0 --lr 3e-4 \
     --warmup-steps 20 --init "$FLUX_IR_WEIGHTS/demo/ae.safetensors" --out "$FLUX_IR_WEIGHTS/demo"
 # the base: RGB -> IR only (the analog of the pretrained model), then a second cosine cycle from its output
-python train.py --stage base --scheme none --data data/synth --steps "$BASE_STEPS" --batch-size 16 --out runs/demo-base
-python train.py --stage base --scheme none --data data/synth --steps "$BASE_MORE_STEPS" --batch-size 16 --lr 4e-4 \
+python train.py --stage base --scheme none --data data/synth --steps "$BASE_STEPS" --batch-size 16 --out runs/demo-base --overwrite
+python train.py --stage base --scheme none --data data/synth --steps "$BASE_MORE_STEPS" --batch-size 16 --lr 4e-4 --overwrite \
     --init runs/demo-base/final.safetensors --out runs/demo-base2
 cp runs/demo-base2/final.safetensors "$FLUX_IR_WEIGHTS/demo/flux.safetensors"
-python train.py --stage warmup --scheme xattn --data data/synth --steps "$WARMUP_STEPS" --batch-size 16 --lr 1e-3 \
+python train.py --stage warmup --scheme xattn --data data/synth --steps "$WARMUP_STEPS" --batch-size 16 --lr 1e-3 --overwrite \
     --out runs/demo-warmup
 cp runs/demo-warmup/final.safetensors "$FLUX_IR_WEIGHTS/demo/xattn.safetensors"
 echo "make_demo.sh: done in $(( $(date +%s) - start )) s"
