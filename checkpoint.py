@@ -217,7 +217,7 @@ def _write_failure(path: Path, e: BaseException) -> CheckpointError:
                            "Any existing file is unchanged")
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """write(tmp) to `path.tmp`, fsync, then rename: a kill mid-write leaves the old file intact.
 
     The file gets the mode a plain open() gives (umask, a folder's default ACL), not its writer's: safetensors writes
@@ -244,15 +244,15 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
-    """Safetensors, written atomically (see _write_atomic)."""
+    """Safetensors, written atomically (see write_atomic)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_torch_atomic(state: dict, path: str | os.PathLike):
     """torch.save of plain tensors, numbers and lists (a resume state, read back with load_torch_state), written
     atomically."""
-    _write_atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_torch_state(path: str | os.PathLike) -> dict:

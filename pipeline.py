@@ -11,7 +11,6 @@ What the commands run on: the base files, a model built from a run config, and I
                        noise [B,16,H/8,W/8] --pack--> x [B,L,64] --flow.denoise--> x --unpack, VAE decode--> IR
                        (a prediction that is not finite is a ValueError, never a black image)
     resolve_device  -> a --device that exists, checked before anything loads
-    check_image_out / save_image -> an output picture: its name checked before the work, written by rename
 
 A train.py output carries its run config (scheme, semantic options, LoRA rank, base preset) in its safetensors
 metadata, so a model is rebuilt from the file alone.
@@ -26,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, _write_atomic, check_state_dict, read_metadata, read_safetensors
+from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
 from flux_model import PRESETS, Flux, detect_preset, load_flux
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
@@ -97,33 +95,6 @@ def resolve_device(name: str | None = None, flag: str = "--device") -> torch.dev
     elif device.type != "cpu":
         raise ValueError(f"{flag} {name}: {device.type} devices are not supported (use cpu, cuda, cuda:N or mps)")
     return device
-
-
-def check_image_out(path, flag: str = "-o") -> str:
-    """Before any work: `path` can be written as a picture (a file name with an image extension, in a folder that
-    exists or can be made). Returns the image format PIL writes for it. Nothing is created."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} {path}: is a folder; give a file name such as {path / 'ir.png'}")
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if path.suffix.lower() not in data.IMAGE_EXTS or fmt is None:
-        raise ValueError(f"{flag} {path}: unknown image extension {path.suffix!r} (use one of "
-                         f"{', '.join(data.IMAGE_EXTS)})")
-    folder = path.absolute().parent
-    while not folder.exists():  # the nearest existing folder is where the missing ones will be made
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
-    return fmt
-
-
-def save_image(img: Image.Image, path, flag: str = "-o") -> None:
-    """Write to a temporary file in the same folder, then rename: a failure (a full disk) never truncates an
-    existing file, and is a one-line CheckpointError naming `path`."""
-    fmt = check_image_out(path, flag)
-    _write_atomic(path, lambda tmp: img.save(tmp, format=fmt))
 
 
 def weights_dir() -> Path:

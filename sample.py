@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import data
-from pipeline import (attention_maps, check_attention_maps, check_image_out, command, default_ckpt, find_setup,
-                      generate, load_pipeline, resolve_device, run_classes, run_config, save_image)
-from viz import attention_figure, to_pil_gray
+from pipeline import (attention_maps, check_attention_maps, command, default_ckpt, find_setup,
+                      generate, load_pipeline, resolve_device, run_classes, run_config)
+from viz import attention_figure, check_image_out, save_image, to_pil_gray
 
 MAX_SEED = 2 ** 63 - 1
 

@@ -1,14 +1,19 @@
 """
-Pictures: tensors to images, grids, the attention figure and loss curves (PIL only: no plotting library).
+Pictures: tensors to images, writing them safely (name checked before the work, written by rename), grids, the
+attention figure and loss curves (PIL only: no plotting library).
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from PIL import Image, ImageDraw
+
+import data
+from checkpoint import write_atomic
 
 
 def to_pil_gray(ir: Tensor) -> Image.Image:
@@ -47,6 +52,33 @@ def grid(images: list[list[Image.Image]], labels: list[str] | None = None, pad: 
         for j, im in enumerate(row):
             canvas.paste(im.convert("RGB"), (pad + j * (w + pad), top + pad + i * (h + pad)))
     return canvas
+
+
+def check_image_out(path, flag: str = "-o") -> str:
+    """Before any work: `path` can be written as a picture (a file name with an image extension, in a folder that
+    exists or can be made). Returns the image format PIL writes for it. Nothing is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name such as {path / 'ir.png'}")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if path.suffix.lower() not in data.IMAGE_EXTS or fmt is None:
+        raise ValueError(f"{flag} {path}: unknown image extension {path.suffix!r} (use one of "
+                         f"{', '.join(data.IMAGE_EXTS)})")
+    folder = path.absolute().parent
+    while not folder.exists():  # the nearest existing folder is where the missing ones will be made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    return fmt
+
+
+def save_image(img: Image.Image, path, flag: str = "-o") -> None:
+    """Write to a temporary file in the same folder, then rename: a failure (a full disk) never truncates an
+    existing file, and is a one-line CheckpointError naming `path`."""
+    fmt = check_image_out(path, flag)
+    write_atomic(path, lambda tmp: img.save(tmp, format=fmt))
 
 
 # ----------------------------------------------------------------------------------------------------------------
