@@ -170,8 +170,6 @@ def check_numbers(cfg: TrainConfig, setup: Setup) -> None:
         if inner % heads or (inner // heads) % 4:
             raise ValueError(f"--sem-inner-dim {inner} / --sem-heads {heads} must give a whole head dim that is a "
                              "multiple of 4 (RoPE rotates pairs on 2 spatial axes)")
-    if cfg.device:
-        resolve_device(cfg.device)  # a device that exists here, or one line naming --device
 
 
 def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
@@ -213,7 +211,7 @@ def init_distributed(cfg: TrainConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device:
-        device = torch.device(cfg.device)
+        device = resolve_device(cfg.device)  # a device that exists here, or one line naming --device
     else:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if world > 1:
