@@ -39,7 +39,8 @@ import train
 from checkpoint import read_metadata
 from flux_model import PRESETS
 from pipeline import ROOT, attention_maps, command, find_setup, generate, is_trained_key, load_pipeline
-from synth import write_synth
+from run_state import differing
+from synth import TEST_SET, TRAIN_SET, ensure_set
 from viz import attention_figure, grid, loss_curves, to_pil_gray, to_pil_rgb
 
 DECOY_NAMES = ("poster", "car_parked")
@@ -182,12 +183,12 @@ def check_reusable(final: Path, want: train.TrainConfig) -> dict:
     if not isinstance(recorded, dict):
         raise ValueError(f"{final} records no readable train_args, so its settings are unknown; pass --retrain to "
                          "train it again, or a new --out")
-    for name, value in asdict(want).items():
-        if name in NOT_COMPARED or recorded.get(name, "(not recorded)") == value:
-            continue
+    now = asdict(want)
+    if changed := differing(recorded, now, NOT_COMPARED):
+        name = changed[0]
         flag = f" ({TRAIN_FLAGS[name]})" if name in TRAIN_FLAGS else ""
         raise ValueError(f"{final} was trained with {name}={recorded.get(name, '(not recorded)')!r}, this run asks "
-                         f"for {value!r}{flag}; pass --retrain to train it again, or a new --out")
+                         f"for {now[name]!r}{flag}; pass --retrain to train it again, or a new --out")
     return recorded
 
 
@@ -201,12 +202,10 @@ def run_ablation(args) -> int:
     print(setup.describe())
     train_data = Path(args.train_data)
     test_data = Path(args.data)
-    for d, count, s in ((train_data, 512, 0), (test_data, 64, 1)):
-        if not d.is_dir():
-            if setup.kind != "demo":
-                raise ValueError(f"{d} does not exist (pass --train-data / --data)")
-            print(f"generating {d}")
-            write_synth(d, count=count, size=128, seed=s)
+    for d, which in ((train_data, TRAIN_SET), (test_data, TEST_SET)):
+        if not d.is_dir() and setup.kind != "demo":
+            raise ValueError(f"{d} does not exist (pass --train-data / --data)")
+        ensure_set(d, which, args.progress)
     test = data.PairedDataset(test_data)
     decoys = decoy_names(args)
     decoy_ids(test.classes, decoys)

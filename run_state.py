@@ -85,10 +85,14 @@ def load_state(path: Path, weight_names, extra: tuple[str, ...] = ()) -> dict:
     return state
 
 
+def differing(was: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
+    """The settings of `now` outside `may_change` that `was` records otherwise (or not at all)."""
+    return [k for k, v in now.items() if k not in may_change and was.get(k, "(not recorded)") != v]
+
+
 def changed_settings(was: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
     """`--flag old -> new` for every setting outside `may_change` that differs."""
-    return [f"--{k.replace('_', '-')} {was.get(k)!r} -> {v!r}" for k, v in now.items()
-            if k not in may_change and was.get(k) != v]
+    return [f"--{k.replace('_', '-')} {was.get(k)!r} -> {now[k]!r}" for k in differing(was, now, may_change)]
 
 
 def resume_command(script: str, world: int = 1) -> str:

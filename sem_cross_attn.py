@@ -55,7 +55,18 @@ class SemanticConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self):
+    def attention_shape(self, hidden_size: int, num_heads: int) -> tuple[int, int]:
+        """(heads, width) of the semantic attention for a transformer of this hidden size and head count."""
+        heads, inner = self.num_heads or num_heads, self.inner_dim or hidden_size
+        if inner % heads or (inner // heads) % 4:
+            raise ValueError(f"inner_dim {inner} / num_heads {heads} must give a head dim that is a multiple of 4 "
+                             "(RoPE rotates pairs on 2 spatial axes)")
+        return heads, inner
+
+    def validate(self, hidden_size: int | None = None, num_heads: int | None = None):
+        """The options on their own; with the transformer's sizes, also the attention's shape."""
+        if hidden_size is not None and self.scheme != "zeroconv":
+            self.attention_shape(hidden_size, num_heads)
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; choose from {SCHEMES}")
         if self.encoder not in ("vae", "cnn"):
@@ -233,11 +244,7 @@ class SemanticModule(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.heads = config.num_heads or num_heads
-        self.inner = config.inner_dim or hidden_size
-        if self.inner % self.heads or (self.inner // self.heads) % 4:
-            raise ValueError(f"inner_dim {self.inner} / num_heads {self.heads} must give a head dim that is a "
-                             "multiple of 4 (RoPE rotates pairs on 2 spatial axes)")
+        self.heads, self.inner = config.attention_shape(hidden_size, num_heads)
         head_dim = self.inner // self.heads
         # RoPE over (row, col) only: the first id axis (target 0 / condition 1) carries no spatial meaning here, so
         # x_t and x_cond queries both line up with the semantic token at their own location.

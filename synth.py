@@ -202,6 +202,21 @@ def make_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
 # -----------------------------------------------------------------------------
 # Writing scenes to disk
 
+# The demo's sets (make_demo.sh, and train.py / train_ae.py / eval.py when no --data is given): (scenes, seed)
+TRAIN_SET, TEST_SET = (512, 0), (64, 1)
+SET_SIZE = 128
+
+
+def ensure_set(out, scenes_seed: tuple[int, int], progress: bool = False) -> Path:
+    """The synthetic set `out`, generated the first time it is asked for: (scenes, seed) at SET_SIZE pixels."""
+    out = Path(out)
+    if not out.is_dir():
+        count, seed = scenes_seed
+        print(f"generating the synthetic set {out} ({count} scenes, seed {seed}; python synth.py)")
+        write_synth(out, count=count, size=SET_SIZE, seed=seed, progress=progress)
+    return out
+
+
 def write_synth(out, count, size, seed=0, progress=False) -> int:
     """count scenes as out/{rgb,sem,ir}/NNNNNN.png + classes.json. Scene i depends only on (seed, i).
     out appears only when every scene is written, so an interrupted run is never reused as a complete set."""

@@ -43,7 +43,7 @@ from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig
 from latents import encode_dataset, semantic_batch
 from run_state import changed_settings, claim, load_state, resume_command, save_state, trim_log
-from synth import write_synth
+from synth import TRAIN_SET, ensure_set
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
 
@@ -134,17 +134,18 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
     if cfg.scheme in MODULE_SCHEMES:
         semantic = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
                                   num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim)
+        p = PRESETS[setup.preset]
         try:
-            semantic.validate()
+            semantic.validate(p.hidden_size, p.num_heads)
         except ValueError as e:
-            raise ValueError(f"--scheme/--sem-*: {e}") from None
+            raise ValueError(f"--scheme/--sem-encoder/--sem-blocks/--sem-heads/--sem-inner-dim: {e}") from None
         c["semantic"] = semantic.to_dict()
     if cfg.stage in ("joint", "finetune"):
         c["lora_rank"], c["lora_alpha"] = cfg.lora_rank, cfg.lora_alpha
     return c
 
 
-def check_numbers(cfg: TrainConfig, setup: Setup) -> None:
+def check_numbers(cfg: TrainConfig) -> None:
     """Every count positive, every rate finite and in range: one ValueError naming the flag."""
     for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         if getattr(cfg, name) < 1:
@@ -164,12 +165,6 @@ def check_numbers(cfg: TrainConfig, setup: Setup) -> None:
         raise ValueError(f"--size must be a multiple of 16 (8x VAE downsampling x 2x2 patches), got {cfg.size}")
     if cfg.stage in ("joint", "finetune") and cfg.lora_rank < 1:
         raise ValueError(f"--lora-rank must be at least 1, got {cfg.lora_rank}")
-    if cfg.scheme in ("xattn", "adapter"):
-        p = PRESETS[setup.preset]
-        heads, inner = cfg.sem_heads or p.num_heads, cfg.sem_inner_dim or p.hidden_size
-        if inner % heads or (inner // heads) % 4:
-            raise ValueError(f"--sem-inner-dim {inner} / --sem-heads {heads} must give a whole head dim that is a "
-                             "multiple of 4 (RoPE rotates pairs on 2 spatial axes)")
 
 
 def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
@@ -231,8 +226,7 @@ def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedData
         if setup.kind != "demo":
             raise ValueError("pass --data DIR (rgb/, sem/, ir/): the synthetic set is for the tiny demo")
         if master:
-            print(f"generating the synthetic training set in {root} (python synth.py)")
-            write_synth(root, count=512, size=128, seed=0, progress=cfg.progress)
+            ensure_set(root, TRAIN_SET, cfg.progress)
         if dist.is_initialized():
             dist.barrier()
     ds = data.PairedDataset(root, size=cfg.size or None)
@@ -405,7 +399,7 @@ def run(cfg: TrainConfig) -> int:
         print(setup.describe())
     cfg.lr = cfg.lr or (DEMO_LR if setup.kind == "demo" else {k: v[1] for k, v in STAGE_DEFAULTS.items()})[cfg.stage]
     out = Path(cfg.out)
-    check_numbers(cfg, setup)
+    check_numbers(cfg)
     want = stage_config(cfg, setup)
     check_config(cfg, setup, want)
     lock = claim(Path(cfg.out), RUN_FILES, "final.safetensors", cfg.resume, cfg.overwrite, master)

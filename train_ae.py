@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import data
 from pipeline import ROOT, Stopper, command, resolve_device
 from run_state import changed_settings, claim, load_state, resume_command, save_state
-from synth import write_synth
+from synth import TRAIN_SET, ensure_set
 from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
 
 RESUME_NAME = "ae_resume.pt"
@@ -99,10 +99,7 @@ def load_resume(path: Path, ae: AutoEncoder, opt, g: torch.Generator, a: argpars
 
 def load_images(a: argparse.Namespace) -> torch.Tensor:
     """Every visible, semantic and infrared (as 3 channels) image of the dataset: [3N, 3, H, W] in [-1, 1]."""
-    root = Path(a.data) if a.data else ROOT / "data" / "synth"
-    if not a.data and not root.is_dir():
-        print(f"generating the synthetic training set in {root} (python synth.py)")
-        write_synth(root, count=512, size=128, seed=0, progress=a.progress)
+    root = Path(a.data) if a.data else ensure_set(ROOT / "data" / "synth", TRAIN_SET, a.progress)
     ds = data.PairedDataset(root, size=a.size or None)
     if len(ds) == 0:
         raise ValueError(f"{root}: empty dataset")
