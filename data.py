@@ -144,19 +144,24 @@ def load_classes(path=None) -> tuple[SemClass, ...]:
         raise DataError(f"{path}: cannot read class table ({type(e).__name__}: {e})") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list):
         raise DataError(f'{path}: expected {{"classes": [{{"id", "name", "color", "hot"}}, ...]}}')
+    return classes_from_rows(doc["classes"], str(path))
+
+
+def classes_from_rows(rows: list, where: str) -> tuple[SemClass, ...]:
+    """[{"id", "name", "color", "hot"}, ...] (a classes.json's list, or a run config's) -> validated classes."""
     classes = []
-    for i, entry in enumerate(doc["classes"]):
+    for i, entry in enumerate(rows):
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: classes[{i}] is not an object")
+            raise DataError(f"{where}: classes[{i}] is not an object")
         missing = {"id", "name", "color"} - entry.keys()
         unknown = entry.keys() - {"id", "name", "color", "hot"}  # strict, so a typo like "colour" is caught
         if missing or unknown:
-            raise DataError(f"{path}: classes[{i}] missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+            raise DataError(f"{where}: classes[{i}] missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
         color = entry["color"]
         if not isinstance(color, list):
-            raise DataError(f"{path}: classes[{i}] color {color!r} is not a list [r, g, b]")
+            raise DataError(f"{where}: classes[{i}] color {color!r} is not a list [r, g, b]")
         classes.append(SemClass(entry["id"], entry["name"], tuple(color), entry.get("hot", False)))
-    return validate_classes(classes, where=str(path))
+    return validate_classes(classes, where=where)
 
 
 def save_classes(classes, path):

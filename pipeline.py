@@ -187,14 +187,9 @@ def run_classes(cfg: dict, where) -> tuple[data.SemClass, ...] | None:
     rows = cfg.get("classes")
     if rows is None:
         return None
-    where = f"{where}: the classes in its config"
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise CheckpointError(f"{where} are not a list of {{id, name, color, hot}} objects")
-    try:
-        classes = [data.SemClass(**(r | {"color": tuple(r["color"])})) for r in rows]
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{where} are malformed ({e})") from None
-    return data.validate_classes(classes, where=where)
+    if not isinstance(rows, list):
+        raise CheckpointError(f"{where}: the classes in its config are not a list of {{id, name, color, hot}} objects")
+    return data.classes_from_rows(rows, f"{where}: the classes in its config")
 
 
 def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dtype | None = None) -> Flux:
