@@ -4,6 +4,7 @@ Reading and writing safetensors files, strictly and safely.
 Every weight file in this project goes through here, so the rules hold everywhere:
 - only safetensors are read (no pickle from a file a user was sent);
 - a missing, truncated or corrupt file is reported by name before any tensor is touched;
+- a sharded Hugging Face checkpoint (a folder, or the *.safetensors.index.json naming its shards) reads as one file;
 - loading into a module is strict: every missing, unexpected or mis-shaped key is listed, with a hint;
 - writes go to a temporary file that is renamed over the target, so a kill mid-write never corrupts the old file;
 - a resume state (torch.save of tensors, numbers and lists) is read with weights_only=True: no object is unpickled.
@@ -53,6 +54,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
             if head.startswith((b"PK\x03\x04", b"\x80")):
                 raise CheckpointError(f"{path}: this is a PyTorch pickle (.pt/.ckpt/.bin), not safetensors. Only "
                                       "safetensors are read (a pickle can run code); convert it where you trust it")
+            if head.lstrip().startswith(b"{") and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+                raise CheckpointError(f"{path}: a JSON text file, not safetensors (a sharded checkpoint's "
+                                      "*.safetensors.index.json is read by read_sharded, from it or its folder)")
             raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}: "
                                   "not a safetensors file, or truncated")
         raw = f.read(n)
@@ -102,15 +106,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
-                     keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """All (or the named) tensors of a validated file, cast to dtype if given (floating tensors only)."""
+                     keys: Iterable[str] | None = None,
+                     convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """All (or the named) tensors of a validated file, cast to dtype if given (floating tensors only), each passed
+    through `convert(key, tensor)` as it is read if given (a per-tensor cast that must spare some keys)."""
     read_header(path)
     out = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for k in (f.keys() if keys is None else keys):
                 t = f.get_tensor(k)
-                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                out[k] = convert(k, t) if convert is not None else t
     except Exception as e:  # anything the header check above did not foresee is still the file's fault
         if isinstance(e, (KeyboardInterrupt, MemoryError)):
             raise
@@ -118,29 +125,64 @@ def read_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None, 
     return out
 
 
-def read_sharded(folder: str | os.PathLike, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
-    """A Hugging Face folder: `model.safetensors`, or the shards named by `model.safetensors.index.json`."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        out = {}
-        for shard in sorted(set(weight_map.values())):
-            out.update(read_safetensors(folder / shard, dtype, device))
-        missing = sorted(set(weight_map) - set(out))
+def shard_files(path: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files a checkpoint path names, and its index's weight map (None without an index):
+        a file                                  -> [the file]
+        a `*.safetensors.index.json`            -> the shards it names (Hugging Face / diffusers sharding)
+        a folder with one such index            -> its shards
+        a folder without one                    -> every *.safetensors in it"""
+    path = Path(path)
+    if path.is_file() and not path.name.endswith(".json"):
+        return [path], None
+    index = path if path.is_file() else None
+    if index is None:
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such file or folder")
+        found = sorted(path.glob("*.safetensors.index.json"))
+        if len(found) > 1:
+            raise CheckpointError(f"{path}: {len(found)} safetensors indexes ({', '.join(f.name for f in found)}): "
+                                  "pass the one to read")
+        if not found:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{path}: no *.safetensors file and no *.safetensors.index.json "
+                                      "(only safetensors are read; convert .bin pickles first)")
+            return files, None
+        index = found[0]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to shard file names")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if Path(s).name != s]
+    if outside:
+        raise CheckpointError(f"{index}: names shards outside its folder ({outside[0]}); corrupt index")
+    return [index.parent / s for s in shards], weight_map
+
+
+def header_keys(path: str | os.PathLike) -> list[str]:
+    """Every tensor name of a checkpoint (a file, an index or a folder: see shard_files), read from the headers."""
+    return [k for f in shard_files(path)[0] for k in read_header(f)[0]]
+
+
+def read_sharded(path: str | os.PathLike, dtype=None, device="cpu", keys: Iterable[str] | None = None,
+                 convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A Hugging Face checkpoint: `model.safetensors` or the shards an index names (see shard_files); all tensors, or
+    those in `keys`, read as read_safetensors does. Every name the index lists must be in its shards."""
+    files, weight_map = shard_files(path)
+    names = {f: list(read_header(f)[0]) for f in files}
+    if weight_map is not None:
+        present = {k for ks in names.values() for k in ks}
+        missing = sorted(set(weight_map) - present)
         if missing:
-            raise CheckpointError(f"{index}: keys listed in the index but absent from the shards: {missing[:5]}")
-        return out
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors file and no model.safetensors.index.json "
-                              "(only safetensors are read; convert .bin pickles first)")
+            raise CheckpointError(f"{path}: keys listed in the index but absent from the shards: {missing[:5]}")
+    wanted = None if keys is None else set(keys)
     out = {}
-    for f in files:
-        out.update(read_safetensors(f, dtype, device))
+    for f, ks in names.items():
+        out.update(read_safetensors(f, dtype, device, ks if wanted is None else [k for k in ks if k in wanted],
+                                    convert))
     return out
 
 
@@ -149,6 +191,13 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     if sd and all(k.startswith(prefix) for k in sd):
         return {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+def split_prefix(sd: dict, prefix: str) -> tuple[dict, dict]:
+    """(the entries under `prefix`, with it dropped; the others as they are): one part of a file that holds several
+    (a ComfyUI all-in-one checkpoint keeps its transformer under `model.diffusion_model.`)."""
+    inside = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return inside, {k: v for k, v in sd.items() if not k.startswith(prefix)}
 
 
 def check_keys(expected: dict[str, tuple], sd: dict[str, torch.Tensor], what: str,

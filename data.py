@@ -189,6 +189,21 @@ def render_semantic(ids, classes) -> torch.Tensor:
     return lut[ids].movedim(-1, -3).contiguous()  # [..., H, W, 3] -> [..., 3, H, W]
 
 
+def misalign(ids: torch.Tensor, dy: int = 0, dx: int = 0, down: int = 1) -> torch.Tensor:
+    """A label map [..., H, W] as a misregistered pair or a coarse segmenter gives it: its content moved by (dy, dx)
+    pixels (down/right positive; the edge rows/columns repeat into the gap), then coarsened: every down x down
+    cell takes the label at its centre and is upsampled back by nearest neighbour."""
+    H, W = ids.shape[-2:]
+    rows = (torch.arange(H) - dy).clamp(0, H - 1)
+    cols = (torch.arange(W) - dx).clamp(0, W - 1)
+    out = ids[..., rows[:, None], cols[None, :]]  # [..., H, W]: out[y, x] = ids[y - dy, x - dx]
+    if down > 1:
+        rows = (torch.arange(H) // down * down + down // 2).clamp(max=H - 1)
+        cols = (torch.arange(W) // down * down + down // 2).clamp(max=W - 1)
+        out = out[..., rows[:, None], cols[None, :]]
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Reading one image
 

@@ -27,32 +27,42 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 import data
 import metrics
+from fp8 import BASE_DTYPES
 import train
 from checkpoint import read_metadata
 from flux_model import PRESETS
-from pipeline import ROOT, attention_maps, command, find_setup, generate, is_trained_key, load_pipeline
+from pipeline import (ROOT, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, command, find_setup, generate,
+                      is_trained_key, load_pipeline)
 from run_state import differing
 from synth import TEST_SET, TRAIN_SET, ensure_set
-from viz import attention_figure, grid, loss_curves, to_pil_gray, to_pil_rgb
+from sem_cross_attn import SemanticConfig, parameter_count
+from viz import attention_figure, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
 
 DECOY_NAMES = ("poster", "car_parked")
 ABLATION = ("none", "overlay", "zeroconv", "xattn", "adapter")
 LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroconv": "A: zero-conv",
           "xattn": "B: cross-attention", "adapter": "C: gated adapter",
+          "xattn-ip": "B lean: decoupled, 64-dim tokens", "xattn-ip-shared": "B lean: decoupled, shared K/V",
           "xattn-double": "B, double blocks only", "xattn-every2": "B, every 2nd block", "xattn-half": "B, half width"}
+CEILING = "ceiling: autoencoder reconstruction"
 # scheme B's cheaper options (bench.py measures what each saves; the ablation what each costs in quality):
 # TrainConfig fields on top of scheme xattn. Half width: half the heads at the same head dim.
 B_OPTIONS = {"xattn-double": lambda p: {"sem_blocks": "double"},
              "xattn-every2": lambda p: {"sem_blocks": "every:2"},
-             "xattn-half": lambda p: {"sem_inner_dim": p.hidden_size // 2, "sem_heads": max(1, p.num_heads // 2)}}
+             "xattn-half": lambda p: {"sem_inner_dim": p.hidden_size // 2, "sem_heads": max(1, p.num_heads // 2)},
+             "xattn-ip": lambda p: {"sem_attention": "decoupled", "sem_token_dim": 64},
+             "xattn-ip-shared": lambda p: {"sem_attention": "decoupled", "sem_token_dim": 256,
+                                           "sem_shared_kv": True}}
+SHIFT_DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # the misaligned split: pair i's map moves SHIFT_DIRS[i % 4] * s
 COUNT_FLAGS = ("steps", "train_steps", "limit", "batch_size", "lora_rank")  # must be >= 1 when given
 # the ablation flag behind each TrainConfig field that train_config sets from the command line
 TRAIN_FLAGS = {"data": "--train-data", "steps": "--train-steps", "batch_size": "--batch-size", "seed": "--seed",
@@ -72,9 +82,29 @@ def decoy_ids(classes, names=None) -> list[int]:
     return [c.id for c in classes if c.name in names]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How each test pair is generated: Euler steps, seed (pair i: seed + i), the semantic strength and guidance,
+    and the semantic map given to the model: as labelled, or misaligned (moved by `shift` pixels, pair i along
+    SHIFT_DIRS[i % 4], then coarsened by `down`; data.misalign). Scores always use the true labels."""
+    steps: int = 20
+    seed: int = 0
+    sem_strength: float = SEM_STRENGTH
+    sem_guidance: float = SEM_GUIDANCE
+    shift: int = 0
+    down: int = 1
+
+    def conditioning_map(self, item: dict, i: int, classes) -> Tensor:
+        """The semantic image [3, H, W] the model sees for pair i."""
+        if not self.shift and self.down == 1:
+            return item["sem"]
+        dy, dx = (self.shift * d for d in SHIFT_DIRS[i % len(SHIFT_DIRS)])
+        return data.render_semantic(data.misalign(item["sem_ids"], dy, dx, self.down), classes)
+
+
 @torch.no_grad()
-def predict(pipe, ds, steps: int, seed: int, limit: int | None, batch_size: int = 8, progress: bool = True):
-    """Yield (index, item, prediction [1, H, W]) for the first `limit` pairs; pair i is sampled with seed + i.
+def predict(pipe, ds, how: Sampling, limit: int | None, batch_size: int = 8, progress: bool = True):
+    """Yield (index, item, prediction [1, H, W]) for the first `limit` pairs, generated as `how` says.
     A prediction with a NaN or infinite pixel raises ValueError naming the pair."""
     from tqdm import tqdm
     n = len(ds) if not limit else min(limit, len(ds))
@@ -84,8 +114,10 @@ def predict(pipe, ds, steps: int, seed: int, limit: int | None, batch_size: int 
         groups = [items] if len({tuple(it["rgb"].shape) for it in items}) == 1 else [[it] for it in items]
         i = start
         for group in groups:  # one batch per image size
-            pred = generate(pipe, torch.stack([it["rgb"] for it in group]), torch.stack([it["sem"] for it in group]),
-                            steps=steps, seed=[seed + i + k for k in range(len(group))]).cpu()
+            sem = torch.stack([how.conditioning_map(it, i + k, ds.classes) for k, it in enumerate(group)])
+            pred = generate(pipe, torch.stack([it["rgb"] for it in group]), sem, steps=how.steps,
+                            seed=[how.seed + i + k for k in range(len(group))], sem_strength=how.sem_strength,
+                            sem_guidance=how.sem_guidance).cpu()
             for k, it in enumerate(group):
                 if not bool(torch.isfinite(pred[k]).all()):
                     raise ValueError(f"{ds.root}: the prediction for pair {i + k} ({it['name']}) is not finite "
@@ -96,26 +128,52 @@ def predict(pipe, ds, steps: int, seed: int, limit: int | None, batch_size: int 
     bar.close()
 
 
-def evaluate(pipe, ds, steps=20, seed=0, limit=None, decoys=None, save_dir: Path | None = None,
+def evaluate(pipe, ds, how: Sampling = Sampling(), limit=None, decoys=None, save_dir: Path | None = None,
              progress=True) -> dict:
     """Score a pipeline on a dataset: metrics.summarize over every pair (+ the slice of the decoy classes
-    `decoys`; None: DECOY_NAMES where the dataset has them)."""
-    hot = data.hot_ids(ds.classes)
-    decoy = decoy_ids(ds.classes, decoys)
+    `decoys`; None: DECOY_NAMES where the dataset has them), regions on the true labels."""
+    return score(ds, ((item, pred) for _, item, pred in predict(pipe, ds, how, limit, progress=progress)),
+                 decoys, save_dir)
+
+
+def score(ds, pairs, decoys=None, save_dir: Path | None = None) -> dict:
+    """metrics.summarize over (item, prediction [1, H, W]) pairs."""
     records = []
-    for i, item, pred in predict(pipe, ds, steps, seed, limit, progress=progress):
+    for item, pred in pairs:
         records.append(metrics.evaluate_image(pred[0].double(), item["ir"][0].double(), item["sem_ids"]))
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             to_pil_gray(pred).save(save_dir / f"{item['name']}.png")
-    return metrics.summarize(records, hot_ids=hot, decoy_ids=decoy)
+    return metrics.summarize(records, hot_ids=data.hot_ids(ds.classes), decoy_ids=decoy_ids(ds.classes, decoys))
 
 
-def fid_score(pipe, ds, model_path, steps, seed, limit) -> float:
+@torch.no_grad()
+def reconstruct(ae, ir: Tensor) -> Tensor:
+    """The autoencoder's encode -> decode of an IR image [B, 1, H, W] in [0, 1], read back as IR: what a perfect
+    transformer (one that predicted the ground truth's own latents) would give."""
+    rgb = data.ir_to_rgb(ir).to(ae_dtype(ae))
+    return data.rgb_to_ir(ae.decode(ae.encode(rgb)).float().clamp(-1, 1))
+
+
+def ae_dtype(ae) -> torch.dtype:
+    return next(ae.parameters()).dtype
+
+
+def ceiling(pipe, ds, limit=None, decoys=None, progress=True) -> dict:
+    """The ceiling row: the ground truth's autoencoder reconstruction, scored like the models."""
+    from tqdm import tqdm
+    n = len(ds) if not limit else min(limit, len(ds))
+    device = next(pipe.ae.parameters()).device
+    pairs = ((ds[i], reconstruct(pipe.ae, ds[i]["ir"][None].to(device))[0].cpu())
+             for i in tqdm(range(n), desc="ceiling", disable=not progress))
+    return score(ds, pairs, decoys)
+
+
+def fid_score(pipe, ds, model_path, how: Sampling, limit) -> float:
     """FID between generated and real IR with a user-supplied TorchScript feature network (e.g. Inception-v3)."""
     net = torch.jit.load(str(model_path), map_location="cpu").eval()
     real, fake = [], []
-    for _, item, pred in predict(pipe, ds, steps, seed, limit, progress=False):
+    for _, item, pred in predict(pipe, ds, how, limit, progress=False):
         real.append(item["ir"])
         fake.append(pred)
     fr = metrics.fid_features_from_model(net, torch.stack(real))
@@ -144,14 +202,15 @@ def jsonable(x):
     return x
 
 
-def comparison_figure(pipes: dict, ds, indices: list[int], steps: int, seed: int, out: Path, scale: int = 2):
+def comparison_figure(pipes: dict, ds, indices: list[int], how: Sampling, out: Path, scale: int = 2):
     """RGB | semantic | ground truth | each method's prediction, one row per test pair."""
     rows = []
     for i in indices:
         item = ds[i]
         row = [to_pil_rgb(item["rgb"]), to_pil_rgb(item["sem"]), to_pil_gray(item["ir"])]
         for pipe in pipes.values():
-            pred = generate(pipe, item["rgb"][None], item["sem"][None], steps=steps, seed=seed + i)  # [1, 1, H, W]
+            pred = generate(pipe, item["rgb"][None], item["sem"][None], steps=how.steps, seed=how.seed + i,
+                            sem_strength=how.sem_strength, sem_guidance=how.sem_guidance)  # [1, 1, H, W]
             row.append(to_pil_gray(pred[0]))
         rows.append(row)
     labels = ["RGB", "semantic", "ground truth"] + [LABELS.get(n, n).split(" (")[0] for n in pipes]
@@ -162,15 +221,23 @@ def comparison_figure(pipes: dict, ds, indices: list[int], steps: int, seed: int
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_config(scheme: str, args, run: Path) -> train.TrainConfig:
+def train_config(scheme: str, args, run: Path, seed: int) -> train.TrainConfig:
     """The ablation protocol as one train.py config: stage joint (LoRA on the backbone + the scheme's modules), the
-    same data, steps, batch, seed, learning rate and LoRA for every scheme; scheme B's options on top. A scheme
-    is trained only when it has no final weights or --retrain asks for it, so its run starts over (overwrite)."""
-    options = B_OPTIONS[scheme](PRESETS[find_setup().preset]) if scheme in B_OPTIONS else {}
-    return train.TrainConfig(stage="joint", scheme=scheme.split("-")[0], data=str(Path(args.train_data).resolve()),
-                             steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, out=str(run),
+    same data, steps, batch, learning rate and LoRA for every scheme, this training seed; scheme B's options on top;
+    "+jitter": trained on misaligned maps (train.py --sem-jitter). A scheme is trained only when it has no final
+    weights or --retrain asks for it, so its run starts over (overwrite)."""
+    name, jitter = scheme.removesuffix("+jitter"), scheme.endswith("+jitter")
+    options = B_OPTIONS[name](PRESETS[find_setup().preset]) if name in B_OPTIONS else {}
+    return train.TrainConfig(stage="joint", scheme=name.split("-")[0], data=str(Path(args.train_data).resolve()),
+                             steps=args.train_steps, batch_size=args.batch_size, seed=seed, out=str(run),
                              lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), sample_steps=0, lr=args.lr,
-                             progress=args.progress, overwrite=True, **options)
+                             progress=args.progress, overwrite=True, sem_jitter=args.jitter if jitter else 0,
+                             sem_drop=0.0, **options)
+
+
+def label(scheme: str) -> str:
+    name = scheme.removesuffix("+jitter")
+    return LABELS[name] + (", trained on misaligned maps" if name != scheme else "")
 
 
 def check_reusable(final: Path, want: train.TrainConfig) -> dict:
@@ -192,10 +259,78 @@ def check_reusable(final: Path, want: train.TrainConfig) -> dict:
     return recorded
 
 
+def splits(args) -> dict[str, Sampling]:
+    """The conditions every model is scored under: the labelled maps, each --shifts misalignment, each --coarse."""
+    how = Sampling(steps=args.steps, seed=args.seed, sem_strength=args.sem_strength, sem_guidance=args.sem_guidance)
+    out = {"aligned": how}
+    out |= {f"shift {k} px": replace(how, shift=k) for k in int_list(args.shifts, "--shifts")}
+    out |= {f"coarse x{k}": replace(how, down=k) for k in int_list(args.coarse, "--coarse")}
+    return out
+
+
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: a comma-separated list of whole numbers") from None
+    if any(v < minimum for v in values):
+        raise ValueError(f"{flag} {text!r}: every value must be at least {minimum}")
+    return values
+
+
+def scored(run: Path, pipe, test, name: str, how: Sampling, args, decoys) -> dict:
+    """The run's score under `how`, cached in <run>/scores.json next to the weights it was computed from (reused
+    only for the same weights, test data, limit and sampling)."""
+    path = run / "scores.json"
+    key = json.dumps({"split": name, "sampling": asdict(how), "data": str(Path(args.data).resolve()),
+                      "limit": args.limit, "decoys": decoys,
+                      "weights": (run / "final.safetensors").stat().st_mtime_ns}, sort_keys=True)
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in cache:
+        cache[key] = jsonable(evaluate(pipe, test, how, limit=args.limit, decoys=decoys, progress=args.progress))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(path)
+    return cache[key]
+
+
+HEADLINE = {"PSNR (dB)": lambda s: s["psnr"], "SSIM": lambda s: s["ssim"],
+            "Miss": lambda s: s["all"]["miss_rate"], "Decoy halluc.": lambda s: s["decoy"]["hallucination_rate"],
+            "Hallucination": lambda s: s["all"]["hallucination_rate"]}
+
+
+def mean_sd(values: list[float], percent: bool) -> str:
+    """'mean ± sd' over seeds (sample sd; one seed: the value alone); rates in percent."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float) * (100 if percent else 1)
+    if not len(v):
+        return "n/a"
+    fmt = (lambda x: f"{x:.1f}%") if percent else (lambda x: f"{x:.2f}") if abs(v.mean()) > 2 else (
+        lambda x: f"{x:.3f}")
+    return fmt(v.mean()) + (f" ± {v.std(ddof=1):.{1 if percent else 2}f}" if len(v) > 1 else "")
+
+
+def seed_table(rows: dict[str, list[dict]], extras: dict[str, dict], columns=HEADLINE) -> str:
+    """Markdown: one row per method, each metric as mean ± sd over its seeds' summaries, then the extras."""
+    extra_names = list(dict.fromkeys(k for e in extras.values() for k in e))
+    header = ["Method"] + list(columns) + extra_names
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name, summaries in rows.items():
+        cells = [mean_sd([f(s) for s in summaries], percent=col not in ("PSNR (dB)", "SSIM"))
+                 for col, f in columns.items()]
+        cells += [metrics._fmt_value(extras.get(name, {}).get(k)) for k in extra_names]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines)
+
+
 def run_ablation(args) -> int:
     schemes = args.schemes.split(",")
-    if unknown := [s for s in schemes if s not in LABELS]:
-        raise ValueError(f"unknown scheme(s) {unknown}; choose from {list(LABELS)}")
+    if unknown := [s for s in schemes if s.removesuffix("+jitter") not in LABELS]:
+        raise ValueError(f"unknown scheme(s) {unknown}; choose from {list(LABELS)}, each optionally with +jitter")
+    if bad := [s for s in schemes if s.endswith("+jitter") and s.split("-")[0] in ("none", "overlay")]:
+        raise ValueError(f"{bad}: +jitter moves a semantic module's input; the baselines have none")
+    seeds = int_list(args.seeds, "--seeds", minimum=0)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {args.seeds!r}: one or more different training seeds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = find_setup()
@@ -209,42 +344,63 @@ def run_ablation(args) -> int:
     test = data.PairedDataset(test_data)
     decoys = decoy_names(args)
     decoy_ids(test.classes, decoys)
+    conditions = splits(args)
+    runs_of = {s: {seed: out / s / f"seed{seed}" for seed in seeds} for s in schemes}
     # every reused run is checked before any training, so a mismatch costs no time
-    reuse = {s: not args.retrain and (out / s / "final.safetensors").is_file() for s in schemes}
     for scheme in schemes:
-        if reuse[scheme]:
-            check_reusable(out / scheme / "final.safetensors", train_config(scheme, args, out / scheme))
-    results, extras, logs, pipes, runs = {}, {}, {}, {}, {}
+        for seed, run in runs_of[scheme].items():
+            if not args.retrain and (run / "final.safetensors").is_file():
+                check_reusable(run / "final.safetensors", train_config(scheme, args, run, seed))
+    dev = PRESETS["dev"]
+    base_pipe = load_pipeline(None, quiet=True)
+    top = ceiling(base_pipe, test, args.limit, decoys, args.progress)
+    rows = {name: {CEILING: [top]} for name in conditions}  # split -> method -> summaries over seeds
+    extras, logs, pipes, per_seed, recorded = {}, {}, {}, {}, {}
     for scheme in schemes:
-        run = out / scheme
-        final = run / "final.safetensors"
-        if not reuse[scheme]:
-            t0 = time.time()
-            rc = train.run(train_config(scheme, args, run))
-            if rc:
-                raise RuntimeError(f"training {scheme} failed ({rc})")
-            print(f"{scheme}: trained in {time.time() - t0:.0f} s")
-        runs[LABELS[scheme]] = check_reusable(final, train_config(scheme, args, run))  # what was actually trained
-        logs[LABELS[scheme]] = run / "log.jsonl"
-        rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
-        sps = float(np.median([r["steps_per_s"] for r in rows[1:]] or [rows[-1]["steps_per_s"]]))
-        pipe = load_pipeline(final, quiet=True)
-        trained = sum(v.numel() for k, v in pipe.model.state_dict().items() if is_trained_key(k))
-        summ = evaluate(pipe, test, steps=args.steps, seed=args.seed, limit=args.limit, decoys=decoys,
-                        progress=args.progress)
-        results[LABELS[scheme]] = summ
-        extras[LABELS[scheme]] = {"trainable params": trained, "s/step": round(1 / sps, 3)}
-        pipes[scheme] = pipe
-        line = summary_line(scheme, summ, extras[LABELS[scheme]])
-        print(json.dumps(jsonable(line)))
-    table = metrics.format_table(results, extras, decoy=True)
-    (out / "table.md").write_text(table + "\n")
+        name = label(scheme)
+        per_seed[name] = {}
+        for seed, run in runs_of[scheme].items():
+            final = run / "final.safetensors"
+            if args.retrain or not final.is_file():
+                t0 = time.time()
+                rc = train.run(train_config(scheme, args, run, seed))
+                if rc:
+                    raise RuntimeError(f"training {scheme} (seed {seed}) failed ({rc})")
+                print(f"{scheme} seed {seed}: trained in {time.time() - t0:.0f} s")
+                (run / "scores.json").unlink(missing_ok=True)
+            recorded.setdefault(name, {})[seed] = check_reusable(final, train_config(scheme, args, run, seed))
+            pipe = load_pipeline(final, quiet=True)
+            aligned = scored(run, pipe, test, "aligned", conditions["aligned"], args, decoys)
+            # a model without a semantic input scores the same under every split (it never sees the map)
+            per_seed[name][seed] = {split: aligned if split == "aligned" or pipe.scheme == "none"
+                                    else scored(run, pipe, test, split, how, args, decoys)
+                                    for split, how in conditions.items()}
+            for split in conditions:
+                rows[split].setdefault(name, []).append(per_seed[name][seed][split])
+            print(json.dumps(jsonable(summary_line(f"{scheme} seed {seed}", per_seed[name][seed]["aligned"]))))
+            if seed == seeds[0]:
+                pipes[scheme], logs[name] = pipe, run / "log.jsonl"
+                log_rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+                sps = float(np.median([r["steps_per_s"] for r in log_rows[1:]] or [log_rows[-1]["steps_per_s"]]))
+                cfg = pipe.cfg.get("semantic")
+                extras[name] = {
+                    "trainable (tiny)": sum(v.numel() for k, v in pipe.model.state_dict().items() if is_trained_key(k)),
+                    "semantic params at dev": parameter_count(SemanticConfig(**cfg), dev) if cfg else 0,
+                    "s/step": round(1 / sps, 3)}
+    table = seed_table(rows["aligned"], extras)
+    robust_cols = {f"{split}: {col}": (lambda f, sp: (lambda s: f(s[sp])))(HEADLINE[col], split)
+                   for split in conditions for col in ("PSNR (dB)", "Miss")}
+    robust_rows = {name: [{sp: rows[sp][name][k] for sp in conditions} for k in range(len(rows["aligned"][name]))]
+                   for name in rows["aligned"]}
+    robust = seed_table(robust_rows, {}, robust_cols) if len(conditions) > 1 else ""
+    (out / "table.md").write_text(table + "\n" + (f"\n{robust}\n" if robust else ""))
     (out / "results.json").write_text(json.dumps(jsonable({"protocol": {
         "train_pairs": len(data.PairedDataset(train_data)), "test_pairs": min(len(test), args.limit or len(test)),
         "train_steps": args.train_steps, "batch_size": args.batch_size, "lora_rank": args.lora_rank, "lr": args.lr,
-        "eval_steps": args.steps, "seed": args.seed, "base": str(setup.flux)},
-        "results": results, "extras": extras, "train_args": runs}), indent=1))
-    print(table)
+        "seeds": seeds, "eval_steps": args.steps, "sampling": {k: asdict(v) for k, v in conditions.items()}, "jitter": args.jitter,
+        "base": str(setup.flux)},
+        "ceiling": top, "per_seed": per_seed, "extras": extras, "train_args": recorded}), indent=1))
+    print(table + ("\n\n" + robust if robust else ""))
     loss_curves(logs, out / "loss_curves.png")
     # test scenes with decoys for the figure: a poster or a parked car, and a person
     ids = {c.name: c.id for c in test.classes}
@@ -255,9 +411,9 @@ def run_ablation(args) -> int:
             picks.append(i)
         if len(picks) == 4:
             break
-    shown = {k: pipes[k] for k in ("none", "overlay", "xattn") if k in pipes}
+    shown = {k: pipes[k] for k in ("none", "overlay", "zeroconv", "xattn", "xattn-ip") if k in pipes}
     if shown:
-        comparison_figure(shown, test, picks or [0, 1, 2], args.steps, args.seed, out / "comparison.png")
+        comparison_figure(shown, test, picks or [0, 1, 2], conditions["aligned"], out / "comparison.png")
     if "xattn" in pipes and picks:
         item = test[picks[0]]
         maps = attention_maps(pipes["xattn"], item["rgb"][None], item["sem"][None], seed=args.seed, steps=args.steps)
@@ -277,12 +433,35 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first K pairs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--base-dtype", default=None, choices=list(BASE_DTYPES),
+                    help="how the base is stored: fp8 (1 byte per linear weight) | bf16 | fp32")
     ap.add_argument("--decoys", default=None, help="cold classes that look like hot ones, comma-separated "
                     f"(default: {','.join(DECOY_NAMES)} where the dataset has them)")
     ap.add_argument("--save", default=None, help="also write the predictions to this folder")
     ap.add_argument("--fid-model", default=None, help="TorchScript feature network for FID (user-supplied)")
+    ap.add_argument("--protocol", default=None, choices=("thermalgen",),
+                    help="also score as ThermalGen's evaluation does (protocol.py; requirements-extras.txt)")
+    ap.add_argument("--lpips-weights", default=None, help="--protocol: torchvision's alexnet-owt-7be5be79.pth")
+    ap.add_argument("--fid-weights", default=None,
+                    help="--protocol: torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    ap.add_argument("--sem-strength", type=float, default=SEM_STRENGTH,
+                    help="multiplier on the learned semantic scales/gates")
+    ap.add_argument("--sem-guidance", type=float, default=SEM_GUIDANCE, help="semantic classifier-free guidance w")
+    ap.add_argument("--sem-shift", type=int, default=0,
+                    help="condition on maps moved by this many pixels (the misaligned split; scored on true labels)")
+    ap.add_argument("--sem-coarse", type=int, default=1, help="condition on maps coarsened by this factor")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also score the autoencoder's reconstruction of the ground truth (the ceiling row)")
+    ap.add_argument("--sweep", default=None, choices=("strength", "guidance"),
+                    help="score --ckpt at each of --values of the semantic strength or guidance, with a figure")
+    ap.add_argument("--values", default="0,0.5,1,1.5,2", help="--sweep: the settings, comma-separated")
     ap.add_argument("--ablation", action="store_true", help="train every scheme of --schemes, then score them")
-    ap.add_argument("--schemes", default=",".join(ABLATION))
+    ap.add_argument("--schemes", default=",".join(ABLATION),
+                    help=f"ablation: any of {','.join(LABELS)}; +jitter: trained on misaligned maps")
+    ap.add_argument("--seeds", default="0,1,2", help="ablation: training seeds (mean ± sd over them)")
+    ap.add_argument("--shifts", default="3,6", help="ablation: also score with maps moved by these pixels")
+    ap.add_argument("--coarse", default="4", help="ablation: also score with maps coarsened by these factors")
+    ap.add_argument("--jitter", type=int, default=4, help="ablation, +jitter schemes: train.py --sem-jitter")
     ap.add_argument("--train-steps", type=int, default=400, help="ablation: training steps per scheme")
     ap.add_argument("--train-data", default=str(ROOT / "data" / "synth"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
@@ -297,7 +476,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
-    return run_ablation(args) if args.ablation else run_eval(args)
+    for flag in ("sem_strength", "sem_guidance"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
+    if args.sem_shift < 0 or args.sem_coarse < 1:
+        raise ValueError("--sem-shift must be 0 or more and --sem-coarse at least 1")
+    if args.ablation:
+        return run_ablation(args)
+    return run_sweep(args) if args.sweep else run_eval(args)
 
 
 def decoy_names(args) -> list[str] | None:
@@ -311,14 +497,62 @@ def run_eval(args) -> int:
     ds = data.PairedDataset(args.data, size=args.size)
     decoys = decoy_names(args)
     decoy_ids(ds.classes, decoys)  # a misspelt name is refused before the model loads
-    pipe = load_pipeline(None if args.base else args.ckpt)
-    summ = evaluate(pipe, ds, steps=args.steps, seed=args.seed, limit=args.limit, decoys=decoys,
-                    save_dir=Path(args.save) if args.save else None, progress=args.progress)
-    extra = {"ckpt": args.ckpt or "base", "steps": args.steps, "seed": args.seed}
+    protocol = None
+    if args.protocol:  # built first: a missing package or weight file fails before any generation
+        from protocol import ThermalGenProtocol
+        protocol = ThermalGenProtocol(lpips_weights=args.lpips_weights, fid_weights=args.fid_weights)
+    pipe = load_pipeline(None if args.base else args.ckpt, base_dtype=args.base_dtype)
+    how = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
+    save_dir = Path(args.save) if args.save else None
+    pairs = []
+    for _, item, pred in predict(pipe, ds, how, args.limit, progress=args.progress):
+        if protocol is not None:
+            protocol.update(pred[None], item["ir"][None])
+        pairs.append((item, pred))
+    summ = score(ds, pairs, decoys, save_dir)
+    extra = {"ckpt": args.ckpt or "base"} | asdict(how)
+    if protocol is not None:
+        extra["thermalgen"] = protocol.compute()
     if args.fid_model:
-        extra["fid"] = fid_score(pipe, ds, args.fid_model, args.steps, args.seed, args.limit)
-    print(metrics.format_table({args.ckpt or "base": summ}, decoy=True))
+        extra["fid"] = fid_score(pipe, ds, args.fid_model, how, args.limit)
+    rows = {args.ckpt or "base": summ}
+    if args.ceiling:
+        rows = {CEILING: ceiling(pipe, ds, args.limit, decoys, args.progress)} | rows
+        print(json.dumps(jsonable(summary_line("ceiling", rows[CEILING]))))
+    print(metrics.format_table(rows, decoy=True))
     print(json.dumps(jsonable(summary_line(args.ckpt or "base", summ, extra))))
+    return 0
+
+
+def run_sweep(args) -> int:
+    """--sweep strength|guidance: one model scored at each setting; a table, a JSON line each and a figure of
+    PSNR, miss and decoy hallucination against the setting."""
+    if not args.ckpt:
+        raise ValueError("--sweep needs --ckpt PATH (a train.py output with a semantic module)")
+    try:
+        values = [float(v) for v in args.values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--values {args.values!r}: a comma-separated list of numbers") from None
+    if not values or any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise ValueError(f"--values {args.values!r}: finite numbers >= 0")
+    ds = data.PairedDataset(args.data, size=args.size)
+    decoys = decoy_names(args)
+    decoy_ids(ds.classes, decoys)
+    pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype)
+    field = {"strength": "sem_strength", "guidance": "sem_guidance"}[args.sweep]
+    base = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
+    rows, lines = {}, []
+    for v in values:
+        t0 = time.time()
+        summ = evaluate(pipe, ds, replace(base, **{field: v}), limit=args.limit, decoys=decoys, progress=args.progress)
+        rows[f"{args.sweep} {v:g}"] = summ
+        lines.append(summary_line(f"{args.sweep} {v:g}", summ, {field: v, "seconds": round(time.time() - t0, 1)}))
+        print(json.dumps(jsonable(lines[-1])))
+    print(metrics.format_table(rows, decoy=True))
+    out = Path(args.save or f"sweep-{args.sweep}.png")
+    sweep_figure(values, list(rows.values()), f"semantic {args.sweep}", out)
+    Path(out).with_suffix(".json").write_text(json.dumps(jsonable(lines), indent=1))
+    print(f"wrote {out} and {Path(out).with_suffix('.json')}")
     return 0
 
 

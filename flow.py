@@ -14,7 +14,7 @@ position ids, as in BFL's sampling.py: the transformer itself only ever sees tok
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -132,6 +132,7 @@ class Condition:
     txt_ids: Tensor  # [B, L_txt, 3]
     y: Tensor  # [B, vec_in_dim] pooled text vector
     semantic: Tensor | None  # what Flux.forward's `semantic=` takes (packed latents or pixels), or None
+    sem_strength: float | Tensor = 1.0  # multiplier on the semantic module's scales/gates: a float or [B]
 
 
 def make_condition(x_cond: Tensor, semantic: Tensor | None, text: tuple[Tensor, Tensor, Tensor], h: int,
@@ -148,8 +149,20 @@ def velocity(model, x: Tensor, t: Tensor, cond: Condition, guidance: Tensor | No
     sequence and their outputs dropped."""
     L = x.shape[1]
     img = torch.cat([x, cond.x_cond], dim=1)  # [B, 2L, 64]
+    sem = {} if cond.semantic is None else {"semantic": cond.semantic, "semantic_strength": cond.sem_strength}
     return model(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t, y=cond.y,
-                 guidance=guidance, semantic=cond.semantic)[:, :L]
+                 guidance=guidance, **sem)[:, :L]
+
+
+def guided_velocity(model, x: Tensor, t: Tensor, cond: Condition, guidance: Tensor | None = None,
+                    sem_guidance: float = 1.0) -> Tensor:
+    """Semantic classifier-free guidance: v = v_without + w (v_with - v_without), the "without" pass given no
+    semantic input at all. w = 1 is the plain conditional prediction (one pass)."""
+    v_with = velocity(model, x, t, cond, guidance)
+    if sem_guidance == 1.0 or cond.semantic is None:
+        return v_with
+    v_without = velocity(model, x, t, replace(cond, semantic=None), guidance)
+    return v_without + sem_guidance * (v_with - v_without)
 
 
 def flow_loss(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Condition, guidance: Tensor | None = None) -> Tensor:
@@ -162,8 +175,9 @@ def flow_loss(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Condition, guid
 
 
 def denoise(model, x: Tensor, cond: Condition, timesteps: list[float], guidance: float | None = None,
-            progress: bool = False) -> Tensor:
-    """Euler integration of the velocity field along `timesteps` (from 1 towards 0). x: [B, L, 64] -> [B, L, 64]."""
+            progress: bool = False, sem_guidance: float = 1.0) -> Tensor:
+    """Euler integration of the velocity field along `timesteps` (from 1 towards 0). x: [B, L, 64] -> [B, L, 64].
+    sem_guidance w != 1 costs a second pass per step (see guided_velocity)."""
     B = x.shape[0]
     g = torch.full((B,), guidance, device=x.device, dtype=x.dtype) if guidance is not None else None
     steps = list(zip(timesteps[:-1], timesteps[1:]))
@@ -172,5 +186,5 @@ def denoise(model, x: Tensor, cond: Condition, timesteps: list[float], guidance:
         steps = tqdm(steps, desc="sampling", leave=False)
     for t_curr, t_next in steps:
         t = torch.full((B,), t_curr, device=x.device, dtype=x.dtype)
-        x = x + (t_next - t_curr) * velocity(model, x, t, cond, g)
+        x = x + (t_next - t_curr) * guided_velocity(model, x, t, cond, g, sem_guidance)
     return x

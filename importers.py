@@ -1,26 +1,39 @@
 """
-Importers for public RGB-T segmentation sets: each converts one set into the dataset layout of data.py
-(rgb/ sem/ ir/ + classes.json), which PairedDataset then reads like any other folder.
+Importers for public RGB-T sets: each converts one set into the dataset layout of data.py (rgb/ sem/ ir/ +
+classes.json), which PairedDataset then reads like any other folder.
 
-    MFNet (Ha et al. 2017)   SRC/images/*.png 4-channel RGB-T (thermal = 4th channel), SRC/labels/*.png ids 0..8
-    FMB (Liu et al. 2023)    SRC/Visible, SRC/Infrared, SRC/Label (ids 0..14); point SRC at one split (train, test)
+With labels (rgb/ sem/ ir/ + classes.json):
+    MFNet (Ha et al. 2017)     SRC/images/*.png 4-channel RGB-T (thermal = 4th channel), SRC/labels/*.png ids 0..8;
+                               --split train|val|test keeps the stems listed in SRC/<split>.txt
+    FMB (Liu et al. 2023)      SRC/Visible, SRC/Infrared, SRC/Label (ids 0..14); point SRC at one split (train, test)
+    MSRS (Tang et al. 2022)    SRC/<split>/vi, ir, Segmentation_labels (MFNet's 9 classes, ids 0..8)
+    PST900 (Shivakumar 2020)   SRC/<split>/rgb, thermal (8-bit AGC), labels (ids 0..4)
+Without labels (rgb/ ir/; then `python labels.py OUT OUT --model DIR` writes sem/ and classes.json):
+    M3FD (Liu et al. 2022)     SRC/Vis, SRC/Ir (no split)
+    LLVIP (Jia et al. 2021)    SRC/visible/<split>, SRC/infrared/<split>
+    FLIR aligned (Zhang 2020)  SRC/JPEGImages/FLIR_XXXXX_RGB.jpg + FLIR_XXXXX_PreviewData.jpeg, pairs listed in
+                               SRC/align_train.txt (--split train) or SRC/align_validation.txt (--split test)
+<split> is --split train (default) or test. Infrared stored as 3-channel grey becomes one channel; 16-bit infrared
+stays 16-bit; a false-colour infrared image (channels that differ) is refused, since its palette cannot be inverted.
 
 The output folder must be new or empty, and is written all at once: a bad pair anywhere leaves nothing there.
 Every problem with a file or folder raises data.DataError naming it.
 
 Commands (python importers.py -h):
-    mfnet SRC OUT / fmb SRC OUT   convert the set at SRC into a dataset folder OUT
+    NAME SRC OUT [--split S]   convert the set at SRC into a dataset folder OUT (NAME: one of IMPORTERS)
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from data import (DataError, building_layout, class_table, ir01, list_images, match_stems, open_image, rgb01,
-                  save_classes, semantic_ids, write_pair)
+from data import (IMAGE_EXTS, DataError, building_layout, class_table, ir01, list_images, match_stems, open_image,
+                  rgb01, save_classes, semantic_ids, write_pair)
 
 # MFNet (Ha et al. 2017), colours as in the RTFNet visualisation. Hot = car, person, bike is OUR choice:
 # MFNet does not say which cars are running, so parked cars count as hot and miss rates on them are pessimistic.
@@ -57,11 +70,111 @@ FMB_CLASSES = class_table([
 ])
 
 
-def import_mfnet(src, out, progress=False) -> int:
-    """MFNet: src/images/*.png are 4-channel RGB-T (0-2 RGB, 3 thermal), src/labels/*.png label ids 0..8."""
+# PST900 (Shivakumar et al. 2020), ids as its labels store them; colours are OUR choice. Hot = survivor is OUR choice
+# too: DARPA SubT's survivor artefact is a heated mannequin, the extinguisher, backpack and drill sit at ambient.
+PST900_CLASSES = class_table([
+    (0, "background", (0, 0, 0), False),
+    (1, "fire_extinguisher", (200, 0, 0), False),
+    (2, "backpack", (0, 100, 200), False),
+    (3, "hand_drill", (230, 160, 0), False),
+    (4, "survivor", (220, 20, 60), True),
+])
+
+SPLITS = ("train", "test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One pair's images
+
+
+def rgb8(path) -> np.ndarray:
+    """A visible image -> uint8 [H, W, 3] (EXIF applied, alpha dropped, 16-bit scaled down)."""
+    return np.round(rgb01(open_image(path), path) * 255).astype(np.uint8)
+
+
+def ir_grey(path) -> np.ndarray:
+    """An infrared image -> one channel, uint8 [H, W] or uint16 [H, W] for 16-bit files. Grey stored as RGB (LLVIP,
+    FLIR previews) becomes its channel mean; a false-colour image (channels more than 4 levels apart on average) is
+    refused: its palette cannot be turned back into intensities."""
+    img = open_image(path)
+    if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        c = np.asarray(img.convert("RGB")).astype(np.int16)  # [H, W, 3]
+        spread = float((c.max(axis=2) - c.min(axis=2)).mean())
+        if spread > 4:
+            raise DataError(f"{path}: a colour infrared image (its channels differ by {spread:.1f} levels on "
+                            "average): false-colour IR cannot be turned back into intensities; use the grey images")
+    ir, bits = ir01(img, path)                                                            # [H, W] in [0, 1]
+    return np.round(ir * 65535).astype(np.uint16) if bits == 16 else np.round(ir * 255).astype(np.uint8)
+
+
+def _same_size(where, name, arrays: dict):
+    shapes = {k: a.shape[:2] for k, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"{where}: pair {name!r} sizes disagree (HxW): {shapes}")
+
+
+def write_rgb_ir(out, name, rgb, ir):
+    """rgb uint8 [H, W, 3], ir uint8/uint16 [H, W] -> out/rgb/name.png, out/ir/name.png (no semantic map yet)."""
+    Image.fromarray(np.ascontiguousarray(rgb)).save(out / "rgb" / f"{name}.png")
+    Image.fromarray(np.ascontiguousarray(ir)).save(out / "ir" / f"{name}.png")
+
+
+def import_pairs(where, pairs: dict, out, classes=None, desc="import", progress=False) -> int:
+    """pairs {stem: (rgb path, ir path, label path or None)} -> OUT, all at once. With `classes`, every pair has a
+    label (ids of those classes) and OUT gets sem/ + classes.json; without, rgb/ and ir/ only (label with labels.py)."""
+    with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
+        for name in tqdm(sorted(pairs), desc=desc, disable=not progress):
+            rgb_path, ir_path, label_path = pairs[name]
+            rgb, ir = rgb8(rgb_path), ir_grey(ir_path)
+            if classes is None:
+                _same_size(where, name, {"rgb": rgb, "ir": ir})
+                write_rgb_ir(tmp, name, rgb, ir)
+                continue
+            ids = semantic_ids(open_image(label_path), label_path, classes)                      # [H, W]
+            _same_size(where, name, {"rgb": rgb, "ir": ir, "label": ids})
+            write_pair(tmp, name, rgb, ids, ir, classes)
+        if classes is not None:
+            save_classes(classes, tmp / "classes.json")
+    return len(pairs)
+
+
+def _rel(src: Path, folder: Path) -> str:
+    try:
+        return str(folder.relative_to(src))
+    except ValueError:
+        return folder.name
+
+
+def _folders(src: Path, folders: dict[str, Path], layout: str) -> dict[str, dict[str, Path]]:
+    """{role: {stem: path}} for folders whose stems must match; a missing folder is a DataError giving the layout."""
+    for folder in folders.values():
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such folder; {layout}")
+    files = {role: list_images(folder) for role, folder in folders.items()}
+    match_stems(src, {_rel(src, folders[role]): found for role, found in files.items()})
+    return files
+
+
+def _split(name: str, split: str | None, allowed=SPLITS) -> str:
+    split = split or "train"
+    if split not in allowed:
+        raise DataError(f"{name}: --split {split!r}; this set has {', '.join(allowed)}")
+    return split
+
+
+def _no_split(name: str, split: str | None, hint: str):
+    if split:
+        raise DataError(f"{name} has no split files: {hint}")
+
+
+def import_mfnet(src, out, progress=False, split=None) -> int:
+    """MFNet: src/images/*.png are 4-channel RGB-T (0-2 RGB, 3 thermal), src/labels/*.png label ids 0..8; with a
+    split, only the stems listed in src/<split>.txt."""
     src = Path(src)
     files = {"images": list_images(src / "images"), "labels": list_images(src / "labels")}
     names = match_stems(src, files)
+    if split:
+        names = _listed(src / f"{_split('MFNet', split, ('train', 'val', 'test'))}.txt", names)
     with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
         for name in tqdm(names, desc="import-mfnet", disable=not progress):
             img_path, label_path = files["images"][name], files["labels"][name]
@@ -79,46 +192,131 @@ def import_mfnet(src, out, progress=False) -> int:
     return len(names)
 
 
-def import_fmb(src, out, progress=False) -> int:
+def _listed(split_file: Path, names: list[str]) -> list[str]:
+    """The stems a split file lists (one per line), each of which must be one of `names`."""
+    keys = _split_keys(split_file)
+    if missing := sorted(set(keys) - set(names)):
+        raise DataError(f"{split_file}: {len(missing)} listed stem(s) have no pair: {', '.join(missing[:10])}")
+    return sorted(set(keys))
+
+
+def _split_keys(split_file: Path) -> list[str]:
+    try:
+        keys = [line.strip() for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{split_file}: cannot read the split file ({type(e).__name__}: {e})") from None
+    if not keys:
+        raise DataError(f"{split_file}: the split file lists no pairs")
+    return [Path(k).stem if Path(k).suffix.lower() in IMAGE_EXTS else k for k in keys]
+
+
+def import_fmb(src, out, progress=False, split=None) -> int:
     """FMB: src/Visible, src/Infrared, src/Label (ids 0..14) with matching stems; point src at one split."""
     src = Path(src)
+    _no_split("FMB", split, f"point SRC at FMB/train or FMB/test (here {src})")
     if not (src / "Visible").is_dir() and any((src / s / "Visible").is_dir() for s in ("train", "test")):
         raise DataError(f"{src}: no Visible/ here, but a split folder has one; "
                         "import FMB/train and FMB/test separately")
     files = {d: list_images(src / d) for d in ("Visible", "Infrared", "Label")}
     names = match_stems(src, files)
-    with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
-        for name in tqdm(names, desc="import-fmb", disable=not progress):
-            p = {d: files[d][name] for d in files}
-            rgb = np.round(rgb01(open_image(p["Visible"]), p["Visible"]) * 255).astype(np.uint8)  # [H, W, 3]
-            ir, bits = ir01(open_image(p["Infrared"]), p["Infrared"])                             # [H, W] in [0,1]
-            ir = np.round(ir * 65535).astype(np.uint16) if bits == 16 else np.round(ir * 255).astype(np.uint8)
-            ids = semantic_ids(open_image(p["Label"]), p["Label"], FMB_CLASSES)
-            shapes = {"Visible": rgb.shape[:2], "Infrared": ir.shape, "Label": ids.shape}
-            if len(set(shapes.values())) > 1:
-                raise DataError(f"{src}: pair {name!r} sizes disagree (HxW): {shapes}")
-            write_pair(tmp, name, rgb, ids, ir, FMB_CLASSES)
-        save_classes(FMB_CLASSES, tmp / "classes.json")
-    return len(names)
+    pairs = {n: (files["Visible"][n], files["Infrared"][n], files["Label"][n]) for n in names}
+    return import_pairs(src, pairs, out, FMB_CLASSES, "import-fmb", progress)
 
 
-IMPORTERS = {"mfnet": import_mfnet, "fmb": import_fmb}
+def import_msrs(src, out, progress=False, split=None) -> int:
+    """MSRS: src/<split>/vi (RGB), ir, Segmentation_labels (MFNet's ids 0..8)."""
+    src, split = Path(src), _split("MSRS", split)
+    root = src / split
+    files = _folders(src, {"rgb": root / "vi", "ir": root / "ir", "label": root / "Segmentation_labels"},
+                     "MSRS is SRC/train|test/vi, ir, Segmentation_labels")
+    pairs = {n: (files["rgb"][n], files["ir"][n], files["label"][n]) for n in files["rgb"]}
+    return import_pairs(src, pairs, out, MFNET_CLASSES, f"import-msrs-{split}", progress)
+
+
+def import_pst900(src, out, progress=False, split=None) -> int:
+    """PST900: src/<split>/rgb, thermal (FLIR's 8-bit AGC images), labels (ids 0..4)."""
+    src, split = Path(src), _split("PST900", split)
+    root = src / split
+    files = _folders(src, {"rgb": root / "rgb", "ir": root / "thermal", "label": root / "labels"},
+                     "PST900 is SRC/train|test/rgb, thermal, labels")
+    pairs = {n: (files["rgb"][n], files["ir"][n], files["label"][n]) for n in files["rgb"]}
+    return import_pairs(src, pairs, out, PST900_CLASSES, f"import-pst900-{split}", progress)
+
+
+def import_m3fd(src, out, progress=False, split=None) -> int:
+    """M3FD: src/Vis, src/Ir (point src at M3FD_Fusion or M3FD_Detection); no labels, no split."""
+    src = Path(src)
+    _no_split("M3FD", split, "import the whole folder")
+    files = _folders(src, {"rgb": src / "Vis", "ir": src / "Ir"}, "M3FD is SRC/Vis and SRC/Ir")
+    pairs = {n: (files["rgb"][n], files["ir"][n], None) for n in files["rgb"]}
+    return import_pairs(src, pairs, out, None, "import-m3fd", progress)
+
+
+def import_llvip(src, out, progress=False, split=None) -> int:
+    """LLVIP: src/visible/<split>, src/infrared/<split>; no labels."""
+    src, split = Path(src), _split("LLVIP", split)
+    files = _folders(src, {"rgb": src / "visible" / split, "ir": src / "infrared" / split},
+                     "LLVIP is SRC/visible/train|test and SRC/infrared/train|test")
+    pairs = {n: (files["rgb"][n], files["ir"][n], None) for n in files["rgb"]}
+    return import_pairs(src, pairs, out, None, f"import-llvip-{split}", progress)
+
+
+def import_flir(src, out, progress=False, split=None) -> int:
+    """FLIR aligned: src/JPEGImages/FLIR_XXXXX_RGB.jpg + FLIR_XXXXX_PreviewData.jpeg, the pairs of src/align_train.txt
+    (train) or src/align_validation.txt (test). Split lines may name the thermal file (FLIR_00002_PreviewData, as
+    the release does), the RGB one, or the pair (FLIR_00002); the output stem is FLIR_XXXXX. No labels."""
+    src, split = Path(src), _split("FLIR", split)
+    images, split_file = src / "JPEGImages", src / f"align_{'train' if split == 'train' else 'validation'}.txt"
+    if not images.is_dir():
+        raise DataError(f"{images}: no such folder; FLIR aligned is SRC/JPEGImages + SRC/align_train.txt, "
+                        "align_validation.txt")
+    if not split_file.is_file():
+        raise DataError(f"{split_file}: no such split file; FLIR aligned lists its pairs in align_train.txt and "
+                        "align_validation.txt beside JPEGImages/")
+    found = {p.name: p for p in images.iterdir()}
+    pairs, missing = {}, []
+    for key in _split_keys(split_file):
+        stem = re.sub(r"_(PreviewData|RGB)$", "", key)  # FLIR_00002_PreviewData -> FLIR_00002
+        rgb, ir = found.get(f"{stem}_RGB.jpg"), found.get(f"{stem}_PreviewData.jpeg")
+        if rgb is None or ir is None:
+            missing.append(f"{stem}_RGB.jpg" if rgb is None else f"{stem}_PreviewData.jpeg")
+        pairs[stem] = (rgb, ir, None)
+    if missing:
+        raise DataError(f"{split_file}: {len(missing)} listed file(s) are not in {images}: "
+                        f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    return import_pairs(src, pairs, out, None, f"import-flir-{split}", progress)
+
+
+IMPORTERS = {"mfnet": import_mfnet, "fmb": import_fmb, "msrs": import_msrs, "pst900": import_pst900,
+             "m3fd": import_m3fd, "llvip": import_llvip, "flir": import_flir}
+UNLABELLED = ("m3fd", "llvip", "flir")  # RGB-IR pairs only: labels.py writes their semantic maps
+SPLIT_HELP = {"mfnet": "train | val | test: only the stems SRC/<split>.txt lists (default: every pair)",
+              "msrs": "train | test (default train)", "pst900": "train | test (default train)",
+              "llvip": "train | test (default train)",
+              "flir": "train (align_train.txt) | test (align_validation.txt); default train"}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in IMPORTERS:
-        p = sub.add_parser(name, help=f"convert {name.upper()} to rgb/ sem/ ir/ + classes.json")
+        what = "rgb/ ir/ (no labels: label with labels.py)" if name in UNLABELLED else "rgb/ sem/ ir/ + classes.json"
+        p = sub.add_parser(name, help=f"convert {name.upper()} to {what}")
         p.add_argument("src")
         p.add_argument("out")
+        if name in SPLIT_HELP:
+            p.add_argument("--split", default=None, choices=("train", "val", "test"), help=SPLIT_HELP[name])
     args = parser.parse_args(argv)
     try:
-        n = IMPORTERS[args.cmd](args.src, args.out, progress=True)
+        n = IMPORTERS[args.cmd](args.src, args.out, progress=True, split=getattr(args, "split", None))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"imported {n} pairs into {args.out}")
+    if args.cmd in UNLABELLED:
+        print(f"imported {n} pairs into {args.out} (rgb/, ir/; no semantic maps yet). Label them next: "
+              f"python labels.py {args.out} {args.out} --model DIR")
+    else:
+        print(f"imported {n} pairs into {args.out}")
 
 
 if __name__ == "__main__":

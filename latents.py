@@ -6,6 +6,8 @@ needs neither the VAE encoder nor the images.
         "ir", "rgb", "sem", "overlay"   [N, L, 64] packed latent tokens (overlay: the pixel-fusion baseline's input)
         "sem_pixels"                    [N, 3, H, W] uint8 (the cnn semantic encoder reads pixels)
         "sem_ids"                       [N, H, W] class ids
+    cache/latents/tokens-<key>-a<alpha>-jitter<J>x<V>s<seed>.safetensors   (train.py --sem-jitter J)
+        "sem" [V, N, L, 64], "sem_pixels" [V, N, 3, H, W]   V misaligned copies of every semantic map
 The key covers every file's name, size and mtime, the autoencoder file, the crop size and the class palette, so a
 changed dataset or palette is encoded afresh.
 """
@@ -39,13 +41,17 @@ def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:
     return h.hexdigest()[:20]
 
 
+def tokens_path(ds, ae_path: Path, overlay_alpha: float) -> Path:
+    return cache_dir() / "latents" / f"tokens-{cache_key(ds, ae_path)}-a{overlay_alpha}.safetensors"
+
+
 @torch.no_grad()
 def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, overlay_alpha: float, device, dtype, master: bool = True,
                    progress: bool = True) -> dict:
     """Packed latent tokens of every pair: {"ir", "rgb", "sem", "overlay"} [N, L, 64], semantic pixels [N, 3, H, W]
     (uint8, for the cnn encoder) and ids [N, H, W]. Computed once per (dataset, autoencoder, size), then read from
     disk."""
-    path = cache_dir() / "latents" / f"tokens-{cache_key(ds, ae_path)}-a{overlay_alpha}.safetensors"
+    path = tokens_path(ds, ae_path, overlay_alpha)
     if path.is_file():
         return read_safetensors(path)
     if master:
@@ -73,11 +79,54 @@ def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, overlay_alpha: float, dev
     return read_safetensors(path)
 
 
-def semantic_batch(latents: dict, idx: Tensor, semcfg: SemanticConfig | None, device) -> Tensor | None:
+JITTER_DOWNS = (1, 2, 4)  # the coarsening factors of the augmentation (data.misalign's `down`)
+
+
+def jitter_draws(n: int, jitter: int, variants: int, seed: int) -> Tensor:
+    """[variants, n, 3] (dy, dx, down) of the misalignment augmentation: shifts uniform in [-jitter, jitter],
+    coarsening one of JITTER_DOWNS, from their own seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    shift = torch.randint(-jitter, jitter + 1, (variants, n, 2), generator=g)
+    down = torch.tensor(JITTER_DOWNS)[torch.randint(len(JITTER_DOWNS), (variants, n, 1), generator=g)]
+    return torch.cat([shift, down], dim=-1)
+
+
+@torch.no_grad()
+def encode_jittered(latents: dict, classes, ae: AutoEncoder, key_path: Path, jitter: int, device, dtype,
+                    variants: int = 4, seed: int = 0, master: bool = True, progress: bool = True) -> dict:
+    """`variants` misaligned copies of every semantic map (data.misalign, draws from jitter_draws), rendered in the
+    palette and encoded like the originals: {"sem": [V, N, L, 64], "sem_pixels": [V, N, 3, H, W] uint8}. Cached
+    beside the dataset's tokens (`key_path`), keyed by jitter, variants and seed."""
+    path = key_path.with_name(f"{key_path.stem}-jitter{jitter}x{variants}s{seed}.safetensors")
+    if path.is_file():
+        return read_safetensors(path)
+    if master:
+        from tqdm import tqdm
+        ids = latents["sem_ids"].long()  # [N, H, W]
+        draws = jitter_draws(len(ids), jitter, variants, seed)
+        sem, pixels = [], []
+        for v in tqdm(range(variants), desc="encoding misaligned maps", disable=not progress):
+            moved = torch.stack([data.misalign(ids[i], *draws[v, i].tolist()) for i in range(len(ids))])
+            colour = data.render_semantic(moved, classes)  # [N, 3, H, W] in [-1, 1]
+            sem.append(torch.cat([pack(ae.encode(c.to(device, dtype)).float().cpu())
+                                  for c in colour.split(32)]))  # [N, L, 64]
+            pixels.append(((colour + 1) * 127.5).round().to(torch.uint8))
+        save_atomic({"sem": torch.stack(sem), "sem_pixels": torch.stack(pixels)}, path,
+                    {"jitter": str(jitter), "variants": str(variants), "seed": str(seed)})
+    if dist.is_initialized():
+        dist.barrier()
+    return read_safetensors(path)
+
+
+def semantic_batch(latents: dict, idx: Tensor, semcfg: SemanticConfig | None, device,
+                   variant: Tensor | None = None) -> Tensor | None:
     """What Flux.forward's `semantic=` takes, from the cache: packed latents [B, N, 64], or pixels for the cnn
-    encoder."""
+    encoder. `variant` [B]: take each sample's map from that misaligned copy (latents["jittered"], see
+    encode_jittered) instead of the original."""
     if semcfg is None:
         return None
+    src = latents if variant is None else {k: v[variant, idx] for k, v in latents["jittered"].items()}
+    at = idx if variant is None else slice(None)
     if semcfg.takes_pixels:
-        return latents["sem_pixels"][idx].to(device).float() / 127.5 - 1  # uint8 -> [B, 3, H, W] in [-1, 1]
-    return latents["sem"][idx].to(device)
+        return src["sem_pixels"][at].to(device).float() / 127.5 - 1  # uint8 -> [B, 3, H, W] in [-1, 1]
+    return src["sem"][at].to(device)

@@ -9,6 +9,8 @@ A LoRA layer replaces an nn.Linear of the model in place and IS an nn.Linear, so
 ones (`double_blocks.0.img_attn.qkv.weight`) and only `...qkv.lora_A.weight` [r, in] and `...qkv.lora_B.weight`
 [out, r] are added:
     y = W x + b + (alpha / r) * B A dropout(x),   B = 0 at init, so step 0 is the pretrained model.
+Over an fp8 base (fp8.py) the layer also holds the base's `weight_scale`; W = q * s is upcast per call
+(fp8.base_weight), the branch runs in the LoRA dtype, and merging is refused.
 """
 
 import re
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from checkpoint import check_keys
+from fp8 import FP8_DTYPES, base_weight
 
 # ----------------------------------------------------------------------------------------------------------------
 # The layer
@@ -60,6 +63,8 @@ class LoRALinear(nn.Linear):
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank, alpha=alpha,
                   dropout=dropout, device="meta", dtype=linear.weight.dtype, lora_dtype=dtype)
         new.weight, new.bias = linear.weight, linear.bias
+        if linear.weight.dtype in FP8_DTYPES:  # an fp8 base (fp8.Fp8Linear): its scale comes along
+            new.register_buffer("weight_scale", linear.weight_scale)
         new._new_lora(linear.weight.device, dtype)
         new.train(linear.training)
         return new
@@ -71,6 +76,8 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         """Fold the update into `weight` (rounded once to the weight's dtype); forward then skips the branch."""
+        if self.weight.dtype in FP8_DTYPES:
+            raise ValueError(_FP8_MERGE)
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
@@ -83,7 +90,7 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)  # [B, L, in] -> [B, L, out]
+        out = F.linear(x, base_weight(self, x), self.bias)  # [B, L, in] -> [B, L, out]
         if self.merged:
             return out
         # the branch runs in the LoRA dtype (fp32 by default) even under a bf16 base, then is added in the output's
@@ -163,7 +170,17 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
+_FP8_MERGE = ("the base weight is stored in fp8: merging would round base + update to fp8 again (each weight "
+              "moves by up to 2^-4 of its value, which can swamp the update) and unmerge could not give the base "
+              "back. Keep the LoRA unmerged (its branch runs in full precision), or load the base with base_dtype "
+              "'bf16' to merge")
+
+
 def merge_lora(model: nn.Module):
+    """Fold every LoRA into its base weight. Refused, before any layer changes, over an fp8 base."""
+    on_fp8 = [n for n, m in lora_modules(model).items() if m.weight.dtype in FP8_DTYPES]
+    if on_fp8:
+        raise ValueError(f"merge_lora: {len(on_fp8)} LoRA layers (e.g. {on_fp8[0]}) have an fp8 base: " + _FP8_MERGE)
     for m in lora_modules(model).values():
         m.merge()
 

@@ -22,17 +22,29 @@ and §8 (LoRA formats). The LoRA layer itself is lora.py.
              Reading also honours per-layer `.alpha` tensors and metadata alpha_pattern / use_rslora.
   kohya      `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` (= A), `.lora_up.weight` (= B), `.alpha` (scalar;
              missing or 0 means alpha = r). The name is "lora_unet_" + the BFL module path with "." -> "_".
+
+Exporting a training run (export_run; `python lora_formats.py export RUN_DIR_OR_FINAL [--out DIR]`): a train.py
+final.safetensors holds the semantic modules and, for the joint / finetune stages, the backbone LoRA. Only the LoRA
+can go to other tools; it is written beside the run as lora_kohya.safetensors (ComfyUI, kohya, Forge) and
+lora_diffusers.safetensors (FluxPipeline / FluxKontextPipeline.load_lora_weights), with the base model named in the
+metadata the way those tools record it: kohya's `ss_base_model_version` ("flux1") and `ss_sd_model_name` (the base
+checkpoint's file name), the SAI model spec's `modelspec.architecture` ("flux-1-dev/lora", ...), and `base_model`
+(the Hugging Face id of an official base, as a diffusers model card names it). The semantic modules stay behind: they
+need this project (pipeline.load_pipeline, sample.py).
 """
 
+import argparse
 import json
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from checkpoint import CheckpointError, check_keys, read_metadata, read_safetensors, save_atomic, strip_prefix
-from lora import base_linears, load_lora_state_dict, lora_modules, lora_state_dict, mismatch_hint, wrap_linear
+from lora import base_linears, load_lora_state_dict, lora_modules, mismatch_hint, wrap_linear
 
 # ----------------------------------------------------------------------------------------------------------------
 # BFL <-> diffusers module names (FLUX_SPEC §7). A fused BFL Linear maps to several diffusers Linears, each taking a
@@ -68,6 +80,15 @@ DIFFUSERS_GLOBAL = {  # outside the blocks: one Linear each
     "final_layer.adaLN_modulation.1": "norm_out.linear",
 }
 _SWAPPED = "final_layer.adaLN_modulation.1"  # BFL rows (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift)
+# The q/k RMSNorm scales, the transformer's only weights outside a Linear (no LoRA on them; a full checkpoint in the
+# diffusers layout needs them): BFL parameter <- diffusers parameter, per block.
+DIFFUSERS_NORMS_DOUBLE = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+DIFFUSERS_NORMS_SINGLE = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 
 
 def diffusers_parts(name: str, in_features: int, out_features: int) -> list[tuple[str, int]] | None:
@@ -87,6 +108,17 @@ def diffusers_parts(name: str, in_features: int, out_features: int) -> list[tupl
     return [(prefix + d, r) for d, r in zip(names, rows)]
 
 
+def diffusers_norm(key: str) -> str | None:
+    """The diffusers name of one BFL norm scale ("double_blocks.3.img_attn.norm.query_norm.scale"), or None."""
+    if m := re.fullmatch(r"double_blocks\.(\d+)\.(.+)", key):
+        name = DIFFUSERS_NORMS_DOUBLE.get(m[2])
+        return name and f"transformer_blocks.{m[1]}.{name}"
+    if m := re.fullmatch(r"single_blocks\.(\d+)\.(.+)", key):
+        name = DIFFUSERS_NORMS_SINGLE.get(m[2])
+        return name and f"single_transformer_blocks.{m[1]}.{name}"
+    return None
+
+
 def _swap_halves(B: Tensor) -> Tensor:
     return torch.cat(B.chunk(2, dim=0)[::-1])  # [2D, r] -> [2D, r] with the halves exchanged
 
@@ -99,21 +131,26 @@ def _kohya_name(name: str) -> str:
 # Saving
 
 
-def _to_diffusers(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _entries(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """{BFL module name: (A [r, in], B [out, r], alpha)} of the model's LoRA layers: what each layout is made of."""
+    return {n: (m.lora_A.weight.detach(), m.lora_B.weight.detach(), m.alpha) for n, m in lora_modules(model).items()}
+
+
+def _to_diffusers(entries: dict) -> tuple[dict[str, Tensor], dict[str, str]]:
     sd, ranks = {}, {}
-    for name, m in lora_modules(model).items():
-        parts = diffusers_parts(name, m.in_features, m.out_features)
+    for name, (A, B, alpha) in entries.items():
+        rank = A.shape[0]
+        parts = diffusers_parts(name, A.shape[1], B.shape[0])
         if parts is None:
             raise ValueError(f"{name} has no diffusers counterpart: save this LoRA as format='ours' or 'kohya'")
-        A = m.lora_A.weight.detach()
-        B = (m.scale * m.lora_B.weight.detach().float()).to(A.dtype)  # alpha/r folded in: the file's alpha is r
+        B = (alpha / rank * B.float()).to(A.dtype)  # alpha/r folded in: the file's alpha is r
         if name == _SWAPPED:
             B = _swap_halves(B)
         for (dname, _), B_part in zip(parts, B.split([r for _, r in parts], dim=0)):
             # clone: safetensors refuses tensors that share memory (the repeated A, the row views of B)
             sd[f"transformer.{dname}.lora_A.weight"] = A.clone()
             sd[f"transformer.{dname}.lora_B.weight"] = B_part.clone()
-            ranks[dname] = m.rank
+            ranks[dname] = rank
     # PEFT LoraConfig kwargs, as diffusers' save_lora_weights writes them; '^' anchors a full name (peft#2419)
     r = Counter(ranks.values()).most_common(1)[0][0]
     other = {f"^{d}": k for d, k in ranks.items() if k != r}
@@ -123,27 +160,31 @@ def _to_diffusers(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     return sd, meta
 
 
-def save_lora(model: nn.Module, path, format: str = "ours", metadata: dict[str, str] | None = None):
-    """Write the model's LoRA layers to a safetensors file in layout 'ours', 'diffusers' or 'kohya'."""
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("the model has no LoRA layers to save")
+def _save_entries(entries: dict, path, format: str, metadata: dict[str, str] | None):
     if format == "ours":
-        sd = {k: v.clone() for k, v in lora_state_dict(model).items()}
-        meta = {"lora_format": "ours", "lora_alphas": json.dumps({n: m.alpha for n, m in mods.items()})}
+        sd = {f"{n}.lora_{x}.weight": t.clone() for n, (A, B, _) in entries.items() for x, t in (("A", A), ("B", B))}
+        meta = {"lora_format": "ours", "lora_alphas": json.dumps({n: alpha for n, (_, _, alpha) in entries.items()})}
     elif format == "kohya":
         sd = {}
-        for n, m in mods.items():
+        for n, (A, B, alpha) in entries.items():
             stem = _kohya_name(n)
-            sd[f"{stem}.lora_down.weight"] = m.lora_A.weight.detach().clone()
-            sd[f"{stem}.lora_up.weight"] = m.lora_B.weight.detach().clone()
-            sd[f"{stem}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+            sd[f"{stem}.lora_down.weight"] = A.clone()
+            sd[f"{stem}.lora_up.weight"] = B.clone()
+            sd[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         meta = {"lora_format": "kohya"}
     elif format == "diffusers":
-        sd, meta = _to_diffusers(model)
+        sd, meta = _to_diffusers(entries)
     else:
         raise ValueError(f"unknown LoRA format {format!r}; choose 'ours', 'diffusers' or 'kohya'")
     save_atomic(sd, path, metadata={**(metadata or {}), **meta})
+
+
+def save_lora(model: nn.Module, path, format: str = "ours", metadata: dict[str, str] | None = None):
+    """Write the model's LoRA layers to a safetensors file in layout 'ours', 'diffusers' or 'kohya'."""
+    entries = _entries(model)
+    if not entries:
+        raise ValueError("the model has no LoRA layers to save")
+    _save_entries(entries, path, format, metadata)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,3 +385,116 @@ def load_lora(model: nn.Module, path, strength: float = 1.0) -> list[str]:
             mods[name].alpha = alpha
             mods[name].lora_B.weight.mul_(strength)
     return list(entries)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exporting a training run's LoRA for other tools
+
+EXPORTS = {"kohya": "lora_kohya.safetensors", "diffusers": "lora_diffusers.safetensors"}
+# preset -> (Hugging Face id of the official base, SAI model spec architecture); the tiny demo has neither
+OFFICIAL_BASES = {"kontext": ("black-forest-labs/FLUX.1-Kontext-dev", "flux-1-kontext-dev"),
+                  "dev": ("black-forest-labs/FLUX.1-dev", "flux-1-dev"),
+                  "schnell": ("black-forest-labs/FLUX.1-schnell", "flux-1-schnell")}
+
+
+def _final_path(run) -> Path:
+    """A run folder or its final.safetensors -> the file."""
+    path = Path(run)
+    return path / "final.safetensors" if path.is_dir() else path
+
+
+def run_lora(final_path) -> tuple[dict[str, tuple[Tensor, Tensor, float]], dict]:
+    """(entries {BFL module name: (A, B, alpha)}, run config) of a train.py output. Entries are empty for a run
+    without a trained LoRA: a warmup (no LoRA keys), a finetune of a warmup (LoRA keys whose B is all zero: the
+    identity, never trained), a base-stage output (a whole transformer)."""
+    from pipeline import run_config  # the one reader of a run's config (pipeline.py imports the model files)
+    path = _final_path(final_path)
+    cfg = run_config(path)
+    if cfg.get("stage") == "base":
+        return {}, cfg
+    rank, alpha = cfg.get("lora_rank") or 0, cfg.get("lora_alpha")
+    sd = read_safetensors(path)
+    stems = sorted({k[:-len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")} |
+                   {k[:-len(".lora_B.weight")] for k in sd if k.endswith(".lora_B.weight")})
+    entries = {}
+    for stem in stems:
+        A, B = sd.get(f"{stem}.lora_A.weight"), sd.get(f"{stem}.lora_B.weight")
+        if A is None or B is None or A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            shapes = [None if t is None else tuple(t.shape) for t in (A, B)]
+            raise CheckpointError(f"{path}: the LoRA of {stem} is incomplete or mis-shaped (lora_A {shapes[0]}, "
+                                  f"lora_B {shapes[1]})")
+        if rank and A.shape[0] != rank:
+            raise CheckpointError(f"{path}: {stem} has LoRA rank {A.shape[0]} but its run config says {rank}")
+        entries[stem] = (A, B, float(alpha if alpha else A.shape[0]))
+    if not any(B.any() for _, B, _ in entries.values()):
+        entries = {}
+    return entries, cfg
+
+
+def export_metadata(cfg: dict, meta: dict, path: Path, rank: int, alpha: float) -> dict[str, str]:
+    """What the exported files say about themselves: the base model (file name; the official id and architecture
+    for official presets), the rank and alpha, where they come from (kohya ss_* and SAI modelspec.* keys)."""
+    preset = cfg.get("base_preset", "")
+    base_file = cfg.get("base_file") or meta.get("base", "")
+    model_id, arch = OFFICIAL_BASES.get(preset, (None, "flux-1"))
+    out = {"ss_base_model_version": "flux1", "ss_sd_model_name": base_file, "ss_network_module": "networks.lora_flux",
+           "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+           "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{arch}/lora",
+           "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+           "modelspec.title": f"{path.parent.name or path.stem} infrared LoRA",
+           "modelspec.description": (f"backbone LoRA of a {cfg.get('stage')} run (scheme {cfg.get('scheme')}), "
+                                     "trained with the RGB image as Kontext condition tokens; the semantic modules "
+                                     "are not in this file (they need this project)"),
+           "base_file": base_file, "base_preset": preset, "source": f"{path.parent.name}/{path.name}",
+           "prompt": str(cfg.get("prompt", ""))}
+    if model_id:
+        out["base_model"] = model_id
+    return out
+
+
+def export_run(final_path, out_dir=None) -> list[Path]:
+    """Write a train.py output's backbone LoRA as lora_kohya.safetensors and lora_diffusers.safetensors into out_dir
+    (default: beside final.safetensors); returns their paths. A run without a trained LoRA is a ValueError."""
+    path = _final_path(final_path)
+    entries, cfg = run_lora(path)
+    if cfg.get("stage") == "base":
+        raise ValueError(f"{path}: a base-stage output is a whole transformer, not a LoRA: it loads as a checkpoint")
+    if not entries:
+        raise ValueError(f"{path}: no LoRA to export: this {cfg.get('stage')} run trained only the semantic modules "
+                         "(no backbone LoRA), and those need this project (sample.py / pipeline.load_pipeline)")
+    A, _, alpha = next(iter(entries.values()))
+    meta = export_metadata(cfg, read_metadata(path), path, A.shape[0], alpha)
+    out = Path(out_dir) if out_dir is not None else path.parent
+    written = []
+    for format, name in EXPORTS.items():
+        _save_entries(entries, out / name, format, meta)
+        written.append(out / name)
+    return written
+
+
+def export_if_lora(final_path, out_dir=None) -> list[Path]:
+    """train.py's hook after writing final.safetensors: export_run for a run with a trained LoRA, [] otherwise."""
+    if not run_lora(final_path)[0]:
+        return []
+    return export_run(final_path, out_dir)
+
+
+def _main(argv=None):
+    parser = argparse.ArgumentParser(description="LoRA files for other tools (ComfyUI/kohya, diffusers)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("export", help="write a training run's backbone LoRA as lora_kohya.safetensors (ComfyUI, "
+                                      "kohya) and lora_diffusers.safetensors (diffusers)")
+    p.add_argument("run", help="a run folder (runs/joint) or its final.safetensors")
+    p.add_argument("--out", default=None, help="folder to write into (default: beside final.safetensors)")
+    args = parser.parse_args(argv)
+    for path in export_run(args.run, args.out):
+        print(path)
+
+
+def main(argv=None) -> int:
+    from pipeline import command  # one-line errors, exit status 2
+    return command(_main)(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

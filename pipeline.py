@@ -129,12 +129,20 @@ class Setup:
         return f"using {self.flux.name} ({self.preset}) with {self.ae.name}"
 
 
+BASE_ENV = "FLUX_IR_BASE"  # any transformer file or folder load_flux reads (fp8, ComfyUI all-in-one, diffusers)
+
+
 def find_setup(weights: Path | None = None) -> Setup:
-    """Official files win when present (Kontext is the natural base: it was trained with condition tokens)."""
+    """Official files win when present (Kontext is the natural base: it was trained with condition tokens);
+    $FLUX_IR_BASE names another transformer checkpoint (a Kontext one when "kontext" is in its name)."""
     weights = weights or weights_dir()
-    for name in ("flux1-kontext-dev.safetensors", "flux1-dev.safetensors", "flux1-schnell.safetensors"):
-        f = weights / name
-        if f.is_file():
+    names = ("flux1-kontext-dev.safetensors", "flux1-dev.safetensors", "flux1-schnell.safetensors")
+    chosen = [Path(os.environ[BASE_ENV])] if os.environ.get(BASE_ENV) else [weights / n for n in names]
+    if os.environ.get(BASE_ENV) and not chosen[0].exists():
+        raise CheckpointError(f"${BASE_ENV}={chosen[0]}: no such file or folder")
+    for f in chosen:
+        name = f.name.lower()
+        if f.exists():
             ae = weights / "ae.safetensors"
             if not ae.is_file():
                 raise CheckpointError(f"found {f} but no {ae}: the FLUX autoencoder is needed too (weights/README.md)")
@@ -192,9 +200,11 @@ def run_classes(cfg: dict, where) -> tuple[data.SemClass, ...] | None:
     return data.classes_from_rows(rows, f"{where}: the classes in its config")
 
 
-def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dtype | None = None) -> Flux:
+def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dtype | None = None,
+                base_dtype: str | None = None) -> Flux:
     """The base transformer in `dtype` + the modules the run config names (semantic scheme, then LoRA), before their
-    weights load. `modules_dtype` (default `dtype`) is the new modules' dtype: training keeps them fp32."""
+    weights load. `modules_dtype` (default `dtype`) is the new modules' dtype: training keeps them fp32.
+    `base_dtype` ("fp8" | "bf16" | "fp32", None: `dtype`): how the frozen base is stored (flux_model.load_flux)."""
     scheme, rank = cfg.get("scheme", "none"), cfg.get("lora_rank") or 0
     if scheme not in SCHEMES or not isinstance(rank, int) or rank < 0:
         raise CheckpointError(f"run config with scheme {scheme!r} and LoRA rank {rank!r}: not a train.py config")
@@ -203,7 +213,9 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
             semantic = SemanticConfig(**cfg["semantic"])
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"run config: its semantic options are malformed ({e})") from None
-    model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype)
+    model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype, base_dtype=base_dtype)
+    if base_dtype in ("bf16", "fp32"):  # the modules compute with the base's dtype unless told otherwise
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[base_dtype]
     if scheme in MODULE_SCHEMES:
         attach(model, semantic, dtype=modules_dtype or dtype)
     if rank:
@@ -259,8 +271,11 @@ def default_ckpt(setup: Setup) -> Path | None:
 
 
 def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None, prompt: str = DEFAULT_PROMPT,
-                  quiet: bool = False) -> Pipeline:
-    """The base (+ the trained weights of `ckpt`, a train.py output), frozen, in eval mode, with its autoencoder."""
+                  quiet: bool = False, base_dtype: str | None = None) -> Pipeline:
+    """The base (+ the trained weights of `ckpt`, a train.py output), frozen, in eval mode, with its autoencoder.
+    base_dtype "fp8" keeps the base's linear weights in float8 (fp8.py); "bf16" / "fp32" set the model's dtype."""
+    if base_dtype in ("bf16", "fp32"):
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[base_dtype]
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     setup = setup or find_setup()
@@ -272,7 +287,7 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
     if cfg.get("base_preset") not in (None, setup.preset):
         raise CheckpointError(f"{ckpt} was trained on the {cfg['base_preset']!r} base, but this run uses "
                               f"{setup.preset!r} ({setup.describe()})")
-    model = build_model(setup, cfg, device, dtype)
+    model = build_model(setup, cfg, device, dtype, base_dtype=base_dtype)
     if ckpt:
         load_trained(model, ckpt, cfg)
     model.eval().requires_grad_(False)
@@ -298,13 +313,21 @@ def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
     return make_condition(x_cond, sem_in, text, H // 16, W // 16)
 
 
+# sampling-time semantic strength and guidance (sample.py, eval.py): the best point of the README's sweep
+SEM_STRENGTH = 1.0
+SEM_GUIDANCE = 1.0
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: int | list[int] = 0, guidance=None,
-             progress: bool = False) -> Tensor:
+             progress: bool = False, sem_strength: float = SEM_STRENGTH, sem_guidance: float = SEM_GUIDANCE) -> Tensor:
     """rgb, sem [B, 3, H, W] in [-1, 1] -> IR [B, 1, H, W] in [0, 1]. A list of seeds gives each pair its own noise,
-    so a pair's result does not depend on what it was batched with."""
+    so a pair's result does not depend on what it was batched with. sem_strength multiplies the semantic module's
+    learned scales and gates (ControlNet's conditioning_scale); sem_guidance w is semantic classifier-free guidance
+    (flow.guided_velocity: two passes per step unless w = 1)."""
     rgb, sem = rgb.to(pipe.device, pipe.dtype), sem.to(pipe.device, pipe.dtype)
     cond = encode_condition(pipe, rgb, sem)
+    cond.sem_strength = sem_strength
     B, _, H, W = rgb.shape
     if isinstance(seed, int):
         noise = get_noise(B, H, W, seed, pipe.device, pipe.dtype)
@@ -312,7 +335,8 @@ def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: in
         noise = torch.cat([get_noise(1, H, W, s, pipe.device, pipe.dtype) for s in seed])
     x = pack(noise)  # [B, 16, H/8, W/8] -> [B, L, 64]
     timesteps = get_schedule(steps, x.shape[1], shift=pipe.setup.preset != "schnell")
-    x = denoise(pipe.model, x, cond, timesteps, guidance if guidance is not None else pipe.guidance, progress)
+    x = denoise(pipe.model, x, cond, timesteps, guidance if guidance is not None else pipe.guidance, progress,
+                sem_guidance)
     img = pipe.ae.decode(unpack(x.float().to(pipe.dtype), H, W))  # [B, L, 64] -> [B, 16, H/8, W/8] -> [B, 3, H, W]
     for what, t, source in (("transformer", x, pipe.ckpt or pipe.setup.flux), ("autoencoder", img, pipe.setup.ae)):
         if not torch.isfinite(t).all():  # clamp would turn NaN into a plausible black image

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 import data
-from pipeline import (attention_maps, check_attention_maps, command, default_ckpt, find_setup,
-                      generate, load_pipeline, resolve_device, run_classes, run_config)
+from fp8 import BASE_DTYPES
+from pipeline import (SEM_GUIDANCE, SEM_STRENGTH, attention_maps, check_attention_maps, command, default_ckpt,
+                      find_setup, generate, load_pipeline, resolve_device, run_classes, run_config)
 from viz import attention_figure, check_image_out, save_image, to_pil_gray
 
 MAX_SEED = 2 ** 63 - 1
@@ -36,6 +37,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: must be a finite number")
+    for flag, v in (("--sem-strength", args.sem_strength), ("--sem-guidance", args.sem_guidance)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{flag} {v}: must be a finite number >= 0")
     check_image_out(args.out, "-o")
     if args.attn:
         check_image_out(args.attn, "--attn")
@@ -64,11 +68,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=None, help="guidance input (dev/Kontext bases)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sem-strength", type=float, default=SEM_STRENGTH,
+                    help="multiplier on the learned semantic scales/gates (0: the base alone)")
+    ap.add_argument("--sem-guidance", type=float, default=SEM_GUIDANCE,
+                    help="semantic classifier-free guidance w: v = v_without + w (v_with - v_without); "
+                         "w != 1 doubles the sampling time")
     ap.add_argument("--size", type=int, default=None, help="resize shorter side to S and centre-crop to SxS")
     ap.add_argument("--classes", default=None,
                     help="classes.json of the semantic palette (default: the checkpoint's, else synthetic)")
     ap.add_argument("--attn", default=None, help="also write a picture of the semantic cross-attention maps")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--base-dtype", default=None, choices=list(BASE_DTYPES),
+                    help="how the base is stored: fp8 (1 byte per linear weight) | bf16 | fp32")
     args = ap.parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
@@ -76,12 +87,12 @@ def main(argv=None) -> int:
     ckpt = None if args.base else (args.ckpt or default_ckpt(setup))
     classes, source = semantic_classes(args, ckpt)
     rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
-    pipe = load_pipeline(ckpt, device, setup=setup)
+    pipe = load_pipeline(ckpt, device, setup=setup, base_dtype=args.base_dtype)
     print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme}); classes: {source}")
     if args.attn:
         check_attention_maps(pipe)
     ir = generate(pipe, rgb[None], sem[None], steps=args.steps, seed=args.seed, guidance=args.guidance,
-                  progress=True)  # [1, 1, H, W]
+                  progress=True, sem_strength=args.sem_strength, sem_guidance=args.sem_guidance)  # [1, 1, H, W]
     save_image(to_pil_gray(ir[0]), args.out, "-o")
     print(f"wrote {args.out} ({ir.shape[-1]}x{ir.shape[-2]})")
     if args.attn:

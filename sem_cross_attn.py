@@ -34,6 +34,7 @@ from flow import pack
 from flux_model import Flux, EmbedND, RMSNorm, apply_rope
 
 SCHEMES = ("xattn", "zeroconv", "adapter")  # the schemes with a module (attach)
+ATTENTION_FORMS = ("separate", "decoupled")  # scheme B's two forms (SemanticConfig.attention)
 BASELINES = ("overlay", "none")  # no module: the semantic image blended into the RGB input, or not used at all
 
 
@@ -45,6 +46,11 @@ class SemanticConfig:
     num_heads: int = 0  # 0: the transformer's own head count
     inner_dim: int = 0  # attention width; 0: the transformer's hidden size. Smaller saves parameters.
     mlp_ratio: float = 2.0  # adapter feed-forward width (scheme C)
+    # scheme B's form: "separate" (its own cross-attention after each chosen block) or "decoupled" (IP-Adapter: only
+    # new keys/values, read by the block's own image queries inside its attention, through its output projection)
+    attention: str = "separate"
+    token_dim: int = 0  # width of the semantic tokens (the encoder's output); 0: the transformer's hidden size
+    shared_kv: bool = False  # decoupled: one key/value projection for every chosen block (computed once per call)
 
     @property
     def takes_pixels(self) -> bool:
@@ -76,6 +82,18 @@ class SemanticConfig:
                              "(encoder vae)")
         if not re.fullmatch(r"all|double|single|every:[1-9]\d*", self.blocks):
             raise ValueError(f"blocks must be all, double, single or every:K, got {self.blocks!r}")
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"unknown semantic attention {self.attention!r}; choose from {ATTENTION_FORMS}")
+        if self.attention == "decoupled" and self.scheme != "xattn":
+            raise ValueError("the decoupled attention is a form of scheme B: it needs scheme xattn")
+        if self.attention == "decoupled" and (self.num_heads or self.inner_dim):
+            raise ValueError("the decoupled attention uses the block's own heads and width: leave num_heads and "
+                             "inner_dim at 0 (token_dim sets the semantic tokens' width)")
+        if self.shared_kv and self.attention != "decoupled":
+            raise ValueError("shared_kv is an option of the decoupled attention")
+        if self.token_dim < 0 or (self.token_dim and self.scheme != "xattn"):
+            raise ValueError(f"token_dim {self.token_dim}: a positive width, for scheme xattn only (0: the "
+                             "transformer's hidden size)")
 
 
 def chosen_blocks(blocks: str, n_double: int, n_single: int) -> tuple[list[int], list[int]]:
@@ -137,8 +155,10 @@ class SemanticContext:
     """Computed once per forward, shared by every block's module."""
     tokens: Tensor  # [B, N, D] semantic tokens (scheme A: the packed latents [B, N, 64] themselves)
     grid: tuple[int, int]  # (rows, cols) of the semantic token grid
-    q_pe: Tensor  # [B, 1, L_img, Dh/2, 2, 2] RoPE of image tokens (spatial axes only)
-    k_pe: Tensor  # [B, 1, N, Dh/2, 2, 2] RoPE of semantic tokens
+    q_pe: Tensor | None  # [B, 1, L_img, Dh/2, 2, 2] RoPE of image tokens (spatial axes; None: decoupled, see there)
+    k_pe: Tensor  # [B, 1, N, Dh/2, 2, 2] RoPE of semantic tokens (decoupled: the transformer's 3 axes)
+    strength: float | Tensor = 1.0  # multiplies every learned scale/gate: a float, or [B, 1, 1] per sample
+    kv: Tensor | None = None  # decoupled, shared: the semantic keys/values of every block [B, N, 2D], computed once
 
 
 def attention_weights(q: Tensor, k: Tensor) -> Tensor:
@@ -150,11 +170,11 @@ def attention_weights(q: Tensor, k: Tensor) -> Tensor:
 class CrossAttention(nn.Module):
     """Queries from x [B, L, D], keys/values from ctx [B, N, D]; QK RMSNorm and RoPE as FLUX's attention."""
 
-    def __init__(self, dim: int, inner_dim: int, num_heads: int):
+    def __init__(self, dim: int, inner_dim: int, num_heads: int, ctx_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.to_q = nn.Linear(dim, inner_dim)
-        self.to_kv = nn.Linear(dim, 2 * inner_dim)
+        self.to_kv = nn.Linear(ctx_dim or dim, 2 * inner_dim)
         self.q_norm = RMSNorm(inner_dim // num_heads)
         self.k_norm = RMSNorm(inner_dim // num_heads)
         self.proj = nn.Linear(inner_dim, dim)
@@ -174,9 +194,9 @@ class CrossAttention(nn.Module):
 class SemanticCrossAttention(nn.Module):
     """Scheme B, one injection point:  img <- img + scale * LN(CrossAttn(img, sem)); scale starts at 0."""
 
-    def __init__(self, dim: int, inner_dim: int, num_heads: int):
+    def __init__(self, dim: int, inner_dim: int, num_heads: int, token_dim: int | None = None):
         super().__init__()
-        self.attn = CrossAttention(dim, inner_dim, num_heads)
+        self.attn = CrossAttention(dim, inner_dim, num_heads, token_dim)
         self.norm = nn.LayerNorm(dim)
         self.scale = nn.Parameter(torch.zeros(1))
 
@@ -186,7 +206,42 @@ class SemanticCrossAttention(nn.Module):
         return self.attn
 
     def forward(self, img: Tensor, ctx: SemanticContext) -> Tensor:
-        return img + self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe))
+        return img + ctx.strength * self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe))
+
+
+class DecoupledSemanticAttention(nn.Module):
+    """Scheme B, decoupled (IP-Adapter's construction), one block: inside the block's attention, its own image
+    queries (QK-normed; RoPE'd with the block's ids) also attend to the semantic tokens, whose keys (RMSNorm, RoPE
+    from their own grid) and values are the only new projections; the result joins the block's attention output
+    before its own output projection:   attn_img <- attn_img + scale * SDPA(q_img, k_sem, v_sem).
+    The value projection starts at zero (the block is unchanged at init; the values get gradient at step 1)."""
+
+    def __init__(self, token_dim: int, dim: int, num_heads: int, own_kv: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_kv = kv_projection(token_dim, dim) if own_kv else None  # None: the module's shared projection
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def qkv(self, q: Tensor, q_pe: Tensor, ctx: SemanticContext) -> tuple[Tensor, Tensor, Tensor]:
+        """The block's queries q [B, H, L_img, Dh] and their RoPE -> rotated q, and the semantic k, v [B, H, N, Dh]."""
+        kv = ctx.kv if self.to_kv is None else self.to_kv(ctx.tokens)  # [B, N, 2D]
+        k, v = rearrange(kv, "B N (K H D) -> K B H N D", K=2, H=self.num_heads)  # 2 x [B, H, N, Dh]
+        k = self.k_norm(k).to(v)
+        return apply_rope(q, q_pe), apply_rope(k, ctx.k_pe), v
+
+    def forward(self, q: Tensor, q_pe: Tensor, ctx: SemanticContext) -> Tensor:
+        out = F.scaled_dot_product_attention(*self.qkv(q, q_pe, ctx))  # [B, H, L_img, Dh]
+        return ctx.strength * self.scale * rearrange(out, "B H L D -> B L (H D)")  # [B, L_img, D]
+
+
+def kv_projection(token_dim: int, dim: int) -> nn.Linear:
+    """Semantic tokens -> keys | values [.., 2D], the value half zero (see DecoupledSemanticAttention)."""
+    lin = nn.Linear(token_dim, 2 * dim)
+    with torch.no_grad():
+        lin.weight[dim:].zero_()
+        lin.bias[dim:].zero_()
+    return lin
 
 
 class SemanticAdapter(nn.Module):
@@ -209,7 +264,7 @@ class SemanticAdapter(nn.Module):
         s = ctx.tokens + self.self_attn(s, s, ctx.k_pe, ctx.k_pe)  # [B, N, D]
         h = self.cross_attn(self.img_norm(img), s, ctx.q_pe, ctx.k_pe)  # [B, L_img, D]
         h = h + self.ff(self.ff_norm(h))
-        return img + self.gate * h
+        return img + ctx.strength * self.gate * h
 
 
 class ZeroConv(nn.Module):
@@ -240,7 +295,7 @@ class SemanticModule(nn.Module):
     here each of those but prepare() is the identity, and a scheme overrides the ones it uses."""
 
     def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
-                 theta: int = 10_000):
+                 theta: int = 10_000, axes_dim: list[int] | None = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -257,7 +312,9 @@ class SemanticModule(nn.Module):
         return semantic, None
 
     # -- called by Flux.forward ------------------------------------------------------------------------------------
-    def prepare(self, semantic: Tensor, semantic_ids: Tensor | None, img_ids: Tensor) -> SemanticContext:
+    def prepare(self, semantic: Tensor, semantic_ids: Tensor | None, img_ids: Tensor,
+                strength: float | Tensor = 1.0) -> SemanticContext:
+        """strength: a float, or [B] (one per sample)."""
         B = img_ids.shape[0]
         tokens, grid = self.encode(semantic)  # [B, N, D]
         if semantic.shape[0] != B:
@@ -272,11 +329,27 @@ class SemanticModule(nn.Module):
             grid = (int(semantic_ids[0, :, 1].max()) + 1, int(semantic_ids[0, :, 2].max()) + 1)
         if grid[0] * grid[1] != N:
             raise ValueError(f"{N} semantic tokens do not fill their {grid[0]}x{grid[1]} id grid")
-        return SemanticContext(tokens=tokens, grid=grid, q_pe=self.pe(img_ids[..., 1:]),
-                               k_pe=self.pe(semantic_ids[..., 1:]))
+        if isinstance(strength, Tensor):
+            if strength.shape != (B,):
+                raise ValueError(f"semantic strength must be a number or one per sample [{B}], got "
+                                 f"{tuple(strength.shape)}")
+            strength = strength.to(tokens)[:, None, None]  # [B, 1, 1]
+        q_pe, k_pe = self.positions(img_ids, semantic_ids)
+        return SemanticContext(tokens=tokens, grid=grid, q_pe=q_pe, k_pe=k_pe, strength=strength)
+
+    def positions(self, img_ids: Tensor, semantic_ids: Tensor) -> tuple[Tensor | None, Tensor]:
+        """RoPE of the image queries and of the semantic keys, from their ids."""
+        return self.pe(img_ids[..., 1:]), self.pe(semantic_ids[..., 1:])
 
     def on_input(self, img: Tensor, ctx: SemanticContext) -> Tensor:
         return img
+
+    def inside_double(self, i: int, ctx: SemanticContext):
+        """What double block i's attention adds for its image queries (see DecoupledSemanticAttention), or None."""
+        return None
+
+    def inside_single(self, i: int, ctx: SemanticContext):
+        return None
 
     def after_double(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
         return img
@@ -318,7 +391,7 @@ class ZeroConvModule(SemanticModule):
     """Scheme A: the packed semantic latents, through a zero conv, added to the x_cond tokens before img_in."""
 
     def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
-                 theta: int = 10_000):
+                 theta: int = 10_000, axes_dim: list[int] | None = None):
         super().__init__(config, hidden_size, num_heads, depth, depth_single, theta)
         self.zeroconv = ZeroConv()
 
@@ -328,16 +401,18 @@ class ZeroConvModule(SemanticModule):
             raise ValueError("scheme zeroconv adds to the x_cond tokens, which must follow x_t (Kontext order); "
                              f"got {img.shape[1]} image tokens for {N} semantic tokens")
         # [x_t | x_cond + zeroconv(sem)]: x_cond are the last N tokens
-        return torch.cat((img[:, :-N], img[:, -N:] + self.zeroconv(ctx.tokens, ctx.grid)), dim=1)
+        return torch.cat((img[:, :-N], img[:, -N:] + ctx.strength * self.zeroconv(ctx.tokens, ctx.grid)), dim=1)
 
 
 class BlockwiseModule(SemanticModule):
     """Schemes B and C: a semantic encoder, and one injection module after each chosen transformer block."""
 
     def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
-                 theta: int = 10_000):
+                 theta: int = 10_000, axes_dim: list[int] | None = None):
         super().__init__(config, hidden_size, num_heads, depth, depth_single, theta)
-        self.encoder = LatentProjection(64, hidden_size) if config.encoder == "vae" else CNNEncoder(hidden_size)
+        self.token_dim = config.token_dim or hidden_size
+        self.encoder = (LatentProjection(64, self.token_dim) if config.encoder == "vae"
+                        else CNNEncoder(self.token_dim))
         double_ids, single_ids = chosen_blocks(config.blocks, depth, depth_single)
         self.double_blocks = nn.ModuleDict({str(i): self.make_block(hidden_size) for i in double_ids})
         self.single_blocks = nn.ModuleDict({str(i): self.make_block(hidden_size) for i in single_ids})
@@ -365,7 +440,55 @@ class XAttnModule(BlockwiseModule):
     """Scheme B: img <- img + scale * LN(CrossAttn(img, sem)) after each chosen block."""
 
     def make_block(self, dim: int) -> nn.Module:
-        return SemanticCrossAttention(dim, self.inner, self.heads)
+        return SemanticCrossAttention(dim, self.inner, self.heads, self.token_dim)
+
+
+class DecoupledXAttnModule(SemanticModule):
+    """Scheme B, decoupled: in each chosen block, the image queries also attend to the semantic tokens' own keys
+    and values (DecoupledSemanticAttention); with shared_kv one projection serves every block and runs once per
+    forward. Nothing is added after the blocks."""
+
+    def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
+                 theta: int = 10_000, axes_dim: list[int] | None = None):
+        super().__init__(config, hidden_size, num_heads, depth, depth_single, theta)
+        if axes_dim is None:
+            raise ValueError("the decoupled attention needs the transformer's RoPE axes (axes_dim)")
+        self.token_dim = config.token_dim or hidden_size
+        self.encoder = (LatentProjection(64, self.token_dim) if config.encoder == "vae"
+                        else CNNEncoder(self.token_dim))
+        # the semantic keys rotate with the transformer's own RoPE (3 axes; their ids are the target's (0, row, col))
+        self.pe = EmbedND(dim=hidden_size // num_heads, theta=theta, axes_dim=axes_dim)
+        self.shared = kv_projection(self.token_dim, hidden_size) if config.shared_kv else None
+        make = lambda: DecoupledSemanticAttention(self.token_dim, hidden_size, num_heads,  # noqa: E731
+                                                  own_kv=not config.shared_kv)
+        double_ids, single_ids = chosen_blocks(config.blocks, depth, depth_single)
+        self.double_blocks = nn.ModuleDict({str(i): make() for i in double_ids})
+        self.single_blocks = nn.ModuleDict({str(i): make() for i in single_ids})
+
+    def encode(self, semantic: Tensor) -> tuple[Tensor, tuple[int, int] | None]:
+        return self.encoder(semantic)
+
+    def positions(self, img_ids: Tensor, semantic_ids: Tensor) -> tuple[Tensor | None, Tensor]:
+        return None, self.pe(semantic_ids)  # the block rotates its own queries with its own ids
+
+    def prepare(self, semantic: Tensor, semantic_ids: Tensor | None, img_ids: Tensor,
+                strength: float | Tensor = 1.0) -> SemanticContext:
+        ctx = super().prepare(semantic, semantic_ids, img_ids, strength)
+        if self.shared is not None:
+            ctx.kv = self.shared(ctx.tokens)  # [B, N, token_dim] -> [B, N, 2D], once for every block
+        return ctx
+
+    def recorded_attentions(self) -> dict[str, nn.Module]:
+        return ({f"double.{i}": b for i, b in self.double_blocks.items()}
+                | {f"single.{i}": b for i, b in self.single_blocks.items()})
+
+    def inside_double(self, i: int, ctx: SemanticContext):
+        block = self.double_blocks[str(i)] if str(i) in self.double_blocks else None
+        return None if block is None else (lambda q, q_pe: block(q, q_pe, ctx))
+
+    def inside_single(self, i: int, ctx: SemanticContext):
+        block = self.single_blocks[str(i)] if str(i) in self.single_blocks else None
+        return None if block is None else (lambda q, q_pe: block(q, q_pe, ctx))
 
 
 class AdapterModule(BlockwiseModule):
@@ -382,13 +505,22 @@ def attach(model: Flux, config: SemanticConfig, dtype: torch.dtype | None = None
         raise ValueError("a semantic module is already attached")
     config.validate()
     scheme_class = {"xattn": XAttnModule, "zeroconv": ZeroConvModule, "adapter": AdapterModule}[config.scheme]
+    if config.attention == "decoupled":
+        scheme_class = DecoupledXAttnModule
     p = model.params
-    module = scheme_class(config, p.hidden_size, p.num_heads, p.depth, p.depth_single_blocks, p.theta)
+    module = scheme_class(config, p.hidden_size, p.num_heads, p.depth, p.depth_single_blocks, p.theta, p.axes_dim)
     ref = model.img_in.weight
     if ref.device.type != "meta":
         module.to(device=ref.device, dtype=dtype or ref.dtype)
     model.semantic = module
     return module
+
+
+def parameter_count(config: SemanticConfig, params) -> int:
+    """Parameters of the semantic module `config` on a transformer of FluxParams `params` (e.g. PRESETS["dev"]),
+    counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in attach(Flux(params), config).parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------

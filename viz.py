@@ -172,3 +172,45 @@ def loss_curves(logs: dict[str, Path], out: Path, width=640, height=320, smooth=
     d.text((2, height // 2), "loss", fill=(0, 0, 0))
     img.save(out)
     return out
+
+
+def line_panels(x: list[float], panels: dict[str, list[float]], xlabel: str, out, size=(260, 200)):
+    """One small line plot per entry of `panels` (name -> y values at x), side by side, axes labelled with their
+    ranges; points marked."""
+    w, h = size
+    pad = 34
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    d = ImageDraw.Draw(img)
+    for p, (name, ys) in enumerate(panels.items()):
+        ox = p * w
+        ok = [(a, b) for a, b in zip(x, ys) if b is not None and np.isfinite(b)]
+        d.rectangle([ox + pad, 18, ox + w - 8, h - pad], outline=(0, 0, 0))
+        d.text((ox + pad, 4), name, fill=(0, 0, 0))
+        d.text((ox + pad, h - pad + 16), xlabel, fill=(0, 0, 0))
+        if not ok:
+            continue
+        xs, vs = np.array([a for a, _ in ok], float), np.array([b for _, b in ok], float)
+        x0, x1 = xs.min(), max(xs.max(), xs.min() + 1e-6)
+        y0, y1 = vs.min(), max(vs.max(), vs.min() + 1e-6)
+        pt = lambda a, b: (ox + pad + (w - pad - 8) * (a - x0) / (x1 - x0),  # noqa: E731
+                           h - pad - (h - pad - 18) * (b - y0) / (y1 - y0) * 0.9 - 4)
+        pts = [pt(a, b) for a, b in zip(xs, vs)]
+        if len(pts) > 1:
+            d.line(pts, fill=(31, 119, 180), width=2)
+        for q in pts:
+            d.ellipse([q[0] - 3, q[1] - 3, q[0] + 3, q[1] + 3], fill=(31, 119, 180))
+        d.text((ox + 2, 18), f"{y1:.3g}", fill=(0, 0, 0))
+        d.text((ox + 2, h - pad - 12), f"{y0:.3g}", fill=(0, 0, 0))
+        d.text((ox + pad, h - pad + 3), f"{x0:g}", fill=(0, 0, 0))
+        d.text((ox + w - 30, h - pad + 3), f"{x1:g}", fill=(0, 0, 0))
+    img.save(out)
+    return out
+
+
+def sweep_figure(values: list[float], summaries: list[dict], xlabel: str, out):
+    """PSNR, miss rate and decoy hallucination rate (metrics.summarize results) against a sampling setting."""
+    pct = lambda r: None if r is None or not np.isfinite(r) else 100 * r  # noqa: E731
+    return line_panels(values, {"PSNR (dB)": [s["psnr"] for s in summaries],
+                                "miss rate (%)": [pct(s["all"]["miss_rate"]) for s in summaries],
+                                "decoy hallucination (%)": [pct(s["decoy"]["hallucination_rate"]) for s in summaries]},
+                       xlabel, out)

@@ -574,3 +574,13 @@ def test_fuzz_valid_dataset_folders_are_read(spec):
         assert item["rgb"].shape == (3, *want) and item["sem"].shape == (3, *want) and item["ir"].shape == (1, *want)
         assert item["sem_ids"].shape == want and item["sem_ids"].dtype == torch.long
         assert -1 <= item["rgb"].min() and item["rgb"].max() <= 1 and 0 <= item["ir"].min() and item["ir"].max() <= 1
+
+
+def test_misalign_moves_the_labels_and_coarsens_them_to_cells():
+    ids = torch.arange(64).reshape(8, 8)
+    moved = data.misalign(ids, 2, -3)
+    assert torch.equal(moved[2:, :5], ids[:6, 3:])  # content moved down 2, left 3
+    assert torch.equal(moved[0], moved[2]) and torch.equal(moved[:, 5], moved[:, 7])  # the edges repeat
+    coarse = data.misalign(ids, down=4)
+    assert coarse.unique().numel() == 4 and torch.equal(coarse[:4, :4], torch.full((4, 4), int(ids[2, 2])))
+    assert torch.equal(data.misalign(ids), ids)

@@ -4,7 +4,9 @@ cheaper options with their settings), refusing unknown names before any training
 import json
 
 import pytest
+import torch
 
+import data
 import eval as evaluation
 from checkpoint import read_metadata
 from data import PairedDataset
@@ -25,7 +27,8 @@ def test_eval_two_pairs_end_to_end(run_train, env, tmp_path, capsys):
 
 def ablation_args(env, out, *args):
     return ["--ablation", "--train-steps", "2", "--steps", "2", "--limit", "2", "--train-data", str(env / "synth"),
-            "--data", str(env / "synth"), "--out", str(out), "--batch-size", "2", "--no-progress", *args]
+            "--data", str(env / "synth"), "--out", str(out), "--batch-size", "2", "--no-progress", "--seeds", "0",
+            "--shifts", "", "--coarse", "", *args]
 
 
 def test_ablation_tiny_mode(env, tmp_path):
@@ -47,8 +50,8 @@ def test_ablation_runs_scheme_b_options_with_their_settings(env, tmp_path, capsy
     assert not out.exists()
     assert evaluation.main(ablation_args(env, out, "--schemes", "xattn-double,xattn-half", "--train-steps", "1")) == 0
     hidden, heads = PRESETS["tiny"].hidden_size, PRESETS["tiny"].num_heads
-    double = load_pipeline(out / "xattn-double" / "final.safetensors", quiet=True).model.semantic
-    half = load_pipeline(out / "xattn-half" / "final.safetensors", quiet=True).model.semantic
+    double = load_pipeline(out / "xattn-double" / "seed0" / "final.safetensors", quiet=True).model.semantic
+    half = load_pipeline(out / "xattn-half" / "seed0" / "final.safetensors", quiet=True).model.semantic
     assert double.config.blocks == "double" and len(double.single_blocks) == 0 and len(double.double_blocks) == 2
     assert half.config.inner_dim == hidden // 2 and half.config.num_heads == heads // 2
     table = (out / "table.md").read_text()
@@ -60,7 +63,7 @@ def test_ablation_reuses_a_finished_run_only_if_trained_with_these_settings(env,
     setting is refused by name (results.json would describe models that were never trained), --retrain trains it."""
     out = tmp_path / "abl"
     assert evaluation.main(ablation_args(env, out, "--schemes", "none", "--train-steps", "1")) == 0
-    final = out / "none" / "final.safetensors"
+    final = out / "none" / "seed0" / "final.safetensors"
     before = final.read_bytes()
     assert evaluation.main(ablation_args(env, out, "--schemes", "none", "--train-steps", "1")) == 0
     assert final.read_bytes() == before                                  # same settings: reused, not retrained
@@ -74,7 +77,7 @@ def test_ablation_reuses_a_finished_run_only_if_trained_with_these_settings(env,
     res = json.loads((out / "results.json").read_text())
     recorded = json.loads(read_metadata(final)["train_args"])
     assert (recorded["steps"], recorded["lr"]) == (3, 1e-2) == (res["protocol"]["train_steps"], res["protocol"]["lr"])
-    assert res["train_args"]["none (RGB only)"]["steps"] == 3
+    assert res["train_args"]["none (RGB only)"]["0"]["steps"] == 3
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--train-steps", "--limit", "--batch-size", "--lora-rank"])
@@ -89,8 +92,8 @@ def test_non_positive_counts_are_refused_naming_the_flag(env, tmp_path, capsys, 
 
 def test_a_non_finite_prediction_is_an_error_never_a_score(env, monkeypatch, capsys):
     """A NaN image is "cold" everywhere: scored, it would read as 0% hallucination. Pair 1 comes out NaN here."""
-    def nan_for_pair_1(pipe, rgb, sem, steps, seed):
-        pred = generate(pipe, rgb, sem, steps=steps, seed=seed)
+    def nan_for_pair_1(pipe, rgb, sem, steps, seed, **kw):
+        pred = generate(pipe, rgb, sem, steps=steps, seed=seed, **kw)
         pred[[k for k, s in enumerate(seed) if s == 1]] = float("nan")  # pair i is sampled with seed i
         return pred
     monkeypatch.setattr(evaluation, "generate", nan_for_pair_1)
@@ -105,3 +108,89 @@ def test_a_misspelt_decoy_class_is_refused_listing_the_dataset_classes(env, caps
     rc = evaluation.main(["--data", str(env / "synth"), "--base", "--decoys", "poster,car_parkd", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "--decoys car_parkd: not a class" in err and "car_parked" in err and "person" in err
+
+
+def test_the_misaligned_split_moves_the_map_the_model_sees_and_scores_the_true_labels(env, monkeypatch):
+    """Sampling(shift=s): pair i's conditioning map is its label map moved by s pixels along SHIFT_DIRS[i % 4]
+    (then coarsened by `down`), rendered in the palette; the regions are still scored on the true labels."""
+    ds = PairedDataset(env / "synth")
+    how = evaluation.Sampling(steps=1, shift=3)
+    item = ds[1]
+    seen = how.conditioning_map(item, 1, ds.classes)
+    dy, dx = (3 * d for d in evaluation.SHIFT_DIRS[1])
+    moved = data.misalign(item["sem_ids"], dy, dx)
+    assert torch.equal(seen, data.render_semantic(moved, ds.classes))
+    assert not torch.equal(moved, item["sem_ids"])                       # the map really moved
+    assert torch.equal(moved[:, dx:], item["sem_ids"][:, :-dx])          # by dx columns, content intact
+    assert torch.equal(evaluation.Sampling().conditioning_map(item, 1, ds.classes), item["sem"])
+    given, scored_on = [], []
+    monkeypatch.setattr(evaluation, "generate", lambda pipe, rgb, sem, **kw: (given.append(sem), torch.rand(
+        len(sem), 1, *sem.shape[-2:]))[1])
+    monkeypatch.setattr(evaluation.metrics, "evaluate_image", lambda pred, target, ids, **kw: (
+        scored_on.append(ids), {})[1])
+    monkeypatch.setattr(evaluation.metrics, "summarize", lambda *a, **k: {})
+    evaluation.evaluate(None, ds, how, limit=2, progress=False)
+    assert torch.equal(given[0][1], seen)
+    assert torch.equal(scored_on[1], item["sem_ids"])                    # true labels, not the moved ones
+
+
+def test_the_ceiling_row_is_the_autoencoders_round_trip_of_the_ground_truth(env):
+    ds = PairedDataset(env / "synth")
+    pipe = load_pipeline(None, quiet=True)
+    top = evaluation.ceiling(pipe, ds, limit=2, progress=False)
+    rec = [evaluation.reconstruct(pipe.ae, ds[i]["ir"][None])[0] for i in range(2)]
+    want = evaluation.score(ds, ((ds[i], rec[i]) for i in range(2)))
+    assert top["psnr"] == want["psnr"] and top["n_images"] == 2
+    direct = data.rgb_to_ir(pipe.ae.decode(pipe.ae.encode(data.ir_to_rgb(ds[0]["ir"][None]))).clamp(-1, 1))
+    assert torch.equal(rec[0], direct[0])
+
+
+def test_the_seed_table_gives_mean_and_sample_sd_over_seeds():
+    runs = [{"psnr": p, "ssim": 0.5, "all": {"miss_rate": m, "hallucination_rate": 0.0},
+             "decoy": {"hallucination_rate": None}} for p, m in ((20.0, 0.1), (22.0, 0.3), (24.0, 0.2))]
+    table = evaluation.seed_table({"B": runs, "one seed": runs[:1]}, {"B": {"params": 7}})
+    rows = table.splitlines()
+    assert "| B | 22.00 ± 2.00 |" in rows[2] and "20.0% ± 10.0" in rows[2] and "n/a" in rows[2] and "| 7 |" in rows[2]
+    assert "| one seed | 20.00 |" in rows[3] and "±" not in rows[3]
+
+
+def test_ablation_trains_each_seed_and_jittered_schemes_with_their_settings(env, tmp_path):
+    out = tmp_path / "abl"
+    assert evaluation.main(ablation_args(env, out, "--schemes", "zeroconv+jitter", "--seeds", "0,1",
+                                         "--train-steps", "1", "--jitter", "2", "--shifts", "2")) == 0
+    for seed in (0, 1):
+        recorded = json.loads(read_metadata(out / "zeroconv+jitter" / f"seed{seed}" / "final.safetensors")["train_args"])
+        assert recorded["seed"] == seed and recorded["sem_jitter"] == 2
+    res = json.loads((out / "results.json").read_text())
+    name = "A: zero-conv, trained on misaligned maps"
+    assert set(res["per_seed"][name]) == {"0", "1"} and set(res["per_seed"][name]["0"]) == {"aligned", "shift 2 px"}
+    assert res["ceiling"]["n_images"] == 2
+    table = (out / "table.md").read_text()
+    assert "ceiling: autoencoder reconstruction" in table and "shift 2 px: PSNR (dB)" in table
+
+
+def test_the_sweep_scores_each_setting_and_draws_the_figure(run_train, env, tmp_path, capsys):
+    """--sweep guidance: one JSON line per value (w = 1 is the plain evaluation), the table, a figure and its
+    numbers."""
+    w = tmp_path / "j"
+    assert run_train(w, "--stage", "joint", "--steps", "1", "--lora-rank", "2", "--sem-drop", "0.5") == 0
+    common = ["--data", str(env / "synth"), "--ckpt", str(w / "final.safetensors"), "--steps", "1", "--limit", "2",
+              "--no-progress"]
+    assert evaluation.main(common) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = tmp_path / "sweep.png"
+    assert evaluation.main(common + ["--sweep", "guidance", "--values", "1,2", "--save", str(out)]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert [l["sem_guidance"] for l in lines] == [1.0, 2.0] and lines[0]["psnr"] == plain["psnr"]
+    assert out.is_file() and len(json.loads(out.with_suffix(".json").read_text())) == 2
+    assert evaluation.main(common + ["--sweep", "strength", "--values", "1,x"]) == 2
+
+
+def test_the_thermalgen_protocol_fails_before_any_generation_when_a_piece_is_missing(env, monkeypatch, capsys):
+    """--protocol thermalgen is set up before the model samples: a missing package or weight file is one line and
+    nothing is generated (here: no torchvision, or no AlexNet weights at the given path)."""
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: pytest.fail("generated before the protocol check"))
+    rc = evaluation.main(["--data", str(env / "synth"), "--base", "--steps", "1", "--limit", "2", "--no-progress",
+                          "--protocol", "thermalgen", "--lpips-weights", str(env / "missing-alexnet.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and ("torchvision" in err or "alexnet" in err.lower())

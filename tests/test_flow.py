@@ -93,3 +93,27 @@ def test_euler_integrates_a_constant_velocity_exactly():
     x = torch.randn(2, 6, 64)
     out = flow.denoise(Constant(), x, condition(), flow.get_schedule(7, 6))
     torch.testing.assert_close(out, x - 1)  # sum of (t_next - t) from 1 to 0 is -1
+
+
+class SemanticToy(torch.nn.Module):
+    """img -> 2 img without a semantic input, 2 img + strength * semantic with one (on the x_t tokens)."""
+
+    def forward(self, img, semantic=None, semantic_strength=1.0, **kw):
+        out = 2 * img
+        if semantic is not None:
+            out[:, : semantic.shape[1]] += semantic_strength * semantic
+        return out
+
+
+def test_semantic_guidance_with_w_1_is_the_plain_conditional_prediction():
+    cond, x, t = condition(), torch.randn(2, 6, 64), torch.full((2,), 0.5)
+    cond.semantic = torch.randn(2, 6, 64)
+    model = SemanticToy()
+    plain = flow.velocity(model, x, t, cond)
+    assert torch.equal(flow.guided_velocity(model, x, t, cond, sem_guidance=1.0), plain)
+    without = flow.velocity(model, x, t, flow.replace(cond, semantic=None))
+    torch.testing.assert_close(flow.guided_velocity(model, x, t, cond, sem_guidance=0.0), without)
+    torch.testing.assert_close(flow.guided_velocity(model, x, t, cond, sem_guidance=3.0),
+                               without + 3 * (plain - without))
+    cond.sem_strength = 0.5  # the strength reaches the model
+    torch.testing.assert_close(flow.velocity(model, x, t, cond), 2 * x + 0.5 * cond.semantic)

@@ -284,14 +284,29 @@ def test_rope_compile_branch_is_the_same_rotation(monkeypatch):
 # Options that matter on a GPU, checked on the CPU
 
 
-@pytest.mark.parametrize("semantic", [False, True], ids=["base", "with-semantic-module"])
-def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, semantic):
+SEMANTIC_FORMS = {"base": None, "with-semantic-module": SemanticConfig(scheme="xattn"),
+                  "decoupled": SemanticConfig(attention="decoupled", token_dim=32),
+                  "decoupled-shared": SemanticConfig(attention="decoupled", token_dim=32, shared_kv=True),
+                  "adapter": SemanticConfig(scheme="adapter"), "zeroconv": SemanticConfig(scheme="zeroconv")}
+
+
+@pytest.mark.parametrize("form", list(SEMANTIC_FORMS))
+def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, form):
+    """Checkpointing recomputes each block together with its semantic module (one unit): the gradients of every
+    parameter, the semantic module's included, equal the uncheckpointed ones."""
     torch.manual_seed(0)
+    semantic = SEMANTIC_FORMS[form] is not None
     params = small_params(guidance=semantic)
     model = Flux(params)
     x = kontext_inputs(params)
     if semantic:
-        with_semantic_module(model)
+        sem_mod = attach(model, SEMANTIC_FORMS[form])
+        with torch.no_grad():  # every part acts, so no gradient is trivially zero
+            for p in sem_mod.strength_parameters():
+                p.fill_(0.5)
+            for p in sem_mod.parameters():
+                if p.ndim > 1 and not p.abs().sum():
+                    p.normal_(0, 0.02)
     else:
         x.pop("semantic")
     model.train()
@@ -463,3 +478,36 @@ def test_truncated_and_garbage_files(tmp_path, small_params):
         load_flux(tmp_path / "junk.safetensors", small_params(), dtype=torch.float32)
     with pytest.raises(CheckpointError, match="no such file"):
         load_flux(tmp_path / "missing.safetensors", small_params())
+
+
+def test_checkpointing_keeps_no_semantic_activations_between_blocks(small_params, kontext_inputs):
+    """With checkpointing, what autograd keeps for the backward does not grow with the semantic module: its
+    activations are recomputed with its block, so only the blocks' inputs are saved (bytes counted by saved-tensor
+    hooks; without checkpointing the module adds its own)."""
+    torch.manual_seed(0)
+    params = small_params(guidance=False)
+    x = kontext_inputs(params)
+
+    def saved_bytes(model, attached: bool) -> int:
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        kw = x if attached else {k: v for k, v in x.items() if k != "semantic"}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**kw).square().mean()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in seen.items() if ptr not in params)
+
+    sizes = {}
+    for attached in (False, True):
+        for ckpt in (False, True):
+            model = Flux(params).train()
+            if attached:
+                attach(model, SemanticConfig(scheme="xattn"))
+            model.gradient_checkpointing = ckpt
+            sizes[attached, ckpt] = saved_bytes(model, attached)
+    assert sizes[True, False] > sizes[False, False]  # uncheckpointed, the module keeps activations of its own
+    module_inside = sizes[True, True] - sizes[False, True]
+    assert module_inside < 0.1 * (sizes[True, False] - sizes[False, False]), sizes

@@ -128,3 +128,144 @@ def test_cli_imports_and_reports_errors_with_status_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         importers.main(["fmb", str(tmp_path / "nowhere"), str(tmp_path / "o")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ") and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MSRS, PST900 (labelled) and M3FD, LLVIP, FLIR aligned (RGB-IR pairs, labelled afterwards by labels.py), each on a
+# tiny fake folder in its release's layout
+
+def grey_as_rgb(rng, hw):
+    g = rng.integers(0, 256, hw, dtype=np.uint8)
+    return g, np.repeat(g[..., None], 3, 2)
+
+
+def fake_labelled(src, split_dirs, names, n_ids, hw=(32, 48), seed=2):
+    """src/<split>/<rgb>, <ir>, <label> for each split; IR as 3-channel grey. Returns {split: {name: grey IR}}."""
+    rng, irs = np.random.default_rng(seed), {}
+    for split in ("train", "test"):
+        for d in split_dirs:
+            (src / split / d).mkdir(parents=True)
+        rgb_dir, ir_dir, label_dir = (src / split / d for d in split_dirs)
+        for n in names[split]:
+            save(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), rgb_dir / f"{n}.png")
+            g, g3 = grey_as_rgb(rng, hw)
+            save(g3, ir_dir / f"{n}.png")
+            save(rng.integers(0, n_ids, hw, dtype=np.uint8), label_dir / f"{n}.png")
+            irs.setdefault(split, {})[n] = g
+    return irs
+
+
+@pytest.mark.parametrize("name,dirs,classes,hot", [
+    ("msrs", ("vi", "ir", "Segmentation_labels"), importers.MFNET_CLASSES, {"car", "person", "bike"}),
+    ("pst900", ("rgb", "thermal", "labels"), importers.PST900_CLASSES, {"survivor"}),
+])
+def test_labelled_sets_respect_the_split_and_make_ir_one_channel(tmp_path, name, dirs, classes, hot):
+    src = tmp_path / name
+    names = {"train": ["00001D", "00002N"], "test": ["00100D"]}
+    irs = fake_labelled(src, dirs, names, len(classes))
+    fn = importers.IMPORTERS[name]
+    assert fn(src, tmp_path / "train") == 2  # --split train by default
+    assert fn(src, tmp_path / "test", split="test") == 1
+    ds = data.PairedDataset(tmp_path / "test")
+    assert ds.names == ["00100D"] and data.load_classes(tmp_path / "test" / "classes.json") == classes
+    assert {c.name for c in classes if c.hot} == hot
+    ir = Image.open(tmp_path / "test" / "ir" / "00100D.png")
+    assert ir.mode == "L" and np.array_equal(np.asarray(ir), irs["test"]["00100D"])
+    labels = np.asarray(Image.open(src / "test" / dirs[2] / "00100D.png"))
+    assert ds[0]["sem_ids"].tolist() == labels.tolist()
+    assert [c.name for c in importers.PST900_CLASSES] == ["background", "fire_extinguisher", "backpack",
+                                                         "hand_drill", "survivor"]
+    with pytest.raises(DataError, match=f"{dirs[0]}: no such folder"):
+        fn(tmp_path / "nowhere", tmp_path / "o")
+
+
+def fake_m3fd(src, names=("00000", "00001"), hw=(32, 48)):
+    rng = np.random.default_rng(3)
+    (src / "Vis").mkdir(parents=True)
+    (src / "Ir").mkdir()
+    irs = {}
+    for n in names:
+        save(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), src / "Vis" / f"{n}.png")
+        irs[n], g3 = grey_as_rgb(rng, hw)
+        save(g3, src / "Ir" / f"{n}.png")
+    return irs
+
+
+def fake_llvip(src, hw=(32, 48)):
+    rng = np.random.default_rng(4)
+    irs = {}
+    for split, names in (("train", ("010001", "010002")), ("test", ("190001",))):
+        for d in ("visible", "infrared"):
+            (src / d / split).mkdir(parents=True)
+        for n in names:
+            save(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), src / "visible" / split / f"{n}.jpg", quality=95)
+            irs[n], g3 = grey_as_rgb(rng, hw)
+            save(g3, src / "infrared" / split / f"{n}.png")  # PNG here, so the grey values are checked exactly
+    return irs
+
+
+def fake_flir(src, hw=(32, 48)):
+    """The FLIR_aligned release: JPEGImages/ and the split files beside it, which list the thermal stems."""
+    rng = np.random.default_rng(5)
+    (src / "JPEGImages").mkdir(parents=True)
+    for n in ("FLIR_00002", "FLIR_00005", "FLIR_08863"):
+        save(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), src / "JPEGImages" / f"{n}_RGB.jpg")
+        save(rng.integers(0, 256, hw, dtype=np.uint8), src / "JPEGImages" / f"{n}_PreviewData.jpeg")
+    (src / "align_train.txt").write_text("FLIR_00002_PreviewData\nFLIR_00005_PreviewData\n")
+    (src / "align_validation.txt").write_text("FLIR_08863_PreviewData\n")
+
+
+def test_rgb_ir_sets_write_rgb_and_ir_for_labels_py(tmp_path, capsys):
+    irs = fake_m3fd(tmp_path / "M3FD_Fusion")
+    assert importers.import_m3fd(tmp_path / "M3FD_Fusion", tmp_path / "m3fd") == 2
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m3fd" / "ir" / "00001.png")), irs["00001"])
+    assert not list((tmp_path / "m3fd" / "sem").iterdir()) and not (tmp_path / "m3fd" / "classes.json").exists()
+    with pytest.raises(DataError, match="no split files"):
+        importers.import_m3fd(tmp_path / "M3FD_Fusion", tmp_path / "o", split="test")
+
+    irs = fake_llvip(tmp_path / "LLVIP")
+    assert importers.import_llvip(tmp_path / "LLVIP", tmp_path / "llvip", split="test") == 1
+    ir = Image.open(tmp_path / "llvip" / "ir" / "190001.png")
+    assert ir.mode == "L" and np.array_equal(np.asarray(ir), irs["190001"])
+    assert sorted(p.name for p in (tmp_path / "llvip" / "rgb").iterdir()) == ["190001.png"]
+
+    fake_flir(tmp_path / "align")
+    importers.main(["flir", str(tmp_path / "align"), str(tmp_path / "flir")])  # --split train: align_train.txt
+    out = capsys.readouterr().out
+    assert f"python labels.py {tmp_path / 'flir'} {tmp_path / 'flir'} --model DIR" in out
+    assert sorted(p.name for p in (tmp_path / "flir" / "ir").iterdir()) == ["FLIR_00002.png", "FLIR_00005.png"]
+    assert importers.import_flir(tmp_path / "align", tmp_path / "flir-test", split="test") == 1
+    assert (tmp_path / "flir-test" / "rgb" / "FLIR_08863.png").is_file()
+
+
+def test_rgb_ir_set_errors_name_the_file(tmp_path):
+    fake_flir(tmp_path / "align")
+    (tmp_path / "align" / "JPEGImages" / "FLIR_00005_RGB.jpg").unlink()
+    with pytest.raises(DataError, match=r"align_train.txt: 1 listed file\(s\) are not in .*FLIR_00005_RGB.jpg"):
+        importers.import_flir(tmp_path / "align", tmp_path / "o1")
+    (tmp_path / "align" / "align_validation.txt").unlink()
+    with pytest.raises(DataError, match="align_validation.txt: no such split file"):
+        importers.import_flir(tmp_path / "align", tmp_path / "o2", split="test")
+
+    fake_m3fd(tmp_path / "m3fd")
+    rng = np.random.default_rng(6)
+    save(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), tmp_path / "m3fd" / "Ir" / "00001.png")  # false colour
+    with pytest.raises(DataError, match=r"00001\.png: a colour infrared image"):
+        importers.import_m3fd(tmp_path / "m3fd", tmp_path / "o3")
+    save(np.zeros((16, 48), np.uint8), tmp_path / "m3fd" / "Ir" / "00001.png")
+    with pytest.raises(DataError, match="00001.*sizes disagree"):
+        importers.import_m3fd(tmp_path / "m3fd", tmp_path / "o4")
+    (tmp_path / "m3fd" / "Ir" / "00000.png").unlink()
+    with pytest.raises(DataError, match="missing from Ir/: 00000"):
+        importers.import_m3fd(tmp_path / "m3fd", tmp_path / "o5")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_mfnet_split_file_keeps_its_stems(tmp_path):
+    src = fake_mfnet(tmp_path / "mf", names=("00001D", "00002N", "00003D"))
+    (src / "test.txt").write_text("00002N\n00003D\n")
+    assert importers.import_mfnet(src, tmp_path / "test", split="test") == 2
+    assert data.PairedDataset(tmp_path / "test").names == ["00002N", "00003D"]
+    (src / "val.txt").write_text("00009N\n")
+    with pytest.raises(DataError, match="val.txt: 1 listed stem.*no pair: 00009N"):
+        importers.import_mfnet(src, tmp_path / "val", split="val")

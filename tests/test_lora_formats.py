@@ -254,3 +254,108 @@ def test_garbage_and_non_lora_files(tmp_path):
     save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(CheckpointError, match="empty.safetensors .* the file holds no LoRA layers"):
         load_lora(base_model(), tmp_path / "empty.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exporting a training run's LoRA for other tools
+
+def write_run(folder, stage="joint", preset="tiny", lora=True, trained=True):
+    """A final.safetensors written as train.py writes it (train.write_weights: semantic + LoRA keys, the run config
+    in the metadata); returns (path, the trained model)."""
+    import json
+    import train
+    from sem_cross_attn import SemanticConfig, attach
+    model = base_model()
+    attach(model, SemanticConfig())
+    cfg = {"stage": stage, "scheme": "xattn", "base_preset": preset, "base_file": "flux1-dev.safetensors",
+           "prompt": "a thermal infrared image", "semantic": SemanticConfig().to_dict()}
+    if lora:
+        inject_lora(model, rank=4, alpha=8)
+        cfg |= {"lora_rank": 4, "lora_alpha": 8.0}
+        if trained:
+            randomize_lora(model)
+    meta = {"config": json.dumps(cfg), "base": cfg["base_file"], "ae": "ae.safetensors", "train_args": "{}"}
+    path = folder / "final.safetensors"
+    train.write_weights(path, model, stage, meta)
+    return path, model
+
+
+def lora_only(model):
+    """The base with the trained model's LoRA and nothing else: what the exported files must reproduce."""
+    from lora import lora_state_dict, load_lora_state_dict
+    ref = base_model()
+    inject_lora(ref, rank=4, alpha=8)
+    load_lora_state_dict(ref, lora_state_dict(model))
+    return ref
+
+
+def test_exported_run_loads_in_diffusers_and_ours_with_the_same_output(tmp_path):
+    from lora_formats import export_run
+    path, model = write_run(tmp_path / "run")
+    assert any(k.startswith("semantic.") for k in read_safetensors(path))  # the run file holds more than LoRA
+    kohya, diffusers = export_run(tmp_path / "run")  # a run folder or its final.safetensors
+    assert (kohya.name, diffusers.name) == ("lora_kohya.safetensors", "lora_diffusers.safetensors")
+    assert kohya.parent == path.parent
+    for f in (kohya, diffusers):
+        assert not any("semantic" in k for k in read_safetensors(f))  # only the LoRA leaves the project
+    x, base_sd = make_inputs(), bench.random_weights(PARAMS)
+    expected = run(lora_only(model), x)
+
+    back = base_model()
+    assert set(load_lora(back, kohya)) == set(lora_modules(model))
+    assert torch.equal(run(back, x), expected)  # A, B and alpha as trained: the same numbers
+
+    ref = diffusers_with_lora(PARAMS, base_sd, diffusers)
+    out = run_diffusers(ref, x)
+    assert (out - run_diffusers(diffusers_model(PARAMS, base_sd), x)).abs().max() > 1e-2  # the LoRA acts
+    assert_close_to(out, expected)
+
+
+@pytest.mark.parametrize("preset,model_id,arch", [
+    ("kontext", "black-forest-labs/FLUX.1-Kontext-dev", "flux-1-kontext-dev/lora"),
+    ("dev", "black-forest-labs/FLUX.1-dev", "flux-1-dev/lora"),
+    ("schnell", "black-forest-labs/FLUX.1-schnell", "flux-1-schnell/lora"),
+    ("tiny", None, "flux-1/lora"),
+])
+def test_exported_files_name_the_base_model(tmp_path, preset, model_id, arch):
+    from lora_formats import export_run
+    path, _ = write_run(tmp_path / "run", preset=preset)
+    out = tmp_path / "exported"
+    for f in export_run(path, out):
+        assert f.parent == out
+        meta = read_metadata(f)
+        assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == arch
+        assert meta["ss_sd_model_name"] == meta["base_file"] == "flux1-dev.safetensors"
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "8")
+        assert meta.get("base_model") == model_id
+    assert read_metadata(out / "lora_diffusers.safetensors")["lora_adapter_metadata"]  # diffusers' own key kept
+
+
+@pytest.mark.parametrize("stage,lora", [("warmup", False), ("finetune", True)], ids=["warmup", "finetune-of-warmup"])
+def test_run_without_a_trained_lora_is_one_clear_error(tmp_path, capsys, stage, lora):
+    import lora_formats
+    path, _ = write_run(tmp_path / "run", stage=stage, lora=lora, trained=False)  # finetune of a warmup: B = 0
+    with pytest.raises(ValueError, match="no LoRA to export.*semantic modules.*need this project") as e:
+        lora_formats.export_run(path)
+    assert "\n" not in str(e.value)
+    assert lora_formats.export_if_lora(path) == []  # train.py's hook: nothing to do, no error
+    assert lora_formats.main(["export", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final.safetensors"]
+
+
+def test_export_cli_prints_the_written_paths(tmp_path, capsys):
+    import lora_formats
+    path, _ = write_run(tmp_path / "run")
+    assert lora_formats.main(["export", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "o" / n) for n in lora_formats.EXPORTS.values()]
+    assert [p.name for p in lora_formats.export_if_lora(path)] == list(lora_formats.EXPORTS.values())
+
+
+def test_base_stage_output_is_not_a_lora(tmp_path):
+    import lora_formats
+    path, _ = write_run(tmp_path / "base", stage="base", lora=False)
+    with pytest.raises(ValueError, match="whole transformer, not a LoRA"):
+        lora_formats.export_run(path)
+    assert lora_formats.export_if_lora(path) == []

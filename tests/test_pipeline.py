@@ -81,3 +81,21 @@ def test_crafted_run_configs_are_refused_in_one_line(env, tmp_path, cfg):
     save_atomic({"x": torch.zeros(1)}, tmp_path / "c.safetensors", {"config": json.dumps(cfg)})
     with pytest.raises(CheckpointError, match="run config"):
         pipeline.load_pipeline(tmp_path / "c.safetensors", quiet=True)
+
+
+def test_flux_ir_base_names_another_checkpoint_form(env, tmp_path, monkeypatch):
+    """$FLUX_IR_BASE points at any transformer file load_flux reads; the autoencoder and text encoders come from
+    the weights folder; a path that does not exist is one error."""
+    from pipeline import BASE_ENV, find_setup
+    monkeypatch.setenv(BASE_ENV, str(tmp_path / "nothing.safetensors"))
+    with pytest.raises(CheckpointError, match="no such file"):
+        find_setup()
+    weights = tmp_path / "w"
+    (weights / "t5").mkdir(parents=True)
+    (weights / "clip").mkdir()
+    (weights / "ae.safetensors").write_bytes(b"")
+    base = tmp_path / "my-flux1-kontext-fp8.safetensors"
+    base.write_bytes(b"")
+    monkeypatch.setenv(BASE_ENV, str(base))
+    setup = find_setup(weights)
+    assert (setup.kind, setup.flux, setup.preset, setup.ae) == ("official", base, "kontext", weights / "ae.safetensors")

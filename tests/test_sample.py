@@ -58,6 +58,8 @@ def test_bad_flags_fail_with_one_line_naming_the_flag_before_loading(env, tmp_pa
                           (["--size", "-16"], "--size -16"), (["--size", "8"], "--size 8"),
                           (["--size", "0"], "--size 0"), (["--seed", "-1"], "--seed -1"),
                           (["--guidance", "nan"], "--guidance nan"), (["--device", "foo"], "--device 'foo'"),
+                          (["--sem-strength", "-1"], "--sem-strength -1"),
+                          (["--sem-guidance", "inf"], "--sem-guidance inf"),
                           (["--device", no_gpu], "GPU"), (["-o", str(tmp_path / "folder")], "is a folder"),
                           (["-o", str(tmp_path / "ir.xyz")], "unknown image extension '.xyz'"),
                           (["--attn", str(tmp_path / "attn.txt")], "--attn"),

@@ -260,3 +260,108 @@ def test_semantic_input_matches_encoder():
     assert semantic_input(SemanticConfig(scheme="zeroconv"), img, FakeVAE()).shape == (1, 6, 64)
     with pytest.raises(ValueError, match="autoencoder"):
         semantic_input(SemanticConfig(), img)
+
+
+LEAN = {"decoupled": SemanticConfig(attention="decoupled", token_dim=16),
+        "decoupled-shared": SemanticConfig(attention="decoupled", token_dim=16, shared_kv=True),
+        "decoupled-double": SemanticConfig(attention="decoupled", token_dim=16, blocks="double"),
+        "narrow-tokens": SemanticConfig(token_dim=16)}
+
+
+@pytest.mark.parametrize("form", list(LEAN))
+def test_lean_variants_are_the_identity_at_init_and_every_weight_learns_after_one_step(form, params, kontext_inputs):
+    torch.manual_seed(0)
+    model = Flux(params)
+    model.requires_grad_(False)
+    x = kontext_inputs(params)
+    sem = x.pop("semantic")
+    base = model(**x)
+    sem_mod = attach(model, LEAN[form])
+    assert torch.equal(model(**x, semantic=sem), base)
+    opt = torch.optim.AdamW(list(sem_mod.parameters()), lr=1e-2, weight_decay=0.0)
+    target = torch.randn_like(base)
+    for step in range(2):
+        opt.zero_grad()
+        (model(**x, semantic=sem) - target).square().mean().backward()
+        if step == 1:
+            no_grad = [n for n, p in sem_mod.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+            assert no_grad == [], f"parameters with no gradient at step 2: {no_grad}"
+        opt.step()
+    assert not torch.equal(model(**x, semantic=sem), base)
+
+
+def test_decoupled_attention_adds_only_semantic_keys_and_values(params):
+    """The IP-Adapter construction: per block only a K/V projection from the (narrow) semantic tokens, a key norm
+    and a strength; queries and output projection are the block's own. Shared K/V: one projection for all."""
+    model = Flux(params)
+    mod = attach(model, SemanticConfig(attention="decoupled", token_dim=16))
+    D = params.hidden_size
+    assert set(model.semantic.double_blocks["0"].state_dict()) == {"to_kv.weight", "to_kv.bias", "k_norm.scale",
+                                                                    "scale"}
+    assert mod.double_blocks["0"].to_kv.weight.shape == (2 * D, 16)
+    shared = attach(Flux(params), SemanticConfig(attention="decoupled", token_dim=16, shared_kv=True))
+    assert set(shared.single_blocks["1"].state_dict()) == {"k_norm.scale", "scale"}
+    assert shared.shared.weight.shape == (2 * D, 16)
+    assert n_params(shared) < n_params(mod) < n_params(attach(Flux(params), SemanticConfig()))
+
+
+def test_shifting_the_semantic_map_shifts_the_decoupled_attention_peak(params):
+    """The semantic keys carry RoPE from their own grid: a blob that matches the block's queries draws the
+    attention, and moving the blob moves the peak."""
+    torch.manual_seed(1)
+    D, H = params.hidden_size, params.num_heads
+    mod = attach(Flux(params), SemanticConfig(attention="decoupled", token_dim=D, blocks="double"))
+    block = mod.double_blocks["0"]
+    with torch.no_grad():  # keys = the tokens themselves
+        block.to_kv.weight[:D] = torch.eye(D)
+        block.to_kv.bias.zero_()
+    mod.record_attention(True)
+    h = w = 6
+    u, b = torch.randn(D), torch.randn(D)
+    q = rearrange_heads(u.expand(1, h * w, D), H)
+    ids = image_ids(1, h, w)
+    for (r, c) in [(1, 1), (1, 4), (4, 2)]:
+        sem = b.repeat(1, h * w, 1)
+        sem[0, r * w + c] = u
+        ctx = SemanticContext(tokens=sem, grid=(h, w), q_pe=None, k_pe=mod.pe(ids))
+        block(block.k_norm(q), mod.pe(ids), ctx)
+    peaks = [int(m[0].sum(dim=0).argmax()) for m in mod.record["double.0"]]
+    assert peaks == [1 * w + 1, 1 * w + 4, 4 * w + 2]
+
+
+def rearrange_heads(x, heads):
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # [B, L, D] -> [B, H, L, Dh]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_semantic_strength_scales_the_update_per_sample(scheme, params, kontext_inputs):
+    """strength 0 is the base model; a per-sample strength [1, 0] gives sample 0 the full update and sample 1
+    the base."""
+    torch.manual_seed(0)
+    model = Flux(params).eval()
+    x = kontext_inputs(params)
+    sem = x.pop("semantic")
+    base = model(**x)
+    mod = attach(model, SemanticConfig(scheme=scheme))
+    with torch.no_grad():
+        for p in mod.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.5)
+    full = model(**x, semantic=sem)
+    assert not torch.allclose(full, base)
+    assert torch.equal(model(**x, semantic=sem, semantic_strength=0.0), base)
+    mixed = model(**x, semantic=sem, semantic_strength=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(mixed[0], full[0])
+    torch.testing.assert_close(mixed[1], base[1])
+    with pytest.raises(ValueError, match="one per sample"):
+        model(**x, semantic=sem, semantic_strength=torch.ones(3))
+
+
+def test_lean_options_are_checked():
+    for bad, match in [(dict(attention="sideways"), "unknown semantic attention"),
+                       (dict(attention="decoupled", scheme="adapter"), "needs scheme xattn"),
+                       (dict(attention="decoupled", inner_dim=64), "own heads and width"),
+                       (dict(shared_kv=True), "option of the decoupled"),
+                       (dict(scheme="zeroconv", token_dim=8), "scheme xattn only")]:
+        with pytest.raises(ValueError, match=match):
+            SemanticConfig(**bad).validate()

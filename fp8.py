@@ -1,0 +1,376 @@
+"""
+A frozen base kept in fp8: each frozen nn.Linear stores its weight as float8_e4m3fn (1 byte) with a float32 scale,
+and is upcast, one layer at a time, inside its forward. Written from the formulas; no quantization library.
+
+    stored    q = fp8(clamp(W / s, -448, 448)),   s = max|W| / 448 per tensor (s: []) or per output row (s: [out])
+    forward   y = x (q s)^T + b                    q s formed in x's dtype with one rounding (s stays float32)
+
+e4m3 keeps 3 mantissa bits: a weight is stored within 2^-4 of its value (half an ulp, relative), so the output moves
+by a few percent against the bf16 model (`python fp8.py` measures it) for half the bytes.
+
+What is quantized. The facts, from the public files:
+- ComfyUI's scaled-fp8 FLUX export (comfyanonymous/flux_dev_scaled_fp8_test) stores EVERY Linear weight in fp8 with
+  a per-tensor `scale_weight`, the outer layers too (img_in, txt_in, time_in, vector_in, guidance_in, final_layer);
+  biases in fp8 without a scale; the RMSNorm scales in bf16.
+- kohya's sd-scripts `--fp8_base` casts the whole model, norms included, to float8_e4m3fn with no scale.
+Neither keeps the outer layers in higher precision, so quantize_ converts every Linear of the base by default;
+`skip=OUTER_LAYERS` keeps those (0.5% of dev's weights) in full precision. Biases and norm scales are never stored
+in fp8 here: they are not Linear weights, and a few KB.
+
+fp8 weights in checkpoint files (split_scales reads them; flux_model.load_flux(..., base_dtype=...) uses it):
+  plain fp8    float8 weights and no scale (Kijai's flux1-dev-fp8, kohya --fp8_base saves): the scale is 1
+  scaled fp8   `<layer>.scale_weight` (float32, per tensor) + a `scaled_fp8` marker tensor (its dtype names the
+               weights' fp8 dtype, float32 meaning e4m3fn): weight = fp8 weight * scale_weight   (ComfyUI)
+  comfy_quant  `<layer>.weight_scale` + `<layer>.comfy_quant` (uint8: the JSON {"format": "float8_e4m3fn"}), or the
+               same per layer in the metadata `_quantization_metadata`   (ComfyUI's newer mixed precision)
+  `<layer>.scale_input` / `.input_scale` scale the ACTIVATIONS for fp8 matrix multiplies (torch._scaled_mm). Here the
+  weight is upcast and the product runs in bf16/fp32, where an input scale has no role (ComfyUI drops it too unless
+  it multiplies in fp8): they are checked to be scalars and ignored, and the load says so.
+This module's own fp8 state dicts use `weight_scale` ([] or [out]), so they load back through the same path.
+Loaded with base_dtype "fp8", a file that holds fp8 weights keeps its Linears as it has them (the fp8 ones in fp8, those
+it keeps in bf16, as ComfyUI's mixed-precision files do on purpose, in the compute dtype); a bf16 / fp32 file has every
+Linear weight quantized at load.
+
+A LoRA over an fp8 base (lora.LoRALinear) upcasts the base weight the same way (base_weight) and runs its branch in
+its own dtype (fp32): only lora_A / lora_B train. Merging into an fp8 weight is refused (lora.merge_lora says why).
+"""
+
+import argparse
+import json
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from checkpoint import CheckpointError
+
+FP8 = torch.float8_e4m3fn  # what quantize writes
+FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # what a file may hold (both upcast exactly to bf16)
+BASE_DTYPES = {"fp8": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # --base-dtype; fp8: the rest in `dtype`
+
+# The Linears outside the blocks, matched against the whole module name (re.fullmatch): quantize_(skip=OUTER_LAYERS)
+OUTER_LAYERS = (r"img_in", r"txt_in", r"(time|vector|guidance)_in\.(in|out)_layer", r"final_layer\..+")
+
+# Names of quantization tensors: the ones read here (scale_weight, weight_scale, scale_input, input_scale,
+# comfy_quant, scaled_fp8) and those of formats that are not (nvfp4's weight_scale_2, pre_quant_scale,
+# bitsandbytes' absmax / quant_state, GPTQ's qweight / qzeros). A norm's own `.scale` does not match.
+QUANT_KEY = re.compile(r"scale_|_scale|scaled_fp8|quant|absmax|qweight|qzeros")
+_WEIGHT_SCALES = ("scale_weight", "weight_scale")  # ComfyUI's two spellings
+_INPUT_SCALES = ("scale_input", "input_scale")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The numbers
+
+
+def _col(scale: Tensor) -> Tensor:
+    return scale[:, None] if scale.ndim == 1 else scale  # per row: [out] -> [out, 1] against [out, in]
+
+
+def quantize(weight: Tensor, per: str = "row") -> tuple[Tensor, Tensor]:
+    """W [out, in] -> (q [out, in] float8_e4m3fn, s float32: [] per tensor, [out] per row) with W ~ q * s."""
+    if per not in ("row", "tensor"):
+        raise ValueError(f"per must be 'row' or 'tensor', got {per!r}")
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1) if per == "row" else w.abs().amax()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero row keeps scale 1
+    return (w / _col(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize(q: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """q * s in `dtype`: the fp8 values are exact in bf16 / fp32, the product is rounded once (s stays float32)."""
+    if q.dtype not in FP8_DTYPES:
+        raise TypeError(f"dequantize takes an fp8 tensor, got {q.dtype}")
+    w = q.to(dtype)  # a new tensor: multiplied in place
+    return w if scale is None else w.mul_(_col(scale))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a Linear multiplies in: autocast's when it is on (F.linear would cast to it anyway), else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def base_weight(linear: nn.Linear, x: Tensor) -> Tensor:
+    """A Linear's weight for its product with x: upcast (q * s) when stored in fp8, else the weight itself."""
+    w = linear.weight
+    if w.dtype not in FP8_DTYPES:
+        return w
+    if w.requires_grad:
+        raise RuntimeError("an fp8 base weight is frozen and cannot be trained (something set requires_grad on it, "
+                           "e.g. the `base` stage): train with base_dtype bf16 or fp32, or train LoRA / the "
+                           "semantic modules only")
+    return dequantize(w, linear.weight_scale, _compute_dtype(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layer and the model-level helpers
+
+
+class Fp8Linear(nn.Linear):
+    """A frozen nn.Linear with its weight in fp8: keys `weight` (float8 [out, in], requires_grad False),
+    `weight_scale` (float32 [] or [out], a buffer) and `bias` (unchanged, in the compute dtype)."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, bias: nn.Parameter | None):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate and initialise a weight of its own
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_parameter("bias", bias)
+        self.register_buffer("weight_scale", scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, per: str = "row") -> "Fp8Linear":
+        """Quantize a Linear's weight; its bias Parameter is reused."""
+        return cls(*quantize(linear.weight, per), linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, base_weight(self, x), self.bias)  # [B, L, in] -> [B, L, out]
+
+    def extra_repr(self) -> str:
+        per = "row" if self.weight_scale.ndim else "tensor"
+        return f"{super().extra_repr()}, weight={str(self.weight.dtype).removeprefix('torch.')}, scale per {per}"
+
+
+def is_fp8(module: nn.Module) -> bool:
+    """True if the module is (or holds) a Linear whose weight is stored in fp8."""
+    return any(isinstance(m, nn.Linear) and m.weight.dtype in FP8_DTYPES for m in module.modules())
+
+
+def quantize_(model: nn.Module, per: str = "row", skip=()) -> list[str]:
+    """Store the frozen base's Linear weights in fp8, in place; returns the names converted.
+
+    Never converted: the semantic module (`semantic.*`, trained), LoRA's own lora_A / lora_B, layers already in fp8,
+    and names matching `skip` (regular expressions on the whole module name, e.g. OUTER_LAYERS). A plain nn.Linear
+    becomes an Fp8Linear sharing its bias; a LoRALinear keeps its class and LoRA, only its base weight changes. The
+    fp8 weights have requires_grad False. Do not `.to(dtype)` the model afterwards: that upcasts them again."""
+    from lora import LoRALinear, base_linears
+    patterns = [re.compile(p) for p in ((skip,) if isinstance(skip, str) else skip)]
+    names = [n for n, m in base_linears(model).items()
+             if not n.startswith("semantic.") and not is_fp8(m) and not any(p.fullmatch(n) for p in patterns)]
+    for n in names:
+        m = model.get_submodule(n)
+        if isinstance(m, LoRALinear):
+            if m.merged:
+                raise ValueError(f"{n}: its LoRA is merged into the weight; unmerge_lora(model) before quantizing")
+            q, s = quantize(m.weight, per)
+            m.weight = nn.Parameter(q, requires_grad=False)
+            m.register_buffer("weight_scale", s)
+        elif type(m) is nn.Linear:
+            model.set_submodule(n, Fp8Linear.from_linear(m, per))
+        else:
+            raise TypeError(f"{n}: a {type(m).__name__}, which quantize_ does not know how to store in fp8")
+    return names
+
+
+def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """The inverse of quantize_: every fp8 Linear weight back as q * s in `dtype` (default: its bias's dtype, else
+    float32), frozen; an Fp8Linear becomes an nn.Linear again. Returns the names converted."""
+    names = []
+    for n, m in list(model.named_modules()):
+        if not (isinstance(m, nn.Linear) and m.weight.dtype in FP8_DTYPES):
+            continue
+        d = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
+        w = nn.Parameter(dequantize(m.weight, getattr(m, "weight_scale", None), d), requires_grad=False)
+        if isinstance(m, Fp8Linear):
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            new.weight, new.bias = w, m.bias
+            model.set_submodule(n, new)
+        else:  # a LoRALinear over an fp8 base
+            del m.weight_scale
+            m.weight = w
+        names.append(n)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fp8 in checkpoint files (see the module docstring for the forms)
+
+
+def _comfy_format(t: Tensor, key: str, what: str) -> str:
+    try:
+        conf = json.loads(bytes(t.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+        return str(conf["format"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{what}: {key} is not a comfy_quant descriptor (the bytes of a JSON object with a "
+                              "'format')") from None
+
+
+def split_scales(sd: dict[str, Tensor], metadata: dict | None = None,
+                 what: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Tensor], str]:
+    """Take ComfyUI's quantization tensors out of a state dict (official keys): (the rest; {layer: weight scale,
+    float32 [] or [out]}; a note for the load's info line, "" if the file has none of them).
+
+    Every scale must belong to an fp8 `<layer>.weight` of the file and hold one value, or one per output row; a
+    declared format that is not fp8 (int8, nvfp4, mxfp8, block-wise) is refused naming it. Input scales are checked
+    and dropped. Keys of formats not read here stay in the dict, for the strict key check to name."""
+    sd, formats = dict(sd), {}
+    marker = sd.pop("scaled_fp8", None)
+    for k in [k for k in sd if k.endswith(".comfy_quant")]:
+        formats[k.removesuffix(".comfy_quant")] = _comfy_format(sd.pop(k), k, what)
+    if (metadata or {}).get("_quantization_metadata"):
+        try:
+            layers = json.loads(metadata["_quantization_metadata"])["layers"]
+            formats.update({layer: str(conf["format"]) for layer, conf in layers.items()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{what}: unreadable _quantization_metadata ({type(e).__name__}: {e})") from None
+    other = {layer: f for layer, f in formats.items() if not f.startswith("float8_") or "block" in f}
+    if other:
+        layer = sorted(other)[0]
+        raise CheckpointError(f"{what}: {len(other)} layers are stored as {', '.join(sorted(set(other.values())))} "
+                              f"(e.g. {layer}): only fp8 weights with per-tensor or per-row scales are read; use a "
+                              "bf16 or an fp8 checkpoint of the model")
+    scales, inputs = {}, 0
+    for k in list(sd):
+        layer, _, kind = k.rpartition(".")
+        if kind in _WEIGHT_SCALES:
+            s, w = sd.pop(k), sd.get(f"{layer}.weight")
+            if w is None or w.dtype not in FP8_DTYPES:
+                raise CheckpointError(f"{what}: {k} scales {layer}.weight, which is "
+                                      f"{'absent' if w is None else str(w.dtype)}: a scale belongs to an fp8 weight")
+            if s.numel() == 1:
+                s = s.reshape(())
+            elif s.numel() == w.shape[0] and s.ndim <= 2 and s.shape[0] == w.shape[0]:
+                s = s.reshape(-1)  # [out] or [out, 1]: one per row
+            else:
+                raise CheckpointError(f"{what}: {k} has shape {tuple(s.shape)} for a weight of {tuple(w.shape)}: only "
+                                      "per-tensor and per-row scales are read (block-wise ones are not)")
+            scales[layer] = s.float()
+        elif kind in _INPUT_SCALES:
+            s = sd.pop(k)
+            if s.numel() != 1:
+                raise CheckpointError(f"{what}: {k} has shape {tuple(s.shape)}: an input scale is one number")
+            inputs += 1
+    if not (scales or inputs or formats or marker is not None):
+        return sd, scales, ""
+    per = sorted({"per row" if s.ndim else "per tensor" for s in scales.values()})
+    form = ("ComfyUI scaled fp8" if marker is not None else "ComfyUI comfy_quant fp8" if formats
+            else "fp8 with weight_scale")
+    note = f"{form}: {len(scales)} fp8 weights with scales ({' and '.join(per) or 'none'}) applied as weight * scale"
+    if inputs:
+        note += f", {inputs} input scales ignored (they serve fp8 matrix multiplies; here weights are upcast)"
+    return sd, scales, note
+
+
+def to_base_dtype(sd: dict[str, Tensor], scales: dict[str, Tensor], linears: set[str], keep_fp8: bool,
+                  dtype: torch.dtype, device="cpu", per: str = "row",
+                  what: str = "checkpoint") -> tuple[dict[str, Tensor], str]:
+    """A state dict (official keys, the file's dtypes; split_scales' scales) in the dtypes of the base to build, one
+    tensor at a time on `device` (`sd` is emptied as it goes). Returns it and a note ("" if there is nothing to say).
+      keep_fp8   an fp8 file's Linear weights as they are: fp8 ones with their `<linear>.weight_scale` (1 if the
+                 file has none), the others (layers the file keeps in higher precision, as ComfyUI's mixed files do)
+                 in `dtype`; a file without any fp8 Linear weight (bf16 / fp32) has every one quantized (`per` row or
+                 tensor). Every other float in `dtype`.
+      otherwise  every float in `dtype`; an fp8 weight as q * scale, any other fp8 tensor (a bias, a norm) as it is"""
+    stray = sorted(set(scales) - linears)
+    if stray:
+        raise CheckpointError(f"{what}: weight scales for {len(stray)} layers that are not Linear layers of the model "
+                              f"(e.g. {stray[0]})")
+    weights = {f"{n}.weight" for n in linears} & set(sd)
+    quantize_all = keep_fp8 and not any(sd[k].dtype in FP8_DTYPES for k in weights)
+    out, kept, made = {}, 0, 0
+    for k in list(sd):
+        t = sd.pop(k).to(device)
+        layer = k.removesuffix(".weight")
+        if keep_fp8 and k in weights and (t.dtype in FP8_DTYPES or quantize_all):
+            if t.dtype in FP8_DTYPES:
+                q, s, kept = t, scales.get(layer, torch.ones(())), kept + 1
+            else:
+                (q, s), made = quantize(t, per), made + 1
+            out[k], out[f"{layer}.weight_scale"] = q, s.to(device, torch.float32)
+        elif t.dtype in FP8_DTYPES:
+            out[k] = dequantize(t, scales.get(layer) if k in weights else None, dtype)
+        else:
+            out[k] = t.to(dtype) if t.is_floating_point() else t
+    if not keep_fp8:
+        return out, ""
+    parts = [f"{kept} kept as stored"] * bool(kept) + [f"{made} quantized per {per} at load"] * bool(made)
+    full = len(weights) - kept - made
+    parts += [f"{full} kept in {str(dtype).removeprefix('torch.')} as the file has them"] * bool(full)
+    return out, f"fp8 base: {len(weights)} Linear weights ({', '.join(parts)})"
+
+
+def fp8_modules_(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    """Turn every nn.Linear of the model whose `<name>.weight_scale` is in `sd` into an Fp8Linear with sd's shapes and
+    dtypes, on the meta device: load_strict(model, sd) then takes sd's tensors."""
+    for n, m in list(model.named_modules()):
+        if type(m) is nn.Linear and f"{n}.weight_scale" in sd:
+            w, s = sd[f"{n}.weight"], sd[f"{n}.weight_scale"]
+            model.set_submodule(n, Fp8Linear(torch.empty_like(w, device="meta"), torch.empty_like(s, device="meta"),
+                                             m.bias))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring what fp8 costs
+
+
+def rel_error(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| over all elements, in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def measure_error(params, per: str = "row", skip=(), grid: tuple[int, int] = (8, 8), n_txt: int = 8,
+                  seed: int = 0, compute: torch.dtype = torch.bfloat16) -> dict:
+    """One velocity call of a FLUX with random weights (every tensor N(0, 1/its last dim), norm scales
+    1 + N(0, 0.04)), Kontext layout (2 h*w image tokens, n_txt text tokens, batch 1, t = 0.5): the output's relative
+    error of the fp8 base (quantized from the bf16 weights) against the bf16 model, both computing in `compute`
+    (bf16 as on a GPU; fp32 isolates what the stored weights cost), and of both against the fp32 model; and the
+    bytes of parameters and buffers of the bf16 and fp8 models. A random FLUX is far more sensitive than a trained
+    one can afford to be (its gates and modulation are O(1)): read bf16_vs_fp32 as the yardstick of that."""
+    import copy
+
+    from flow import kontext_ids, text_ids
+    from flux_model import Flux
+    from measure import tensor_bytes
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ref = Flux(params).eval()
+        for k, p in ref.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if k.endswith(".scale")
+                    else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        stored = copy.deepcopy(ref).to(torch.bfloat16)  # the bf16 base
+        stored_bytes = tensor_bytes(stored)
+        quantize_(stored, per, skip)  # the fp8 base: fp8 Linear weights, the rest bf16
+        bf16 = copy.deepcopy(ref).to(torch.bfloat16).to(compute)  # weights rounded to bf16, computing in `compute`
+        low = copy.deepcopy(bf16)
+        quantize_(low, per, skip)
+        h, w = grid
+        x = dict(img=torch.randn(1, 2 * h * w, params.in_channels, generator=g), img_ids=kontext_ids(1, h, w),
+                 txt=torch.randn(1, n_txt, params.context_in_dim, generator=g), txt_ids=text_ids(1, n_txt),
+                 timesteps=torch.tensor([0.5]), y=torch.randn(1, params.vec_in_dim, generator=g),
+                 guidance=torch.tensor([3.5]) if params.guidance_embed else None)
+        half = {k: v.to(compute) if v is not None and v.is_floating_point() else v for k, v in x.items()}
+        y32, y16, y8 = ref(**x), bf16(**half), low(**half)
+    return {"fp8_vs_bf16": rel_error(y8, y16), "bf16_vs_fp32": rel_error(y16, y32), "fp8_vs_fp32": rel_error(y8, y32),
+            "bytes_bf16": stored_bytes, "bytes_fp8": tensor_bytes(stored), "per": per,
+            "outer_layers": "full precision" if skip else "fp8", "compute": str(compute).removeprefix("torch.")}
+
+
+def main(argv=None):
+    import bench
+    from flux_model import PRESETS
+    ap = argparse.ArgumentParser(description="fp8 base vs bf16: output relative error of one velocity call on "
+                                             "random weights (one JSON line)")
+    ap.add_argument("--config", choices=("tiny", "medium"), default="tiny",
+                    help="tiny: the demo preset (8x8 grid); medium: bench.py's (hidden 768, 4 + 8 blocks, 32x32)")
+    ap.add_argument("--per", choices=("row", "tensor"), default="row")
+    ap.add_argument("--outer-full", action="store_true", help="keep img_in, txt_in, time/vector/guidance_in and "
+                                                               "final_layer in bf16 (skip=OUTER_LAYERS)")
+    ap.add_argument("--compute", choices=("bf16", "fp32"), default="bf16",
+                    help="the dtype both models compute in (fp32: what the stored weights alone cost)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.config == "tiny":
+        params, grid, n_txt = PRESETS["tiny"], (8, 8), 8
+    else:
+        cfg = bench.CONFIGS["medium"]
+        params, grid, n_txt = cfg.params(), cfg.grid, cfg.n_txt
+    result = measure_error(params, args.per, OUTER_LAYERS if args.outer_full else (), grid, n_txt, args.seed,
+                           BASE_DTYPES[args.compute])
+    print(json.dumps({"config": args.config, **result}))
+
+
+if __name__ == "__main__":
+    main()
