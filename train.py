@@ -40,19 +40,23 @@ from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pa
 from flux_model import PRESETS, Flux, load_flux
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, command, find_setup,
                       is_trained_key, load_trained, resolve_device, run_config, text_condition)
-from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig
-from latents import encode_dataset, semantic_batch
+from sem_cross_attn import ATTENTION_FORMS, BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig
+from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
 from run_state import changed_settings, claim, load_state, resume_command, save_state, trim_log
 from synth import TRAIN_SET, ensure_set
+from fp8 import BASE_DTYPES
+import distributed
+from lora_formats import EXPORTS, export_if_lora
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
 
 STAGES = ("warmup", "joint", "finetune", "base")
+SEM_DROP_JOINT = 0.1  # the joint stage's default condition dropout (--sem-drop), as ControlNet-style trainers use
 # which earlier stage's output an --init may come from
 INIT_FROM = {"warmup": ("warmup",), "joint": ("warmup", "joint"), "finetune": ("warmup", "joint", "finetune"),
              "base": ("base",)}
 CHOICES = {"stage": STAGES, "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
-           "sem_encoder": ("vae", "cnn")}
+           "sem_encoder": ("vae", "cnn"), "sem_attention": ATTENTION_FORMS, "base_dtype": ("",) + tuple(BASE_DTYPES)}
 
 
 def opt(default, help: str = " "):
@@ -92,9 +96,24 @@ class TrainConfig:
     sem_blocks: str = opt("all", "all | double | single | every:K")
     sem_heads: int = opt(0, "cross-attention heads; 0: the transformer's")
     sem_inner_dim: int = opt(0, "cross-attention width; 0: the transformer's hidden size (smaller saves parameters)")
+    sem_attention: str = opt("separate", "scheme B's form: separate (its own cross-attention after each block) | "
+                                         "decoupled (new keys/values read by the block's own queries, IP-Adapter)")
+    sem_token_dim: int = opt(0, "semantic token width; 0: the transformer's hidden size (smaller: small K/V)")
+    sem_shared_kv: bool = opt(False, "decoupled: one key/value projection shared by every block")
+    sem_drop: float = opt(-1.0, "share of samples trained without the semantic input (the 'without' prediction "
+                                "of semantic guidance at sampling); only the joint stage (it trains LoRA); -1: "
+                                f"{SEM_DROP_JOINT} in joint with a semantic module, else 0")
+    sem_jitter: int = opt(0, "augment: shift each semantic map by up to this many pixels and coarsen it by 1, 2 or "
+                             "4 (nearest), as misregistered pairs and coarse segmenters give; 0: off")
     overlay_alpha: float = opt(0.5, "overlay baseline: weight of the semantic colours in the blend")
-    gradient_checkpointing: bool = opt(False, "recompute block activations in backward (memory for compute)")
+    base_dtype: str = opt("", "how the frozen base is stored: fp8 (1 byte per linear weight, fp8.py) | bf16 | "
+                              "fp32; empty: bf16 on a GPU, fp32 on the CPU")
+    gradient_checkpointing: bool = opt(False, "recompute each block with its semantic module in backward "
+                                              "(memory for compute)")
     compile: bool = opt(False, "torch.compile the model (opt-in)")
+    fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimiser state over the processes "
+                            "(FSDP2: one unit per transformer block with its semantic module) instead of "
+                            "replicating them (DDP); one process: no effect")
     log_every: int = opt(10, "steps between log.jsonl lines")
     sample_every: int = opt(0, "steps between sample grids; 0: at the end only")
     sample_steps: int = opt(10, "Euler steps of the sample grids (0: no grids)")
@@ -133,12 +152,14 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
          "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size}
     if cfg.scheme in MODULE_SCHEMES:
         semantic = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
-                                  num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim)
+                                  num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim, attention=cfg.sem_attention,
+                                  token_dim=cfg.sem_token_dim, shared_kv=cfg.sem_shared_kv)
         p = PRESETS[setup.preset]
         try:
             semantic.validate(p.hidden_size, p.num_heads)
         except ValueError as e:
-            raise ValueError(f"--scheme/--sem-encoder/--sem-blocks/--sem-heads/--sem-inner-dim: {e}") from None
+            raise ValueError(f"--scheme/--sem-encoder/--sem-blocks/--sem-heads/--sem-inner-dim/--sem-attention/"
+                             f"--sem-token-dim/--sem-shared-kv: {e}") from None
         c["semantic"] = semantic.to_dict()
     if cfg.stage in ("joint", "finetune"):
         c["lora_rank"], c["lora_alpha"] = cfg.lora_rank, cfg.lora_alpha
@@ -150,7 +171,8 @@ def check_numbers(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "sample_every", "sample_steps", "size", "sem_heads", "sem_inner_dim"):
+    for name in ("warmup_steps", "sample_every", "sample_steps", "size", "sem_heads", "sem_inner_dim",
+                 "sem_token_dim", "sem_jitter"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     for name in ("lr", "strength_lr_mult", "grad_clip", "logit_std"):
@@ -159,6 +181,8 @@ def check_numbers(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive finite float32 number, got {v}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise ValueError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
+    if not (math.isfinite(cfg.sem_drop) and 0 <= cfg.sem_drop < 1):
+        raise ValueError(f"--sem-drop must be in [0, 1), got {cfg.sem_drop}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.size % 16:
@@ -177,6 +201,17 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
         raise ValueError(f"--stage finetune trains the semantic strengths, and scheme {cfg.scheme!r} has none")
     if cfg.stage == "base" and cfg.scheme != "none":
         raise ValueError("--stage base trains the RGB-conditioned base model: use --scheme none")
+    if cfg.stage == "base" and cfg.base_dtype:
+        raise ValueError("--base-dtype stores the frozen base; --stage base trains every weight (in fp32)")
+    if cfg.sem_drop and (cfg.stage != "joint" or cfg.scheme in BASELINES):
+        raise ValueError("--sem-drop trains the prediction without the semantic input, which only the LoRA can "
+                         "learn: use it with --stage joint and a scheme with a module (in warmup the base is that "
+                         "prediction already)")
+    if cfg.fsdp and cfg.compile:
+        raise ValueError("--fsdp with --compile: compiling the sharded model as a whole is not supported here; drop "
+                         "one of them")
+    if cfg.sem_jitter and cfg.scheme in BASELINES:
+        raise ValueError(f"--sem-jitter moves the semantic input of a module; scheme {cfg.scheme!r} has none")
     if cfg.resume and not (Path(cfg.out) / "resume.pt").is_file():
         raise ValueError(f"--resume: no {Path(cfg.out) / 'resume.pt'} (was the run started with --out {cfg.out}?)")
     if not cfg.init:
@@ -187,6 +222,11 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
     if got.get("stage") not in INIT_FROM[cfg.stage]:
         raise ValueError(f"--init {cfg.init} is a {got.get('stage')!r} output; --stage {cfg.stage} starts from "
                          f"{' or '.join(INIT_FROM[cfg.stage])}")
+    if isinstance(got.get("semantic"), dict):  # a file from before a SemanticConfig field existed has its default
+        try:
+            got["semantic"] = SemanticConfig(**got["semantic"]).to_dict()
+        except TypeError:
+            pass
     for key in ("scheme", "base_preset", "semantic"):
         if got.get(key) != want.get(key):
             raise ValueError(f"--init {cfg.init} has {key}={got.get(key)!r} but this run has {want.get(key)!r}")
@@ -250,7 +290,7 @@ def build(cfg: TrainConfig, setup: Setup, want: dict, device, dtype) -> Flux:
         if setup.kind == "demo":
             return Flux(PRESETS["tiny"]).to(device)
         return load_flux(setup.flux, setup.preset, device=device, dtype=torch.float32)
-    model = build_model(setup, want, device, dtype, modules_dtype=torch.float32)
+    model = build_model(setup, want, device, dtype, modules_dtype=torch.float32, base_dtype=cfg.base_dtype or None)
     if cfg.init:
         load_trained(model, cfg.init, want, lora_optional=True)
     return model
@@ -301,15 +341,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # Outputs
 
 
-RUN_FILES = ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl")  # what a run leaves in --out
+# what a run leaves in --out (the exports: lora_formats.export_if_lora)
+RUN_FILES = ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl") + tuple(EXPORTS.values())
 # settings a resumed run may change: they do not change what is computed (--steps is checked on its own)
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "log_every", "sample_every", "sample_steps", "ckpt_every",
-                     "device", "compile", "gradient_checkpointing", "steps")
+                     "device", "compile", "gradient_checkpointing", "fsdp", "steps")
 
 
-def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, t_bins, cfg: TrainConfig):
-    """The trainable weights, optimiser, generator, step, loss bins and the run's settings (run_state.save_state)."""
-    save_state(path, step, dict(trainable), opt, g, asdict(cfg), t_bins=t_bins)
+def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, t_bins, cfg: TrainConfig,
+                write: bool = True):
+    """The trainable weights, optimiser, generator, step, loss bins and the run's settings (run_state.save_state).
+    Under --fsdp every rank calls it (the shards are gathered into full tensors) and only `write` writes."""
+    weights, opt_state = distributed.full_tensors(dict(trainable)), distributed.full_optimizer_state(opt)
+    if write:
+        save_state(path, step, weights, distributed.GatheredOptimizer(opt_state), g, asdict(cfg), t_bins=t_bins)
 
 
 def load_resume(path: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig) -> tuple[int, list, dict]:
@@ -329,8 +374,8 @@ def load_resume(path: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig
         overrides = {"steps": [was["steps"], now["steps"]], "at_step": state["step"]}
     with torch.no_grad():
         for n, p in trainable:
-            p.copy_(state["weights"][n])
-    opt.load_state_dict(state["optimizer"])
+            p.copy_(distributed.like(p, state["weights"][n]))  # --fsdp: this rank's shard
+    opt.load_state_dict(distributed.shard_optimizer_state(opt, state["optimizer"]))
     g.set_state(state["rng"])
     return state["step"], state["t_bins"], overrides
 
@@ -343,19 +388,23 @@ def gives_finite_loss(model: Flux, batch: tuple, use_cuda: bool) -> bool:
         return bool(torch.isfinite(flow_loss(model, x0, noise, t, cond, guidance)).all())
 
 
-def write_weights(path: Path, model: Flux, stage: str, meta: dict):
-    """Only what the stage adds to the base (semantic + LoRA); the base stage writes the whole transformer."""
+def write_weights(path: Path, model: Flux, stage: str, meta: dict, write: bool = True):
+    """Only what the stage adds to the base (semantic + LoRA); the base stage writes the whole transformer.
+    Under --fsdp every rank calls it (the shards are gathered into full tensors) and only `write` writes."""
     sd = model.state_dict()
     if stage != "base":
         sd = {k: v for k, v in sd.items() if is_trained_key(k)}
-    save_atomic(sd, path, meta)
+    sd = distributed.full_tensors(sd)
+    if write:
+        save_atomic(sd, path, meta)
 
 
 @torch.no_grad()
 def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, latents: dict, idx: Tensor, device,
-                dtype, text: tuple, out: Path, step: int):
+                dtype, text: tuple, out: Path, step: int, write: bool = True):
     """RGB | semantic | target | prediction for a few training pairs, sampled with the current weights from the
-    cached latents (the VAE encoder is not needed)."""
+    cached latents (the VAE encoder is not needed). Under --fsdp every rank runs the sampling (its forward passes
+    gather the shards) and only `write` draws and writes the grid."""
     B = len(idx)
     H, W = latents["sem_ids"].shape[-2:]
     cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
@@ -369,13 +418,15 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
     x = denoise(model, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
                 cfg.guidance if model.params.guidance_embed else None)
     model.train(was_training)
+    path = out / f"step_{step:06d}.png"
+    if not write:
+        return path
     z = [unpack(t, H, W) for t in (x, latents["rgb"][idx].to(device, dtype), latents["ir"][idx].to(device, dtype))]
     pred, rgb, target = (ae.decode(zi).float().clamp(-1, 1) for zi in z)  # [B, 16, H/8, W/8] -> [B, 3, H, W]
     pred, target = data.rgb_to_ir(pred), data.rgb_to_ir(target)  # [B, 1, H, W]
     sem = latents["sem_pixels"][idx].float() / 127.5 - 1
     rows = [[to_pil_rgb(rgb[i]), to_pil_rgb(sem[i]), to_pil_gray(target[i]), to_pil_gray(pred[i])] for i in range(B)]
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step_{step:06d}.png"
     grid(rows, ["RGB", "semantic", "target", "prediction"]).save(path)
     return path
 
@@ -389,8 +440,11 @@ def run(cfg: TrainConfig) -> int:
     cfg = dataclasses.replace(cfg)  # the defaults below are filled in on a copy
     cfg.steps = cfg.steps or STAGE_DEFAULTS[cfg.stage][0]
     cfg.out = cfg.out or str(ROOT / "runs" / cfg.stage)
+    if cfg.sem_drop == -1:
+        cfg.sem_drop = SEM_DROP_JOINT if cfg.stage == "joint" and cfg.scheme in MODULE_SCHEMES else 0.0
     rank, world, device = init_distributed(cfg)
     master = rank == 0
+    fsdp = cfg.fsdp and world > 1  # one process: nothing to shard, the run is the single-process one
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -404,13 +458,17 @@ def run(cfg: TrainConfig) -> int:
     check_config(cfg, setup, want)
     lock = claim(Path(cfg.out), RUN_FILES, "final.safetensors", cfg.resume, cfg.overwrite, master)
     use_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if use_cuda else torch.float32  # base weights; trainable weights stay fp32
+    # base weights (fp8: its linear weights in float8, the rest in this); trainable weights stay fp32
+    dtype = BASE_DTYPES.get(cfg.base_dtype) or (torch.bfloat16 if use_cuda else torch.float32)
 
     # ---- latents (VAE encoder used once, then freed) and the prompt embedding
     ds = dataset_for(cfg, setup, master)
     want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
     ae = load_ae(setup.ae, device=device, dtype=dtype)
     latents = encode_dataset(ds, ae, setup.ae, cfg.overlay_alpha, device, dtype, master, cfg.progress)
+    if cfg.sem_jitter:  # misaligned copies of every map, the same for every run on this data
+        latents["jittered"] = encode_jittered(latents, ds.classes, ae, tokens_path(ds, setup.ae, cfg.overlay_alpha),
+                                              cfg.sem_jitter, device, dtype, master=master, progress=cfg.progress)
     del ae.encoder  # not needed in the loop (the decoder stays for the sample grids)
     N, L, _ = latents["ir"].shape  # [N, L, 64] tokens of an h x w grid
     h, w = (s // 16 for s in latents["sem_ids"].shape[-2:])
@@ -427,9 +485,15 @@ def run(cfg: TrainConfig) -> int:
         n_all = sum(p.numel() for p in model.parameters())
         print(f"stage {cfg.stage}, scheme {cfg.scheme}: {n_train:,} trainable of {n_all:,} parameters "
               f"({len(trainable)} tensors); {N} training pairs of {L} tokens")
+    if cfg.fsdp and world == 1 and master:
+        print("note: --fsdp in one process has nothing to shard: training as a single process (start it with "
+              "torchrun --nproc_per_node N to shard)")
+    if fsdp:  # in place: the parameters become new ones (DTensor shards), so what trains is taken again
+        distributed.shard(model, device)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = make_optimizer(cfg, model, trainable)
     fwd = model
-    if world > 1:  # DDP synchronises only parameters with requires_grad; the frozen base is identical on every rank
+    if world > 1 and not fsdp:  # DDP synchronises only trainable parameters; the frozen base is the same everywhere
         from torch.nn.parallel import DistributedDataParallel as DDP
         fwd = DDP(model, device_ids=[device] if use_cuda else None, init_sync=False)
     if cfg.compile:
@@ -474,13 +538,20 @@ def run(cfg: TrainConfig) -> int:
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 idx = torch.randint(N, (global_batch,), generator=g)[sl]
                 x0 = latents["ir"][idx].to(device)  # [B, L, 64]
-                sem_in = semantic_batch(latents, idx, semcfg, device)
+                variant = None  # --sem-jitter: one of the misaligned copies of each map
+                if cfg.sem_jitter:
+                    variant = torch.randint(len(latents["jittered"]["sem"]), (global_batch,), generator=g)[sl]
+                sem_in = semantic_batch(latents, idx, semcfg, device, variant)
                 t = sample_t(global_batch, g, cfg.t_sampling, cfg.logit_mean, cfg.logit_std, L)[sl].to(device)
                 noise = torch.randn((global_batch, L, 64), generator=g)[sl].to(device)
                 cond = make_condition(latents[cond_key][idx].to(device).to(dtype),
                                       None if sem_in is None else sem_in.to(dtype), text, h, w)
+                if cfg.sem_drop:  # these samples train the prediction without the semantic input
+                    cond.sem_strength = (torch.rand(global_batch, generator=g)[sl] >= cfg.sem_drop).to(device)
                 guidance = torch.full((len(idx),), cfg.guidance, device=device) if model.params.guidance_embed else None
-                sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else fwd.no_sync()
+                # DDP reduces the gradients once, at the last micro-step; FSDP reduce-scatters every micro-step's
+                last = micro == cfg.grad_accum - 1
+                sync = nullcontext() if (world == 1 or fsdp or last) else fwd.no_sync()
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                         per_sample = flow_loss(fwd, x0, noise, t, cond, guidance)  # [B]
@@ -510,8 +581,9 @@ def run(cfg: TrainConfig) -> int:
                                       "loss_by_t": bins}) + "\n")
                 log.flush()
                 t_bins = [[0.0, 0] for _ in range(10)]
-            if master and cfg.sample_every and step % cfg.sample_every == 0:
-                sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples", step)
+            if (master or fsdp) and cfg.sample_every and step % cfg.sample_every == 0:
+                sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples", step,
+                            write=master)
             stop = stopper.signal is not None
             if world > 1:  # a signal on any rank stops every rank at the same step
                 flag = torch.tensor([float(stop)], device=device)
@@ -527,9 +599,9 @@ def run(cfg: TrainConfig) -> int:
                     print(f"error: the weights after step {step} give a non-finite loss; stopping ({where}; lower "
                           "--lr?)", file=sys.stderr)
                     return 1
-                if master:
-                    write_weights(out / "latest.safetensors", model, cfg.stage, meta)
-                    save_resume(resume_path, trainable, opt, step, g, t_bins, cfg)
+                if master or fsdp:  # --fsdp: every rank takes part in gathering the shards; the master writes
+                    write_weights(out / "latest.safetensors", model, cfg.stage, meta, write=master)
+                    save_resume(resume_path, trainable, opt, step, g, t_bins, cfg, write=master)
                     good_ckpt = out / "latest.safetensors"
             if stop:
                 if master:
@@ -537,14 +609,18 @@ def run(cfg: TrainConfig) -> int:
                           f"`{resume_command('train.py', world)}`")
                 return 128 + (stopper.signal or signal.SIGTERM)
         bar.close()
+        final = out / "final.safetensors"
+        if master or fsdp:  # --fsdp: every rank gathers and runs the grid's forward passes; the master writes
+            write_weights(final, model, cfg.stage, meta, write=master)
         if master:
-            final = out / "final.safetensors"
-            write_weights(final, model, cfg.stage, meta)
             what = "the full transformer" if cfg.stage == "base" else f"{n_train:,} trained parameters"
             print(f"wrote {final} ({what})")
-            if cfg.sample_every == 0 and cfg.sample_steps > 0:
-                path = sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples",
-                                   step)
+            for path in export_if_lora(final):  # the LoRA part in the layouts ComfyUI / kohya and diffusers load
+                print(f"wrote {path}")
+        if (master or fsdp) and cfg.sample_every == 0 and cfg.sample_steps > 0:
+            path = sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples",
+                               step, write=master)
+            if master:
                 print(f"wrote {path}")
     finally:
         stopper.close()
