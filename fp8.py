@@ -17,7 +17,7 @@ Neither keeps the outer layers in higher precision, so quantize_ converts every 
 `skip=OUTER_LAYERS` keeps those (0.5% of dev's weights) in full precision. Biases and norm scales are never stored
 in fp8 here: they are not Linear weights, and a few KB.
 
-fp8 weights in checkpoint files (split_scales reads them; flux_model.load_flux(..., base_dtype=...) uses it):
+fp8 weights in checkpoint files (split_scales reads them; flux_loading.load_flux(..., base_dtype=...) uses it):
   plain fp8    float8 weights and no scale (Kijai's flux1-dev-fp8, kohya --fp8_base saves): the scale is 1
   scaled fp8   `<layer>.scale_weight` (float32, per tensor) + a `scaled_fp8` marker tensor (its dtype names the
                weights' fp8 dtype, float32 meaning e4m3fn): weight = fp8 weight * scale_weight   (ComfyUI)

@@ -200,7 +200,7 @@ def mismatch_hint(model: nn.Module, missing, unexpected, mismatched) -> str:
     hints = []
     text = " ".join(unexpected)
     if unexpected and not any("lora" in k or k.endswith(".alpha") for k in unexpected):
-        hints.append("the file holds no LoRA tensors; a full FLUX checkpoint loads with flux_model.load_flux")
+        hints.append("the file holds no LoRA tensors; a full FLUX checkpoint loads with flux_loading.load_flux")
     depth = {"double": len(getattr(model, "double_blocks", [])), "single": len(getattr(model, "single_blocks", []))}
     for kind, pattern in (("double", r"(?<!single_)(?:double_blocks|transformer_blocks)[._](\d+)"),
                           ("single", r"single_(?:transformer_)?blocks[._](\d+)")):

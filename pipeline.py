@@ -30,7 +30,8 @@ from torch import Tensor
 import data
 from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
-from flux_model import PRESETS, Flux, detect_preset, load_flux
+from flux_loading import detect_preset, load_flux
+from flux_model import PRESETS, Flux
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
 from vae import AutoEncoder, load_ae
 
@@ -204,7 +205,7 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
                 base_dtype: str | None = None) -> Flux:
     """The base transformer in `dtype` + the modules the run config names (semantic scheme, then LoRA), before their
     weights load. `modules_dtype` (default `dtype`) is the new modules' dtype: training keeps them fp32.
-    `base_dtype` ("fp8" | "bf16" | "fp32", None: `dtype`): how the frozen base is stored (flux_model.load_flux)."""
+    `base_dtype` ("fp8" | "bf16" | "fp32", None: `dtype`): how the frozen base is stored (flux_loading.load_flux)."""
     scheme, rank = cfg.get("scheme", "none"), cfg.get("lora_rank") or 0
     if scheme not in SCHEMES or not isinstance(rank, int) or rank < 0:
         raise CheckpointError(f"run config with scheme {scheme!r} and LoRA rank {rank!r}: not a train.py config")

@@ -37,7 +37,8 @@ from torch import Tensor
 import data
 from checkpoint import save_atomic
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
-from flux_model import PRESETS, Flux, load_flux
+from flux_loading import load_flux
+from flux_model import PRESETS, Flux
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, command, find_setup,
                       is_trained_key, load_trained, resolve_device, run_config, text_condition)
 from sem_cross_attn import ATTENTION_FORMS, BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig

@@ -1,6 +1,6 @@
 """checkpoint.py: truncated/corrupt files are refused by name, strict loading lists every bad key, writes are
 atomic, and a fuzz test over the safetensors header/metadata parser finds no crash other than CheckpointError.
-Then every form of the FLUX transformer checkpoint users have (flux_model.load_flux), each built in its exact
+Then every form of the FLUX transformer checkpoint users have (flux_loading.load_flux), each built in its exact
 layout from one set of random weights and loaded to the same model as the official file: prefixes, ComfyUI's
 all-in-one checkpoint, scaled fp8 (both ComfyUI forms), diffusers' sharded folder, its index, a snapshot, one file."""
 
@@ -283,12 +283,13 @@ def test_fuzz_mutated_valid_files(tmp_path, data):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Every form of the FLUX transformer checkpoint (flux_model.load_flux)
+# Every form of the FLUX transformer checkpoint (flux_loading.load_flux)
 
 import bench  # noqa: E402
-import flux_model  # noqa: E402
+import flux_loading  # noqa: E402
 from conftest import kontext_batch, small_flux_params  # noqa: E402
-from flux_model import PRESETS, Flux, detect_preset, load_flux  # noqa: E402
+from flux_loading import detect_preset, load_flux  # noqa: E402
+from flux_model import PRESETS, Flux  # noqa: E402
 from fp8 import quantize  # noqa: E402
 
 FLUX = small_flux_params()  # hidden 64, 2 double + 2 single blocks, guidance (a dev-like model)
@@ -456,7 +457,7 @@ def test_key_hints_never_suggest_the_preset_already_chosen():
             for extra in ({}, stray):
                 found = {**keys(file_preset), **extra}
                 missing, unexpected = set(model) - set(found), set(found) - set(model)
-                hint = flux_model._flux_hint(PRESETS[chosen])(missing, unexpected, [])
+                hint = flux_loading._flux_hint(PRESETS[chosen])(missing, unexpected, [])
                 assert f"--preset {chosen}" not in hint, (chosen, file_preset, extra, hint)
                 if not extra and PRESETS[file_preset].guidance_embed != PRESETS[chosen].guidance_embed:
                     assert ("--preset schnell" if file_preset == "schnell" else "--preset dev or kontext") in hint

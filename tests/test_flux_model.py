@@ -20,8 +20,8 @@ import flux_model
 from checkpoint import CheckpointError
 from conftest import small_flux_params
 from flow import image_ids, kontext_ids, text_ids
-from flux_model import (Flux, PRESETS, EmbedND, SelfAttention, apply_rope, attention, load_flux,
-                        timestep_embedding)
+from flux_loading import load_flux
+from flux_model import Flux, PRESETS, EmbedND, SelfAttention, apply_rope, attention, timestep_embedding
 from sem_cross_attn import SemanticConfig, attach
 
 ROOT = Path(__file__).resolve().parent.parent

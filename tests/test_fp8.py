@@ -15,7 +15,8 @@ import bench
 import fp8
 from checkpoint import save_atomic
 from conftest import kontext_batch, small_flux_params
-from flux_model import PRESETS, Flux, load_flux
+from flux_loading import load_flux
+from flux_model import PRESETS, Flux
 from fp8 import Fp8Linear, dequantize, dequantize_, is_fp8, quantize, quantize_
 from lora import inject_lora, lora_modules, lora_parameters, merge_lora
 from measure import tensor_bytes

@@ -17,7 +17,8 @@ import train
 from checkpoint import read_metadata, read_safetensors, save_atomic
 from conftest import train_args
 from data import PairedDataset
-from flux_model import PRESETS, Flux, load_flux
+from flux_loading import load_flux
+from flux_model import PRESETS, Flux
 
 ROOT = Path(__file__).resolve().parent.parent
 

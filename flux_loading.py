@@ -1,0 +1,232 @@
+"""
+The FLUX transformer from a checkpoint: every form of it users have, read into the official BFL keys and
+loaded strictly (flux_model.py is the model; this file is how weights get into it).
+
+  the official single file (flux1-dev.safetensors), also with a `model.diffusion_model.` or `diffusion_model.` prefix
+  a ComfyUI all-in-one checkpoint: the transformer under `model.diffusion_model.` beside `vae.` / `first_stage_model.`
+      and `text_encoders.` / `cond_stage_model.` parts, which are not read (the info line says so)
+  fp8 weights, plain (Kijai, kohya) or with ComfyUI's scales (scale_weight + scaled_fp8, weight_scale + comfy_quant):
+      fp8.split_scales; kept in fp8 or upcast as base_dtype asks (fp8.to_base_dtype)
+  diffusers' FluxTransformer2DModel: its folder (config.json, diffusion_pytorch_model*.safetensors and the
+      *.safetensors.index.json that joins the shards), that index, a Hugging Face snapshot holding it in transformer/,
+      or one file; converted with lora_formats' BFL <-> diffusers name table: q | k | v (| mlp) rows concatenated,
+      the final adaLN's (scale, shift) halves swapped back to (shift, scale)
+"""
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import fp8
+from checkpoint import (CheckpointError, check_keys, check_state_dict, header_keys, load_strict, read_metadata,
+                        read_sharded, split_prefix)
+from flux_model import PRESETS, Flux, FluxParams
+
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI / kohya single files
+OTHER_PARTS = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")  # all-in-one
+_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+                    "time_text_embed.", "norm_out.")
+_GUIDANCE_KEYS = {f"guidance_in.{layer}.{p}" for layer in ("in_layer", "out_layer") for p in ("weight", "bias")}
+
+
+def _preset_params(params: FluxParams | str) -> FluxParams:
+    if isinstance(params, str):
+        if params not in PRESETS:
+            raise ValueError(f"unknown preset {params!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[params]
+    return params
+
+
+def _chosen(params: FluxParams) -> str:
+    names = [n for n, p in PRESETS.items() if p == params]
+    return f"the chosen preset ({' / '.join(names)})" if names else "the chosen model parameters"
+
+
+def _quant_hint(unexpected: set) -> str:
+    quant = sorted(k for k in unexpected if fp8.QUANT_KEY.search(k))
+    if not quant:
+        return ""
+    return (f"the file holds quantization tensors of a format this loader does not read (e.g. {quant[0]}): fp8 "
+            "weights are read plain or with ComfyUI's per-tensor / per-row scales (scale_weight, weight_scale); use a "
+            "bf16 or an fp8 checkpoint")
+
+
+def _flux_hint(params: FluxParams):
+    """One sentence naming the real problem of a file whose official keys do not fit; it never suggests the preset
+    already chosen (the guidance hints point from a model with guidance_in to schnell and back)."""
+    chosen = _chosen(params)
+
+    def hint(missing: set, unexpected: set, mismatched: list) -> str:
+        if any(k.startswith(("encoder.", "decoder.")) for k in unexpected):
+            return "this is an autoencoder (ae.safetensors), not the transformer"
+        if unexpected and all(k.startswith(OTHER_PARTS) for k in unexpected):
+            parts = ", ".join(sorted({k.split(".")[0] + ".*" for k in unexpected}))
+            return f"the file holds other parts of a pipeline ({parts}) but no transformer (no model.diffusion_model.*)"
+        if h := _quant_hint(unexpected):
+            return h
+        for k, f, m in mismatched:
+            if k == "img_in.weight" and f[1] != m[1]:
+                kind = {128: "a Canny/Depth", 384: "a Fill"}.get(f[1], f"an in_channels={f[1]}")
+                return f"img_in takes {f[1]} channels: this is {kind} checkpoint, not a base text-to-image one"
+            if k == "img_in.weight" and f[0] != m[0]:
+                return (f"the file's hidden size is {f[0]}, the preset's {m[0]}: "
+                        "it is for another model size than the chosen preset")
+        if mismatched:
+            return "shapes differ: the file is for another model size than the chosen preset"
+        if params.guidance_embed and _GUIDANCE_KEYS <= missing:
+            return f"the file has no guidance_in, which {chosen} has: a flux1-schnell checkpoint; use --preset schnell"
+        if not params.guidance_embed and _GUIDANCE_KEYS & unexpected:
+            return (f"the file has guidance_in, which {chosen} lacks: a guidance-distilled (dev / Kontext) "
+                    "checkpoint; use --preset dev or kontext")
+        if any(".lora_" in k or "lora_unet" in k for k in unexpected):
+            return "the file holds LoRA weights: load it with lora.py on top of the base model"
+        return ""
+    return hint
+
+
+def _diffusers_hint(params: FluxParams):
+    """_flux_hint's diagnosis for a file in diffusers' names."""
+    chosen, g = _chosen(params), "time_text_embed.guidance_embedder."
+    blocks = re.compile(r"(single_)?transformer_blocks\.\d+\.")
+
+    def hint(missing: set, unexpected: set, mismatched: list) -> str:
+        if h := _quant_hint(unexpected):
+            return h
+        if mismatched:
+            return f"shapes differ: the transformer is for another model size than {chosen} (see its config.json)"
+        if any(blocks.match(k) for k in (*missing, *unexpected)) and not all(k.startswith(g) for k in unexpected):
+            return (f"the block count differs from {chosen}'s ({params.depth} double, {params.depth_single_blocks} "
+                    "single): a transformer of another model size (see its config.json)")
+        if params.guidance_embed and any(k.startswith(g) for k in missing):
+            return f"no guidance embedder, which {chosen} has: a FLUX.1-schnell transformer; use --preset schnell"
+        if not params.guidance_embed and any(k.startswith(g) for k in unexpected):
+            return (f"a guidance embedder, which {chosen} lacks: a dev / Kontext transformer; use --preset dev or "
+                    "kontext")
+        return ""
+    return hint
+
+
+def _source(path) -> Path:
+    """What to read: a file, an index, or a folder (a Hugging Face snapshot's transformer/ when given the snapshot).
+    A folder of several safetensors files needs the index that joins them."""
+    p = Path(path)
+    if not p.is_dir():
+        return p  # a file, an index, or nothing (then read_sharded says so)
+    if not any(p.glob("*.safetensors")) and (p / "transformer").is_dir():
+        p = p / "transformer"
+    files = sorted(f.name for f in p.glob("*.safetensors"))
+    if len(files) > 1 and not any(p.glob("*.safetensors.index.json")):
+        also = " or its transformer/ folder" if (p / "transformer").is_dir() else ""
+        raise CheckpointError(f"{p}: {len(files)} safetensors files ({', '.join(files)}) and no "
+                              f"*.safetensors.index.json that joins them: give the transformer's own file{also}")
+    return p
+
+
+def _transformer_keys(keys: list[str]) -> tuple[dict[str, str], str]:
+    """{key in the file: key without the transformer prefix} for the keys to read, and a note when other parts of
+    an all-in-one checkpoint are left out. Keys outside the prefix and outside OTHER_PARTS stay, to be named."""
+    prefix = next((p for p in TRANSFORMER_PREFIXES if any(k.startswith(p) for k in keys)), None)
+    if prefix is None:
+        return {k: k for k in keys}, ""
+    inside, rest = split_prefix(dict.fromkeys(keys), prefix)
+    chosen = {prefix + k: k for k in inside} | {k: k for k in rest if not k.startswith(OTHER_PARTS)}
+    left = Counter(next(p for p in OTHER_PARTS if k.startswith(p)) for k in rest if k.startswith(OTHER_PARTS))
+    note = (f"a ComfyUI all-in-one checkpoint: read its transformer ({len(inside)} tensors under {prefix}), left out "
+            + ", ".join(f"{p}* ({n} tensors)" for p, n in sorted(left.items()))) if left else ""
+    return chosen, note
+
+
+def _diffusers_plan(model: Flux) -> dict[str, list[tuple[str, tuple]]]:
+    """{official key: [(diffusers key, shape)]}: the diffusers tensors each official tensor is made of, in row order."""
+    from lora_formats import diffusers_norm, diffusers_parts
+    plan = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            parts = diffusers_parts(name, m.in_features, m.out_features)
+            if parts is None:
+                raise RuntimeError(f"lora_formats' name table has no diffusers name for {name}")
+            plan[f"{name}.weight"] = [(f"{d}.weight", (rows, m.in_features)) for d, rows in parts]
+            if m.bias is not None:
+                plan[f"{name}.bias"] = [(f"{d}.bias", (rows,)) for d, rows in parts]
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key not in plan:
+            if diffusers_norm(key) is None:
+                raise RuntimeError(f"lora_formats' name table has no diffusers name for {key}")
+            plan[key] = [(diffusers_norm(key), tuple(t.shape))]
+    return plan
+
+
+def _from_diffusers(sd: dict[str, Tensor], model: Flux, what: str) -> dict[str, Tensor]:
+    """diffusers' names -> the official ones, strictly: every missing / unexpected / mis-shaped diffusers key named."""
+    from lora_formats import _SWAPPED, _swap_halves
+    plan = _diffusers_plan(model)
+    check_keys({d: shape for parts in plan.values() for d, shape in parts}, sd,
+               f"{what} (a diffusers-format FluxTransformer2DModel)", _diffusers_hint(model.params))
+    out = {}
+    for key, parts in plan.items():
+        t = torch.cat([sd.pop(d) for d, _ in parts]) if len(parts) > 1 else sd.pop(parts[0][0])  # [rows, ...]
+        out[key] = _swap_halves(t) if key.rpartition(".")[0] == _SWAPPED else t
+    return out
+
+
+def read_flux_checkpoint(path, model: Flux, device="cpu", convert=None) -> tuple[dict, dict, list[str]]:
+    """The transformer's tensors from any form above: (official keys -> tensors in the file's dtypes, passed through
+    checkpoint's `convert` as read; the fp8 weight scales by layer (fp8.split_scales); notes for the info line)."""
+    src, what = _source(path), f"FLUX transformer {path}"
+    chosen, note = _transformer_keys(header_keys(src))
+    notes = [note] if note else []
+    sd = {chosen[k]: t for k, t in read_sharded(src, device=device, keys=chosen, convert=convert).items()}
+    if any(k.startswith(_DIFFUSERS_ROOTS) for k in sd):
+        sd = _from_diffusers(sd, model, what)
+        notes.append("a diffusers-format FluxTransformer2DModel, converted to the official names")
+    meta = read_metadata(src) if src.is_file() and not src.name.endswith(".json") else {}
+    sd, scales, note = fp8.split_scales(sd, meta, what)
+    return sd, scales, notes + ([note] if note else [])
+
+
+def load_flux(path, params: FluxParams | str = "dev", device="cpu", dtype=torch.bfloat16,
+              base_dtype: str | None = None) -> Flux:
+    """Build on the meta device and take the file's tensors as parameters (no second copy of 24 GB). Reads every
+    form listed above; anything non-official it did (a part left out, names converted, scales applied, weights kept
+    in fp8) is said in one line on stdout.
+
+    base_dtype (train.py / sample.py --base-dtype):
+      None            every tensor in `dtype` (fp8 weights upcast, their scales applied)
+      "bf16", "fp32"  the same in that dtype (it replaces `dtype`)
+      "fp8"           every Linear weight stored float8 with a float32 scale (fp8.Fp8Linear): an fp8 file's as they
+                      are, a bf16 / fp32 file's quantized per output row at load (read on the CPU, moved one tensor at
+                      a time); biases and norm scales in `dtype`"""
+    params = _preset_params(params)
+    if base_dtype is not None and base_dtype not in fp8.BASE_DTYPES:
+        raise ValueError(f"base_dtype {base_dtype!r}: choose from {', '.join(fp8.BASE_DTYPES)}")
+    keep_fp8, dtype = base_dtype == "fp8", fp8.BASE_DTYPES.get(base_dtype) or dtype
+    with torch.device("meta"):
+        model = Flux(params)
+    what, hint = f"FLUX transformer {path}", _flux_hint(params)
+
+    def cast(key: str, t: Tensor) -> Tensor:  # as read: everything but fp8 weights and their scales
+        spare = t.dtype in fp8.FP8_DTYPES or not t.is_floating_point() or fp8.QUANT_KEY.search(key)
+        return t if spare else t.to(dtype)
+    sd, scales, notes = read_flux_checkpoint(path, model, "cpu" if keep_fp8 else device, None if keep_fp8 else cast)
+    check_state_dict(model, sd, what, hint)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    sd, note = fp8.to_base_dtype(sd, scales, linears, keep_fp8, dtype, device, what=what)
+    fp8.fp8_modules_(model, sd)
+    load_strict(model, sd, what, hint)
+    if notes or note:
+        print(f"{path}: " + "; ".join(notes + [note] * bool(note)))
+    return model.to(device)
+
+
+def detect_preset(path) -> str:
+    """Guess a preset from a checkpoint's keys without loading tensors (dev and Kontext share a layout); any form
+    load_flux reads."""
+    keys = set(_transformer_keys(header_keys(_source(path)))[0].values())
+    if "transformer_blocks.0.attn.norm_k.weight" in keys:  # diffusers' names
+        return "dev" if "time_text_embed.guidance_embedder.linear_1.weight" in keys else "schnell"
+    if "double_blocks.0.img_attn.norm.key_norm.scale" not in keys:
+        raise CheckpointError(f"{path}: not a FLUX transformer checkpoint (no double_blocks.0.img_attn.* keys)")
+    return "dev" if "guidance_in.in_layer.weight" in keys else "schnell"
