@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +48,20 @@ from sem_cross_attn import SemanticConfig, parameter_count
 from viz import attention_figure, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
 
 DECOY_NAMES = ("poster", "car_parked")
-ABLATION = ("none", "overlay", "zeroconv", "xattn", "adapter")
+ABLATION = ("none", "overlay", "zeroconv", "xattn", "xattn-ip", "xattn-ip-shared", "adapter", "zeroconv+jitter",
+            "xattn-ip+jitter")
 LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroconv": "A: zero-conv",
-          "xattn": "B: cross-attention", "adapter": "C: gated adapter",
-          "xattn-ip": "B lean: decoupled, 64-dim tokens", "xattn-ip-shared": "B lean: decoupled, shared K/V",
+          "xattn": "B: separate cross-attention", "adapter": "C: gated adapter",
+          "xattn-ip": "B (default): decoupled, 64-dim tokens", "xattn-ip-shared": "B: decoupled, shared K/V",
           "xattn-double": "B, double blocks only", "xattn-every2": "B, every 2nd block", "xattn-half": "B, half width"}
 CEILING = "ceiling: autoencoder reconstruction"
 # scheme B's cheaper options (bench.py measures what each saves; the ablation what each costs in quality):
 # TrainConfig fields on top of scheme xattn. Half width: half the heads at the same head dim.
-B_OPTIONS = {"xattn-double": lambda p: {"sem_blocks": "double"},
-             "xattn-every2": lambda p: {"sem_blocks": "every:2"},
-             "xattn-half": lambda p: {"sem_inner_dim": p.hidden_size // 2, "sem_heads": max(1, p.num_heads // 2)},
+B_OPTIONS = {"xattn": lambda p: {"sem_attention": "separate", "sem_token_dim": 0},
+             "xattn-double": lambda p: {"sem_blocks": "double", "sem_attention": "separate", "sem_token_dim": 0},
+             "xattn-every2": lambda p: {"sem_blocks": "every:2", "sem_attention": "separate", "sem_token_dim": 0},
+             "xattn-half": lambda p: {"sem_inner_dim": p.hidden_size // 2, "sem_heads": max(1, p.num_heads // 2),
+                                      "sem_attention": "separate", "sem_token_dim": 0},
              "xattn-ip": lambda p: {"sem_attention": "decoupled", "sem_token_dim": 64},
              "xattn-ip-shared": lambda p: {"sem_attention": "decoupled", "sem_token_dim": 256,
                                            "sem_shared_kv": True}}
@@ -232,7 +235,7 @@ def train_config(scheme: str, args, run: Path, seed: int) -> train.TrainConfig:
                              steps=args.train_steps, batch_size=args.batch_size, seed=seed, out=str(run),
                              lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), sample_steps=0, lr=args.lr,
                              progress=args.progress, overwrite=True, sem_jitter=args.jitter if jitter else 0,
-                             sem_drop=0.0, **options)
+                             sem_drop=0.0, **({"sem_attention": "separate", "sem_token_dim": 0} | options))
 
 
 def label(scheme: str) -> str:
@@ -251,6 +254,9 @@ def check_reusable(final: Path, want: train.TrainConfig) -> dict:
         raise ValueError(f"{final} records no readable train_args, so its settings are unknown; pass --retrain to "
                          "train it again, or a new --out")
     now = asdict(want)
+    # a field the record lacks was added to train.py after that run: it ran with the field's default behaviour
+    defaults = {f.name: f.default for f in fields(train.TrainConfig) if f.default != -1}
+    recorded = {k: v for k, v in defaults.items() if k not in recorded} | recorded
     if changed := differing(recorded, now, NOT_COMPARED):
         name = changed[0]
         flag = f" ({TRAIN_FLAGS[name]})" if name in TRAIN_FLAGS else ""
@@ -414,9 +420,10 @@ def run_ablation(args) -> int:
     shown = {k: pipes[k] for k in ("none", "overlay", "zeroconv", "xattn", "xattn-ip") if k in pipes}
     if shown:
         comparison_figure(shown, test, picks or [0, 1, 2], conditions["aligned"], out / "comparison.png")
-    if "xattn" in pipes and picks:
+    attending = next((k for k in ("xattn-ip", "xattn") if k in pipes), None)  # the default B, else the separate
+    if attending and picks:
         item = test[picks[0]]
-        maps = attention_maps(pipes["xattn"], item["rgb"][None], item["sem"][None], seed=args.seed, steps=args.steps)
+        maps = attention_maps(pipes[attending], item["rgb"][None], item["sem"][None], seed=args.seed, steps=args.steps)
         fig = attention_figure(maps, item["rgb"], item["sem"], item["sem_ids"], {c.id: c.name for c in test.classes})
         grid([[fig]], pad=0, scale=2).save(out / "attention.png")
     print(f"wrote {out / 'table.md'}, results.json, loss_curves.png, comparison.png, attention.png")

@@ -8,7 +8,7 @@ AE_STEPS=${AE_STEPS:-3000}
 AE_FULL_STEPS=${AE_FULL_STEPS:-400}
 BASE_STEPS=${BASE_STEPS:-1500}
 BASE_MORE_STEPS=${BASE_MORE_STEPS:-2500}
-WARMUP_STEPS=${WARMUP_STEPS:-1000}
+WARMUP_STEPS=${WARMUP_STEPS:-3000}
 export FLUX_IR_WEIGHTS=${FLUX_IR_WEIGHTS:-weights}
 start=$(date +%s)
 [ -d data/synth ] || python synth.py data/synth --count 512 --size 128 --seed 0

@@ -8,7 +8,7 @@ import torch
 
 import data
 import eval as evaluation
-from checkpoint import read_metadata
+from checkpoint import read_metadata, read_safetensors, save_atomic
 from data import PairedDataset
 from flux_model import PRESETS
 from pipeline import generate, load_pipeline
@@ -35,7 +35,7 @@ def test_ablation_tiny_mode(env, tmp_path):
     out = tmp_path / "abl"
     assert evaluation.main(ablation_args(env, out, "--schemes", "none,xattn")) == 0
     table = (out / "table.md").read_text()
-    assert "B: cross-attention" in table and "none" in table
+    assert "B: separate cross-attention" in table and "none" in table
     assert (out / "comparison.png").is_file() and (out / "loss_curves.png").is_file()
     res = json.loads((out / "results.json").read_text())
     assert res["protocol"]["train_steps"] == 2 and res["protocol"]["eval_steps"] == 2
@@ -194,3 +194,27 @@ def test_the_thermalgen_protocol_fails_before_any_generation_when_a_piece_is_mis
                           "--protocol", "thermalgen", "--lpips-weights", str(env / "missing-alexnet.pth")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and ("torchvision" in err or "alexnet" in err.lower())
+
+
+def test_a_run_recorded_before_a_setting_existed_is_reused_with_that_settings_default(env, tmp_path):
+    """A field missing from a finished run's train_args was added to train.py later; the run behaved as its
+    default, so it is reused (a field that differs from the default is still refused)."""
+    out = tmp_path / "abl"
+    assert evaluation.main(ablation_args(env, out, "--schemes", "none", "--train-steps", "1")) == 0
+    final = out / "none" / "seed0" / "final.safetensors"
+    sd, meta = read_safetensors(final), read_metadata(final)
+    recorded = json.loads(meta["train_args"])
+    del recorded["fsdp"]
+    save_atomic(sd, final, meta | {"train_args": json.dumps(recorded)})
+    want = evaluation.train_config("none", evaluation_args(env, out), final.parent, 0)
+    assert evaluation.check_reusable(final, want)["steps"] == 1
+    recorded["lr"] = 0.5
+    save_atomic(sd, final, meta | {"train_args": json.dumps(recorded)})
+    with pytest.raises(ValueError, match="lr=0.5"):
+        evaluation.check_reusable(final, want)
+
+
+def evaluation_args(env, out):
+    import argparse
+    return argparse.Namespace(train_data=str(env / "synth"), train_steps=1, batch_size=2, lr=3e-4, lora_rank=8,
+                              progress=False, jitter=4)
