@@ -81,7 +81,8 @@ class TrainConfig:
     steps: int = opt(0, "0: the stage's default")
     batch_size: int = opt(8, "per process and micro-step")
     grad_accum: int = opt(1, "micro-steps per optimiser step")
-    lr: float = opt(0.0, "0: the stage's default (FLUX.1 sizes: warmup 1e-4, joint 5e-5; the tiny demo: 1e-3)")
+    lr: float = opt(0.0, "0: the stage's default (FLUX.1 sizes: warmup 1e-4, joint 5e-5; the tiny demo: warmup 3e-3, "
+                         "else 1e-3)")
     strength_lr_mult: float = opt(10.0, "the zero-initialised scales/gates learn this many times faster")
     warmup_steps: int = opt(50)
     min_lr_ratio: float = opt(0.1, "cosine decays to lr * this")
@@ -133,7 +134,9 @@ class TrainConfig:
 STAGE_DEFAULTS = {  # steps, lr for FLUX.1-size models
     "warmup": (1000, 1e-4), "joint": (1000, 5e-5), "finetune": (200, 1e-3), "base": (4000, 3e-4),
 }
-DEMO_LR = {"warmup": 1e-3, "joint": 1e-3, "finetune": 1e-3, "base": 3e-4}  # the tiny demo learns faster
+# the tiny demo learns faster; warmup 3e-3: the default (decoupled) B after 1000 steps at batch 8 scores 22.5 dB on
+# the held-out scenes where 1e-3 gives 21.0 (README)
+DEMO_LR = {"warmup": 3e-3, "joint": 1e-3, "finetune": 1e-3, "base": 3e-4}
 
 
 def parse_args(argv=None) -> TrainConfig:
