@@ -403,7 +403,8 @@ def run_ablation(args) -> int:
     (out / "results.json").write_text(json.dumps(jsonable({"protocol": {
         "train_pairs": len(data.PairedDataset(train_data)), "test_pairs": min(len(test), args.limit or len(test)),
         "train_steps": args.train_steps, "batch_size": args.batch_size, "lora_rank": args.lora_rank, "lr": args.lr,
-        "seeds": seeds, "eval_steps": args.steps, "sampling": {k: asdict(v) for k, v in conditions.items()}, "jitter": args.jitter,
+        "seeds": seeds, "eval_steps": args.steps, "sampling": {k: asdict(v) for k, v in conditions.items()},
+        "jitter": args.jitter,
         "base": str(setup.flux)},
         "ceiling": top, "per_seed": per_seed, "extras": extras, "train_args": recorded}), indent=1))
     print(table + ("\n\n" + robust if robust else ""))
