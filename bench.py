@@ -5,6 +5,7 @@ bench.py: our FLUX transformer against diffusers' FluxTransformer2DModel (+ peft
     python bench.py --config tiny            # seconds: the smoke run tests/test_bench.py makes
     python bench.py --device cuda            # on a GPU: times with synchronize, memory from torch.cuda's allocator
     python bench.py --bf16 / --checkpointing / --compile    # the GPU-relevant options, applied to BOTH sides
+    python bench.py --device cuda --stage-peaks   # FLUX.1-dev's training peaks per stage on a GPU: JSON lines
 
 (flux-dev's memory per training stage, without a GPU: `python memory_plan.py`.)
 
@@ -570,6 +571,78 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --stage-peaks: the memory of real training steps at FLUX.1-dev's size, per stage (a GPU only)
+
+STAGE_PEAK_B = ("full width (default)", "decoupled, 64-dim tokens", "decoupled, shared K/V, 256-dim")
+
+
+def stage_peak_cases() -> list[dict]:
+    """The cases of --stage-peaks, in the keys of memory_plan's rows (so the two can be joined): FLUX.1-dev with
+    random weights, batch 1, 512 text tokens, gradient checkpointing; the default scheme B and its two lean forms;
+    every stage; fp8 and bf16 base; 1024x1024 first, then 512x512."""
+    from memory_plan import N_TXT, RESOLUTIONS, STAGES
+    return [{"b": b, "stage": stage, "base": base, "resolution": res, "side": RESOLUTIONS[res], "text_tokens": N_TXT,
+             "checkpointing": True}
+            for res in sorted(RESOLUTIONS, reverse=True) for base in ("fp8", "bf16") for b in STAGE_PEAK_B
+            for stage in STAGES]
+
+
+def stage_peak_model(case: dict) -> Flux:
+    """The case's stage model on the meta device (memory_plan.stage_model: as train.py builds it), nothing allocated."""
+    import memory_plan
+    from flux_model import PRESETS
+    dev = PRESETS["dev"]
+    return memory_plan.stage_model(dev, case["stage"], memory_plan.b_configs(dev.hidden_size, dev.num_heads)[case["b"]],
+                                   case["base"])
+
+
+def measure_stage_peak(case: dict) -> dict:
+    """One case on the GPU: the meta model's tensors made on the GPU in their own dtypes (random values), AdamW's
+    state allocated, a first step, then torch.cuda.max_memory_allocated over a second one. GiB: resident before
+    the step (weights, AdamW state, batch), the step's peak above it, their sum (memory_plan's total)."""
+    import memory_plan
+    from flux_model import PRESETS
+    gib = 2 ** 30
+    out = dict(case, device=torch.cuda.get_device_name())
+    try:
+        model = memory_plan.randomize_(memory_plan.materialize_(
+            stage_peak_model(case), lambda t: torch.empty(t.shape, dtype=t.dtype, device="cuda")))
+        model.train()
+        model.gradient_checkpointing = case["checkpointing"]
+        opt, trainable = memory_plan.make_optimizer(model, case["stage"])
+        batch = memory_plan.training_batch(PRESETS["dev"], case["side"], case["text_tokens"], case["stage"], "cuda")
+        memory_plan.training_step(model, batch, trainable, opt)
+        gc.collect()
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = seconds(lambda: memory_plan.training_step(model, batch, trainable, opt), "cuda")
+        peak = torch.cuda.max_memory_allocated()
+        out.update(resident_gib=round(resident / gib, 3), step_gib=round((peak - resident) / gib, 3),
+                   total_gib=round(peak / gib, 3), reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 3),
+                   seconds=round(t0, 2))
+    except torch.cuda.OutOfMemoryError as e:
+        out["error"] = f"out of memory: {str(e).splitlines()[0]}"
+    finally:
+        model = opt = trainable = batch = None  # noqa: F841
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def stage_peaks(args: argparse.Namespace) -> int:
+    """--stage-peaks: one JSON line per case, printed as it is measured."""
+    if args.device != "cuda" or not torch.cuda.is_available():
+        why = "--device cuda is needed" if args.device != "cuda" else "no CUDA device here"
+        print(f"bench.py --stage-peaks: {why}; it measures FLUX.1-dev's training steps on a GPU (the largest case "
+              "plans to about 64 GiB: an 80 GB card); without one, python memory_plan.py plans them", file=sys.stderr)
+        raise SystemExit(2)
+    for case in stage_peak_cases():
+        print(json.dumps(measure_stage_peak(case)), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -584,6 +657,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both models (opt-in)")
     p.add_argument("--skip-semantic", action="store_true", help="do not time scheme B's options")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--stage-peaks", action="store_true",
+                   help="instead of the benchmark: torch.cuda.max_memory_allocated of training steps of FLUX.1-dev "
+                        "(random weights) per stage, base and scheme B form at 512² and 1024², one JSON line each "
+                        "(--device cuda; memory_plan.py plans the same cases)")
     p.add_argument("--memory-worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     p.add_argument("--cases", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -591,6 +668,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.stage_peaks:
+        return stage_peaks(args)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.memory_worker:

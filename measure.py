@@ -7,13 +7,16 @@ It knows nothing of FLUX or diffusers: bench.py decides what is measured and set
 - Seconds: the call runs between two device synchronisations with Python's garbage collector off.
 - Matmul rate: the median time of a large n x n x n GEMM, as 2 n^3 FLOPs per call: what the arithmetic of a call
   is set against (a model's GFLOP/s over this rate = its fraction of the machine's peak).
+- Bytes held: the parameters and buffers of a module, counted from their dtypes (tensor_bytes): what a storage
+  format (bf16, fp8) really keeps, without reading the process's memory.
 - Peak memory: what one call needs on top of what is resident before it (activations, gradients, workspaces); run
   a warm call first, so one-time allocations (library workspaces, compiled graphs) are not counted. CUDA:
   torch.cuda.max_memory_allocated() minus memory_allocated() before. CPU: the kernel's peak resident set (VmHWM,
   reset through /proc/self/clear_refs) minus the resident set before. That follows the live tensors only in a
   process started with RSS_FOLLOWS_TENSORS in its environment: glibc's mmap threshold fixed at 64 KiB, so every
   tensor buffer is its own mapping, given back to the kernel when freed (with the default allocator freed buffers
-  stay in the heap and a later call's peak hides in them).
+  stay in the heap and a later call's peak hides in them). allocated_peak_bytes: the same peak on a CPU from the
+  allocator's own events (torch.profiler), whatever else runs on the machine.
 """
 
 import gc
@@ -139,3 +142,33 @@ def peak_bytes(fn: Callable, device: str) -> int:
     before = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - before) * 1024
+
+
+def allocated_peak_bytes(fn: Callable) -> int:
+    """CPU: the most bytes one call of fn holds at once through PyTorch's allocator on top of what was allocated
+    before it, from torch.profiler's allocation events (profile_memory): every allocation and free of this process's
+    tensors, in order. Other processes, the C library's heap and the allocator's caching do not enter it (unlike the
+    resident set peak_bytes reads). A free of memory allocated before the call has no event (the profiler does not
+    know its size): free what the call would free (e.g. the last step's gradients) before it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    now = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # stable: events of one nanosecond keep their order
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bytes held
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once), from numel x element size."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
