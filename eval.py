@@ -367,6 +367,9 @@ def run_ablation(args) -> int:
         per_seed[name] = {}
         for seed, run in runs_of[scheme].items():
             final = run / "final.safetensors"
+            if args.score_only and not final.is_file():
+                print(f"{scheme} seed {seed}: not trained, left out (--score-only)")
+                continue
             if args.retrain or not final.is_file():
                 t0 = time.time()
                 rc = train.run(train_config(scheme, args, run, seed))
@@ -477,6 +480,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--score-only", action="store_true",
+                    help="ablation: train nothing; score the finished runs (a scheme's missing seeds are left out)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
     for name in COUNT_FLAGS:
@@ -489,6 +494,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     if args.sem_shift < 0 or args.sem_coarse < 1:
         raise ValueError("--sem-shift must be 0 or more and --sem-coarse at least 1")
+    if args.retrain and args.score_only:
+        raise ValueError("--retrain and --score-only contradict each other")
     if args.ablation:
         return run_ablation(args)
     return run_sweep(args) if args.sweep else run_eval(args)

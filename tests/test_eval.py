@@ -218,3 +218,14 @@ def evaluation_args(env, out):
     import argparse
     return argparse.Namespace(train_data=str(env / "synth"), train_steps=1, batch_size=2, lr=3e-4, lora_rank=8,
                               progress=False, jitter=4)
+
+
+def test_score_only_trains_nothing_and_leaves_missing_seeds_out(env, tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert evaluation.main(ablation_args(env, out, "--schemes", "none", "--train-steps", "1")) == 0
+    capsys.readouterr()
+    assert evaluation.main(ablation_args(env, out, "--schemes", "none", "--train-steps", "1", "--seeds", "0,1",
+                                         "--score-only")) == 0
+    assert "none seed 1: not trained, left out" in capsys.readouterr().out
+    assert not (out / "none" / "seed1").exists()
+    assert set(json.loads((out / "results.json").read_text())["per_seed"]["none (RGB only)"]) == {"0"}
