@@ -23,7 +23,8 @@ python train.py --stage base --scheme none --data data/synth --steps "$BASE_STEP
 python train.py --stage base --scheme none --data data/synth --steps "$BASE_MORE_STEPS" --batch-size 16 --lr 4e-4 --overwrite \
     --init runs/demo-base/final.safetensors --out runs/demo-base2
 cp runs/demo-base2/final.safetensors "$FLUX_IR_WEIGHTS/demo/flux.safetensors"
-python train.py --stage warmup --scheme xattn --data data/synth --steps "$WARMUP_STEPS" --batch-size 16 --lr 1e-3 --overwrite \
+python train.py --stage warmup --scheme xattn --sem-attention separate --sem-token-dim 0 --data data/synth \
+    --steps "$WARMUP_STEPS" --batch-size 16 --lr 1e-3 --overwrite \
     --out runs/demo-warmup
 cp runs/demo-warmup/final.safetensors "$FLUX_IR_WEIGHTS/demo/xattn.safetensors"
 echo "make_demo.sh: done in $(( $(date +%s) - start )) s"
