@@ -321,7 +321,7 @@ def seed_table(rows: dict[str, list[dict]], extras: dict[str, dict], columns=HEA
     header = ["Method"] + list(columns) + extra_names
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, summaries in rows.items():
-        cells = [mean_sd([f(s) for s in summaries], percent=col not in ("PSNR (dB)", "SSIM"))
+        cells = [mean_sd([f(s) for s in summaries], percent=not col.endswith(("PSNR (dB)", "SSIM")))
                  for col, f in columns.items()]
         cells += [metrics._fmt_value(extras.get(name, {}).get(k)) for k in extra_names]
         lines.append("| " + " | ".join([name] + cells) + " |")

@@ -152,6 +152,9 @@ def test_the_seed_table_gives_mean_and_sample_sd_over_seeds():
     rows = table.splitlines()
     assert "| B | 22.00 ± 2.00 |" in rows[2] and "20.0% ± 10.0" in rows[2] and "n/a" in rows[2] and "| 7 |" in rows[2]
     assert "| one seed | 20.00 |" in rows[3] and "±" not in rows[3]
+    split = evaluation.seed_table({"B": [{"shift": r} for r in runs]}, {},
+                                  {"shift: PSNR (dB)": lambda s: s["shift"]["psnr"]})
+    assert "| B | 22.00 ± 2.00 |" in split  # a split's PSNR column is in dB, not a rate
 
 
 def test_ablation_trains_each_seed_and_jittered_schemes_with_their_settings(env, tmp_path):
