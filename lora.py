@@ -10,17 +10,16 @@ ones (`double_blocks.0.img_attn.qkv.weight`) and only `...qkv.lora_A.weight` [r,
 [out, r] are added:
     y = W x + b + (alpha / r) * B A dropout(x),   B = 0 at init, so step 0 is the pretrained model.
 Over an fp8 base (fp8.py) the layer also holds the base's `weight_scale`; W = q * s is upcast per call
-(fp8.base_weight), the branch runs in the LoRA dtype, and merging is refused.
+(fp8.base_linear), the branch runs in the LoRA dtype, and merging is refused.
 """
 
 import re
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from checkpoint import check_keys
-from fp8 import FP8_DTYPES, base_weight
+from fp8 import FP8_DTYPES, base_linear
 
 # ----------------------------------------------------------------------------------------------------------------
 # The layer
@@ -90,7 +89,7 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, base_weight(self, x), self.bias)  # [B, L, in] -> [B, L, out]
+        out = base_linear(self, x)  # [B, L, in] -> [B, L, out]
         if self.merged:
             return out
         # the branch runs in the LoRA dtype (fp32 by default) even under a bf16 base, then is added in the output's

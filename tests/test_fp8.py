@@ -268,3 +268,32 @@ def test_a_kijai_fp8_file_loads_without_upcasting(tmp_path, prefix, all_fp8):
     reference = load_flux(path, PARAMS, base_dtype="bf16")
     with torch.no_grad():
         assert torch.equal(model(**x), reference(**x))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["fp8-linear", "lora-over-fp8"])
+def test_keeping_fp8_for_the_backward_gives_the_plain_gradients_and_saves_no_upcast_weight(lora, monkeypatch):
+    """Fp8MatMul (fp8.KEEP_FP8_FOR_BACKWARD) against F.linear on the upcast weight: the same output and input
+    gradient (and LoRA gradients), while autograd saves no tensor of the weight's size."""
+    torch.manual_seed(0)
+    layer = fp8.Fp8Linear.from_linear(nn.Linear(48, 40))
+    if lora:
+        from lora import LoRALinear
+        layer = LoRALinear.from_linear(layer, rank=4)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    results = {}
+    for keep in (False, True):
+        monkeypatch.setattr(fp8, "KEEP_FP8_FOR_BACKWARD", keep)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append((t.numel(), t.dtype)), t)[1],
+                                                      lambda t: t):
+            out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+        results[keep] = (out, grads, saved)
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b)
+    upcast = (48 * 40, torch.float32)  # the weight's size in the compute dtype
+    assert upcast in results[False][2] and upcast not in results[True][2]
+    assert (48 * 40, torch.float8_e4m3fn) in results[True][2]  # what it keeps instead: the stored fp8 weight
