@@ -287,6 +287,7 @@ def test_fuzz_mutated_valid_files(tmp_path, data):
 
 import bench  # noqa: E402
 import flux_loading  # noqa: E402
+import fp8  # noqa: E402
 from conftest import kontext_batch, small_flux_params  # noqa: E402
 from flux_loading import detect_preset, load_flux  # noqa: E402
 from flux_model import PRESETS, Flux  # noqa: E402
@@ -418,7 +419,11 @@ def test_comfy_scaled_fp8_loads_with_its_scales_applied(tmp_path, capsys, form):
     kept = load_flux(tmp_path / "scaled.safetensors", FLUX, dtype=torch.float32, base_dtype="fp8")
     qkv = kept.double_blocks[0].img_attn.qkv
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == ((192,) if form == "rowwise" else ())
-    assert torch.equal(velocity(kept), velocity(reference))
+    # the stored weights stand exactly for the reference's; the outputs agree to float rounding (a GEMM over a
+    # freshly upcast weight may take another blocking than over a loaded one when threads split it)
+    assert torch.equal(fp8.dequantize(qkv.weight, qkv.weight_scale, torch.float32),
+                       reference.double_blocks[0].img_attn.qkv.weight)
+    torch.testing.assert_close(velocity(kept), velocity(reference), rtol=1e-6, atol=1e-6)
     assert detect_preset(tmp_path / "scaled.safetensors") == "dev"
 
 
