@@ -132,11 +132,16 @@ def predict(pipe, ds, how: Sampling, limit: int | None, batch_size: int = 8, pro
 
 
 def evaluate(pipe, ds, how: Sampling = Sampling(), limit=None, decoys=None, save_dir: Path | None = None,
-             progress=True) -> dict:
+             progress=True, protocol=None) -> dict:
     """Score a pipeline on a dataset: metrics.summarize over every pair (+ the slice of the decoy classes
-    `decoys`; None: DECOY_NAMES where the dataset has them), regions on the true labels."""
-    return score(ds, ((item, pred) for _, item, pred in predict(pipe, ds, how, limit, progress=progress)),
-                 decoys, save_dir)
+    `decoys`; None: DECOY_NAMES where the dataset has them), regions on the true labels. `protocol`
+    (protocol.ThermalGenProtocol) is also given every pair."""
+    def pairs():
+        for _, item, pred in predict(pipe, ds, how, limit, progress=progress):
+            if protocol is not None:
+                protocol.update(pred[None], item["ir"][None])
+            yield item, pred
+    return score(ds, pairs(), decoys, save_dir)
 
 
 def score(ds, pairs, decoys=None, save_dir: Path | None = None) -> dict:
@@ -518,13 +523,8 @@ def run_eval(args) -> int:
         protocol = ThermalGenProtocol(lpips_weights=args.lpips_weights, fid_weights=args.fid_weights)
     pipe = load_pipeline(None if args.base else args.ckpt, base_dtype=args.base_dtype)
     how = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
-    save_dir = Path(args.save) if args.save else None
-    pairs = []
-    for _, item, pred in predict(pipe, ds, how, args.limit, progress=args.progress):
-        if protocol is not None:
-            protocol.update(pred[None], item["ir"][None])
-        pairs.append((item, pred))
-    summ = score(ds, pairs, decoys, save_dir)
+    summ = evaluate(pipe, ds, how, limit=args.limit, decoys=decoys, save_dir=Path(args.save) if args.save else None,
+                    progress=args.progress, protocol=protocol)
     extra = {"ckpt": args.ckpt or "base"} | asdict(how)
     if protocol is not None:
         extra["thermalgen"] = protocol.compute()

@@ -31,6 +31,7 @@ import data
 from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
 from flux_loading import detect_preset, load_flux
+from fp8 import BASE_DTYPES
 from flux_model import PRESETS, Flux
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
 from vae import AutoEncoder, load_ae
@@ -215,8 +216,7 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"run config: its semantic options are malformed ({e})") from None
     model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype, base_dtype=base_dtype)
-    if base_dtype in ("bf16", "fp32"):  # the modules compute with the base's dtype unless told otherwise
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[base_dtype]
+    dtype = BASE_DTYPES.get(base_dtype) or dtype  # bf16 / fp32: the modules compute in the base's dtype
     if scheme in MODULE_SCHEMES:
         attach(model, semantic, dtype=modules_dtype or dtype)
     if rank:
@@ -275,8 +275,7 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
                   quiet: bool = False, base_dtype: str | None = None) -> Pipeline:
     """The base (+ the trained weights of `ckpt`, a train.py output), frozen, in eval mode, with its autoencoder.
     base_dtype "fp8" keeps the base's linear weights in float8 (fp8.py); "bf16" / "fp32" set the model's dtype."""
-    if base_dtype in ("bf16", "fp32"):
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[base_dtype]
+    dtype = BASE_DTYPES.get(base_dtype) or dtype
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     setup = setup or find_setup()

@@ -223,6 +223,11 @@ class DecoupledSemanticAttention(nn.Module):
         self.k_norm = RMSNorm(dim // num_heads)
         self.scale = nn.Parameter(torch.ones(1))
 
+    @property
+    def cross_attn(self) -> "DecoupledSemanticAttention":
+        """What record_attention watches: this module itself (its forward takes the block's queries)."""
+        return self
+
     def qkv(self, q: Tensor, q_pe: Tensor, ctx: SemanticContext) -> tuple[Tensor, Tensor, Tensor]:
         """The block's queries q [B, H, L_img, Dh] and their RoPE -> rotated q, and the semantic k, v [B, H, N, Dh]."""
         kv = ctx.kv if self.to_kv is None else self.to_kv(ctx.tokens)  # [B, N, 2D]
@@ -405,7 +410,8 @@ class ZeroConvModule(SemanticModule):
 
 
 class BlockwiseModule(SemanticModule):
-    """Schemes B and C: a semantic encoder, and one injection module after each chosen transformer block."""
+    """Schemes B and C: a semantic encoder, and one injection module per chosen transformer block (after it; the
+    decoupled B: inside its attention)."""
 
     def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
                  theta: int = 10_000, axes_dim: list[int] | None = None):
@@ -413,6 +419,7 @@ class BlockwiseModule(SemanticModule):
         self.token_dim = config.token_dim or hidden_size
         self.encoder = (LatentProjection(64, self.token_dim) if config.encoder == "vae"
                         else CNNEncoder(self.token_dim))
+        self.shared = self.make_shared(hidden_size)
         double_ids, single_ids = chosen_blocks(config.blocks, depth, depth_single)
         self.double_blocks = nn.ModuleDict({str(i): self.make_block(hidden_size) for i in double_ids})
         self.single_blocks = nn.ModuleDict({str(i): self.make_block(hidden_size) for i in single_ids})
@@ -420,18 +427,26 @@ class BlockwiseModule(SemanticModule):
     def make_block(self, dim: int) -> nn.Module:
         raise NotImplementedError
 
+    def make_shared(self, dim: int) -> nn.Module | None:
+        """A module every block uses (the decoupled B's shared K/V projection), or None."""
+        return None
+
+    @staticmethod
+    def block(blocks: nn.ModuleDict, i: int) -> nn.Module | None:
+        return blocks[str(i)] if str(i) in blocks else None
+
     def encode(self, semantic: Tensor) -> tuple[Tensor, tuple[int, int] | None]:
         return self.encoder(semantic)
 
     def after_double(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
-        key = str(i)
-        return self.double_blocks[key](img, ctx) if key in self.double_blocks else img
+        block = self.block(self.double_blocks, i)
+        return img if block is None else block(img, ctx)
 
     def after_single(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
-        key = str(i)
-        return self.single_blocks[key](img, ctx) if key in self.single_blocks else img
+        block = self.block(self.single_blocks, i)
+        return img if block is None else block(img, ctx)
 
-    def recorded_attentions(self) -> dict[str, CrossAttention]:
+    def recorded_attentions(self) -> dict[str, nn.Module]:
         return ({f"double.{i}": b.cross_attn for i, b in self.double_blocks.items()}
                 | {f"single.{i}": b.cross_attn for i, b in self.single_blocks.items()})
 
@@ -443,30 +458,25 @@ class XAttnModule(BlockwiseModule):
         return SemanticCrossAttention(dim, self.inner, self.heads, self.token_dim)
 
 
-class DecoupledXAttnModule(SemanticModule):
+class DecoupledXAttnModule(BlockwiseModule):
     """Scheme B, decoupled: in each chosen block, the image queries also attend to the semantic tokens' own keys
     and values (DecoupledSemanticAttention); with shared_kv one projection serves every block and runs once per
     forward. Nothing is added after the blocks."""
 
     def __init__(self, config: SemanticConfig, hidden_size: int, num_heads: int, depth: int, depth_single: int,
                  theta: int = 10_000, axes_dim: list[int] | None = None):
-        super().__init__(config, hidden_size, num_heads, depth, depth_single, theta)
         if axes_dim is None:
             raise ValueError("the decoupled attention needs the transformer's RoPE axes (axes_dim)")
-        self.token_dim = config.token_dim or hidden_size
-        self.encoder = (LatentProjection(64, self.token_dim) if config.encoder == "vae"
-                        else CNNEncoder(self.token_dim))
+        super().__init__(config, hidden_size, num_heads, depth, depth_single, theta)
         # the semantic keys rotate with the transformer's own RoPE (3 axes; their ids are the target's (0, row, col))
         self.pe = EmbedND(dim=hidden_size // num_heads, theta=theta, axes_dim=axes_dim)
-        self.shared = kv_projection(self.token_dim, hidden_size) if config.shared_kv else None
-        make = lambda: DecoupledSemanticAttention(self.token_dim, hidden_size, num_heads,  # noqa: E731
-                                                  own_kv=not config.shared_kv)
-        double_ids, single_ids = chosen_blocks(config.blocks, depth, depth_single)
-        self.double_blocks = nn.ModuleDict({str(i): make() for i in double_ids})
-        self.single_blocks = nn.ModuleDict({str(i): make() for i in single_ids})
 
-    def encode(self, semantic: Tensor) -> tuple[Tensor, tuple[int, int] | None]:
-        return self.encoder(semantic)
+    def make_shared(self, dim: int) -> nn.Module | None:
+        return kv_projection(self.token_dim, dim) if self.config.shared_kv else None
+
+    def make_block(self, dim: int) -> nn.Module:
+        # self.heads is the transformer's: the decoupled form uses the block's own heads (SemanticConfig.validate)
+        return DecoupledSemanticAttention(self.token_dim, dim, self.heads, own_kv=not self.config.shared_kv)
 
     def positions(self, img_ids: Tensor, semantic_ids: Tensor) -> tuple[Tensor | None, Tensor]:
         return None, self.pe(semantic_ids)  # the block rotates its own queries with its own ids
@@ -478,16 +488,18 @@ class DecoupledXAttnModule(SemanticModule):
             ctx.kv = self.shared(ctx.tokens)  # [B, N, token_dim] -> [B, N, 2D], once for every block
         return ctx
 
-    def recorded_attentions(self) -> dict[str, nn.Module]:
-        return ({f"double.{i}": b for i, b in self.double_blocks.items()}
-                | {f"single.{i}": b for i, b in self.single_blocks.items()})
+    def after_double(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
+        return img
+
+    def after_single(self, i: int, img: Tensor, ctx: SemanticContext) -> Tensor:
+        return img
 
     def inside_double(self, i: int, ctx: SemanticContext):
-        block = self.double_blocks[str(i)] if str(i) in self.double_blocks else None
+        block = self.block(self.double_blocks, i)
         return None if block is None else (lambda q, q_pe: block(q, q_pe, ctx))
 
     def inside_single(self, i: int, ctx: SemanticContext):
-        block = self.single_blocks[str(i)] if str(i) in self.single_blocks else None
+        block = self.block(self.single_blocks, i)
         return None if block is None else (lambda q, q_pe: block(q, q_pe, ctx))
 
 
