@@ -571,6 +571,133 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --sampling: the work the sampler does once per image (exact reuse) and the condition cache, against diffusers
+
+SAMPLING_STEPS = 20
+SAMPLING_TARGETS = {"reuse_vs_diffusers": 0.85, "cache_vs_diffusers": 0.6, "train_full": 1.0}  # ours / theirs
+
+
+def acting(module: nn.Module) -> nn.Module:
+    """A semantic module that acts (strengths 0.5, its zero-initialised weights drawn), so that the reuse check
+    compares real semantic outputs."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.strength_parameters():
+            p.fill_(0.5)
+        for p in module.parameters():
+            if p.ndim > 1 and not p.abs().sum():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def sampling_cases(cfg: BenchConfig, args: argparse.Namespace, sd: dict[str, Tensor], x: dict) -> dict[str, Case]:
+    """Ours: flow.denoise, 20 Euler steps, the default scheme B attached (sem_cross_attn.DEFAULT_B, acting): one whole
+    forward per step (`kontext_per_step`), the exact reuse (`kontext_reuse`), the condition cache (`cache`, the same
+    weights run in that mode; its condition pass is in the time); and the base alone with the exact reuse
+    (`base_reuse`: diffusers' work). Theirs: diffusers' Kontext sampling on the same base weights (`kontext`)."""
+    from flow import denoise, make_condition
+    from sem_cross_attn import DEFAULT_B
+    params, device = cfg.params(), args.device
+    n = x["target"].shape[1]
+    noisy, x_cond = x["img"][:, :n], x["img"][:, n:]
+    ts = torch.linspace(1.0, 0.0, cfg.sample_steps + 1).tolist()  # the schedule of `sample` (diffusers' side)
+    text = (x["txt"], x["txt_ids"], x["y"])
+    base = build_ours(params, sd).to(device).eval()
+
+    def with_b() -> Flux:
+        model = Flux(params)
+        attach(model, dataclasses.replace(DEFAULT_B))
+        return model
+    b = with_b().to(device)  # the base weights shared, B's own
+    b.load_state_dict(base.state_dict(), strict=False, assign=True)
+    acting(b.semantic)
+    b.eval()
+    cached = share_weights(b, with_b).eval()
+    cached.condition_cache = True
+    cond_b = make_condition(x_cond, x["semantic"], text, *cfg.grid)
+    cond = make_condition(x_cond, None, text, *cfg.grid)
+
+    def ours(cond, reuse: bool):
+        return torch.no_grad()(lambda m: denoise(m, noisy, cond, ts, float(x["guidance"][0]), reuse=reuse))
+
+    theirs = build_diffusers(params, sd).to(device).train()
+    return {("ours", "kontext_per_step"): Case(b, ours(cond_b, False)),
+            ("ours", "kontext_reuse"): Case(b, ours(cond_b, True)),
+            ("ours", "cache"): Case(cached, ours(cond_b, True)),
+            ("ours", "base_reuse"): Case(base, ours(cond, True)),
+            ("theirs", "kontext"): Case(theirs, lambda m: sample(call_theirs, m, x, cfg.sample_steps, nullcontext))}
+
+
+def run_sampling(args: argparse.Namespace) -> dict:
+    """The issue's sampling benchmark: times, FLOPs and ratios of the cases of `sampling_cases`, and the training
+    step of both sides (time and peak memory), on the same random weights. The outputs that must agree are checked
+    before anything is timed: the exact reuse against a whole forward per step, the base against diffusers."""
+    cfg = resolve_config(args)
+    if not args.sample_steps:
+        cfg = dataclasses.replace(cfg, sample_steps=SAMPLING_STEPS)
+    repeats = args.repeats or 2  # a sampling call is 20 forwards already
+    device = args.device
+    torch.manual_seed(0)
+    sd = random_weights(cfg.params())
+    x = make_inputs(cfg, device)
+    cases = sampling_cases(cfg, args, sd, x)
+    cases |= {(side, "train_full"): build_cases(cfg, side, args, sd, x, ("train_full",))["train_full"]
+              for side in ("ours", "theirs")}
+    del sd
+    result = {"config": args.config, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "load_avg_start": load_average(),
+              "sample_steps": cfg.sample_steps, "repeats": repeats,
+              "shape": {"hidden": cfg.hidden, "heads": cfg.heads, "double": cfg.depth, "single": cfg.single,
+                        "img_tokens": 2 * cfg.grid[0] * cfg.grid[1], "txt_tokens": cfg.n_txt},
+              "semantic": "sem_cross_attn.DEFAULT_B"}
+    flops, out = {}, {}
+    for key, case in cases.items():  # the first call: FLOPs, and the outputs checked below
+        clear_grads(case.model)
+        with flop_counter() as counter:
+            out[key] = case.run_eager()
+        flops[key] = counter.get_total_flops()
+        clear_grads(case.model)
+    checks = {"kontext_reuse_vs_per_step": max_rel_diff(out[("ours", "kontext_reuse")],
+                                                        out[("ours", "kontext_per_step")]),
+              "base_reuse_vs_diffusers": max_rel_diff(out[("ours", "base_reuse")], out[("theirs", "kontext")]),
+              "train_full_loss": max_rel_diff(out[("ours", "train_full")], out[("theirs", "train_full")])}
+    bad = {k: v for k, v in checks.items() if not v <= 1e-4}
+    if bad:
+        raise AssertionError(f"outputs that must agree do not (max |diff| / max |ref| over 1e-4): {bad}")
+    result["check_max_rel_diff"] = {k: float(f"{v:.3g}") for k, v in checks.items()}
+    times = time_calls(cases, repeats, device)
+    result["load_avg_end"] = load_average()
+    mem = {}
+    if not args.no_memory and device == "cpu":
+        for side in ("ours", "theirs"):
+            mem[side] = measure_memory_cpu(args, side, ("train_full",))["train_full"]
+    med = {k: statistics.median(t) for k, t in times.items()}
+    result["cases"] = {f"{side}:{name}": {"s": round(med[(side, name)], 3),
+                                          "runs": [round(t, 3) for t in times[(side, name)]],
+                                          "gflop": round(flops[(side, name)] / 1e9, 2),
+                                          "gflops": round(flops[(side, name)] / 1e9 / med[(side, name)], 2)}
+                       for side, name in cases}
+    for side in mem:
+        result["cases"][f"{side}:train_full"]["peak_mb"] = round(mem[side] / 2 ** 20, 1)
+    pairs = {"reuse_vs_per_step": (("ours", "kontext_reuse"), ("ours", "kontext_per_step")),
+             "base_reuse_vs_diffusers": (("ours", "base_reuse"), ("theirs", "kontext")),
+             "per_step_vs_diffusers": (("ours", "kontext_per_step"), ("theirs", "kontext")),
+             "reuse_vs_diffusers": (("ours", "kontext_reuse"), ("theirs", "kontext")),
+             "cache_vs_diffusers": (("ours", "cache"), ("theirs", "kontext")),
+             "cache_vs_reuse": (("ours", "cache"), ("ours", "kontext_reuse")),
+             "train_full": (("ours", "train_full"), ("theirs", "train_full"))}
+    result["ratios"] = {k: {"time": round(med[a] / med[b], 3), "flops": round(flops[a] / flops[b], 3)}
+                        for k, (a, b) in pairs.items()}
+    result["targets"] = {k: {"at_most": v, "met": result["ratios"][k]["time"] <= v}
+                         for k, v in SAMPLING_TARGETS.items()}
+    if mem:
+        result["targets"]["train_full_memory"] = {"ours_mb": round(mem["ours"] / 2 ** 20, 1),
+                                                  "theirs_mb": round(mem["theirs"] / 2 ** 20, 1),
+                                                  "met": mem["ours"] <= mem["theirs"]}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # --stage-peaks: the memory of real training steps at FLUX.1-dev's size, per stage (a GPU only)
 
 STAGE_PEAK_B = ("full width (default)", "decoupled, 64-dim tokens", "decoupled, shared K/V, 256-dim")
@@ -661,6 +788,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="instead of the benchmark: torch.cuda.max_memory_allocated of training steps of FLUX.1-dev "
                         "(random weights) per stage, base and scheme B form at 512² and 1024², one JSON line each "
                         "(--device cuda; memory_plan.py plans the same cases)")
+    p.add_argument("--sampling", action="store_true",
+                   help="instead of the benchmark: 20-step sampling with the default scheme B, ours with and without "
+                        "the exact reuse and with the condition cache, against diffusers' Kontext sampling, and the "
+                        "training step (one JSON line; ~25 min on 2 CPU threads at medium)")
     p.add_argument("--memory-worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     p.add_argument("--cases", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -674,7 +805,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_worker:
         return memory_worker(args)
-    result = run_benchmark(args)
+    result = run_sampling(args) if args.sampling else run_benchmark(args)
     print(json.dumps(result))
     return result
 

@@ -202,6 +202,18 @@ def run_classes(cfg: dict, where) -> tuple[data.SemClass, ...] | None:
     return data.classes_from_rows(rows, f"{where}: the classes in its config")
 
 
+def base_condition_cache(setup: Setup) -> bool:
+    """Whether the base transformer was trained with the condition cache (a `train.py --stage base
+    --condition-cache` output records it in its run config; the official files and every other form do not)."""
+    f = setup.flux
+    if not (f.is_file() and f.suffix == ".safetensors"):
+        return False
+    try:
+        return bool(run_config(f).get("condition_cache", False))
+    except CheckpointError:  # not a train.py output
+        return False
+
+
 def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dtype | None = None,
                 base_dtype: str | None = None) -> Flux:
     """The base transformer in `dtype` + the modules the run config names (semantic scheme, then LoRA), before their
@@ -216,6 +228,8 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"run config: its semantic options are malformed ({e})") from None
     model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype, base_dtype=base_dtype)
+    # the condition cache: the run's choice, or (no run config, e.g. sampling the base alone) the base's own
+    model.condition_cache = bool(cfg.get("condition_cache", base_condition_cache(setup)))
     dtype = BASE_DTYPES.get(base_dtype) or dtype  # bf16 / fp32: the modules compute in the base's dtype
     if scheme in MODULE_SCHEMES:
         attach(model, semantic, dtype=modules_dtype or dtype)
@@ -369,8 +383,10 @@ def attention_maps(pipe: Pipeline, rgb: Tensor, sem: Tensor, seed: int = 0, step
                 pipe.guidance)  # run to t ~ 0.5, then record one step
     module.record_attention(True)
     try:
-        denoise(pipe.model, x, cond, ts[mid: mid + 2], pipe.guidance)
+        # the plain form (no reuse): the last block's queries cover every image token, as the other blocks'
+        denoise(pipe.model, x, cond, ts[mid: mid + 2], pipe.guidance, reuse=False)
         record = module.record
     finally:
         module.record_attention(False)
-    return {name: maps[0][0] for name, maps in record.items()}  # first call, first sample: [L_img, N]
+    # the step's call (with the condition cache, the condition pass's call comes first), first sample: [L_img, N]
+    return {name: maps[-1][0] for name, maps in record.items()}

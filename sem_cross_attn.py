@@ -23,7 +23,7 @@ The module's parameters are the only ones the `warmup` stage trains.
 """
 
 import re
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,10 @@ class SemanticConfig:
                              "transformer's hidden size)")
 
 
+# train.py's scheme B (the README's three-seed ablation: the decoupled form with 64-dim semantic tokens)
+DEFAULT_B = SemanticConfig(attention="decoupled", token_dim=64)
+
+
 def chosen_blocks(blocks: str, n_double: int, n_single: int) -> tuple[list[int], list[int]]:
     """Which double and single blocks get a semantic module."""
     if blocks == "all":
@@ -159,6 +163,21 @@ class SemanticContext:
     k_pe: Tensor  # [B, 1, N, Dh/2, 2, 2] RoPE of semantic tokens (decoupled: the transformer's 3 axes)
     strength: float | Tensor = 1.0  # multiplies every learned scale/gate: a float, or [B, 1, 1] per sample
     kv: Tensor | None = None  # decoupled, shared: the semantic keys/values of every block [B, N, 2D], computed once
+    memo: dict = field(default_factory=dict)  # what `once` keeps: each module's semantic keys and values
+
+    def once(self, key, make):
+        """make(), kept in this context when no gradient is taken: the sampler uses one context for every denoising
+        step (Flux.fix), so the semantic keys and values are computed once per image. With gradients every call
+        computes (training builds a new context per forward, and checkpointing replays the computation)."""
+        if torch.is_grad_enabled():
+            return make()
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    def for_tokens(self, rows: slice) -> "SemanticContext":
+        """This context for a part of the image sequence (the image queries' RoPE of those rows; the memo shared)."""
+        return self if self.q_pe is None else replace(self, q_pe=self.q_pe[:, :, rows])
 
 
 def attention_weights(q: Tensor, k: Tensor) -> Tensor:
@@ -179,14 +198,21 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(inner_dim // num_heads)
         self.proj = nn.Linear(inner_dim, dim)
 
-    def qkv(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q = rearrange(self.to_q(x), "B L (H D) -> B H L D", H=self.num_heads)  # [B, H, L, Dh]
+    def kv(self, ctx: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """The context's rotated keys and values: [B, N, D_ctx] -> 2 x [B, H, N, Dh]."""
         k, v = rearrange(self.to_kv(ctx), "B N (K H D) -> K B H N D", K=2, H=self.num_heads)  # 2 x [B, H, N, Dh]
-        q, k = self.q_norm(q).to(v), self.k_norm(k).to(v)
-        return apply_rope(q, q_pe), apply_rope(k, k_pe), v
+        return apply_rope(self.k_norm(k).to(v), k_pe), v
 
-    def forward(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor) -> Tensor:
-        q, k, v = self.qkv(x, ctx, q_pe, k_pe)
+    def qkv(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor,
+            kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """kv: self.kv(ctx, k_pe) if already computed."""
+        q = rearrange(self.to_q(x), "B L (H D) -> B H L D", H=self.num_heads)  # [B, H, L, Dh]
+        k, v = kv if kv is not None else self.kv(ctx, k_pe)
+        return apply_rope(self.q_norm(q).to(v), q_pe), k, v
+
+    def forward(self, x: Tensor, ctx: Tensor, q_pe: Tensor, k_pe: Tensor,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        q, k, v = self.qkv(x, ctx, q_pe, k_pe, kv)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, Dh]
         return self.proj(rearrange(out, "B H L D -> B L (H D)"))  # [B, L, D]
 
@@ -206,7 +232,8 @@ class SemanticCrossAttention(nn.Module):
         return self.attn
 
     def forward(self, img: Tensor, ctx: SemanticContext) -> Tensor:
-        return img + ctx.strength * self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe))
+        kv = ctx.once(self, lambda: self.attn.kv(ctx.tokens, ctx.k_pe))  # per image: the same at every step
+        return img + ctx.strength * self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe, kv))
 
 
 class DecoupledSemanticAttention(nn.Module):
@@ -228,12 +255,16 @@ class DecoupledSemanticAttention(nn.Module):
         """What record_attention watches: this module itself (its forward takes the block's queries)."""
         return self
 
-    def qkv(self, q: Tensor, q_pe: Tensor, ctx: SemanticContext) -> tuple[Tensor, Tensor, Tensor]:
-        """The block's queries q [B, H, L_img, Dh] and their RoPE -> rotated q, and the semantic k, v [B, H, N, Dh]."""
+    def kv(self, ctx: SemanticContext) -> tuple[Tensor, Tensor]:
+        """The semantic tokens' rotated keys and values, 2 x [B, H, N, Dh]."""
         kv = ctx.kv if self.to_kv is None else self.to_kv(ctx.tokens)  # [B, N, 2D]
         k, v = rearrange(kv, "B N (K H D) -> K B H N D", K=2, H=self.num_heads)  # 2 x [B, H, N, Dh]
-        k = self.k_norm(k).to(v)
-        return apply_rope(q, q_pe), apply_rope(k, ctx.k_pe), v
+        return apply_rope(self.k_norm(k).to(v), ctx.k_pe), v
+
+    def qkv(self, q: Tensor, q_pe: Tensor, ctx: SemanticContext) -> tuple[Tensor, Tensor, Tensor]:
+        """The block's queries q [B, H, L_img, Dh] and their RoPE -> rotated q, and the semantic k, v [B, H, N, Dh]."""
+        k, v = ctx.once(self, lambda: self.kv(ctx))  # per image: the same at every step
+        return apply_rope(q, q_pe), k, v
 
     def forward(self, q: Tensor, q_pe: Tensor, ctx: SemanticContext) -> Tensor:
         out = F.scaled_dot_product_attention(*self.qkv(q, q_pe, ctx))  # [B, H, L_img, Dh]
@@ -265,9 +296,12 @@ class SemanticAdapter(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, img: Tensor, ctx: SemanticContext) -> Tensor:
-        s = self.sem_norm(ctx.tokens)
-        s = ctx.tokens + self.self_attn(s, s, ctx.k_pe, ctx.k_pe)  # [B, N, D]
-        h = self.cross_attn(self.img_norm(img), s, ctx.q_pe, ctx.k_pe)  # [B, L_img, D]
+        def semantic_side():  # the semantic tokens' self-attention, and their keys and values: per image
+            s = self.sem_norm(ctx.tokens)
+            s = ctx.tokens + self.self_attn(s, s, ctx.k_pe, ctx.k_pe)  # [B, N, D]
+            return s, self.cross_attn.kv(s, ctx.k_pe)
+        s, kv = ctx.once(self, semantic_side)
+        h = self.cross_attn(self.img_norm(img), s, ctx.q_pe, ctx.k_pe, kv)  # [B, L_img, D]
         h = h + self.ff(self.ff_norm(h))
         return img + ctx.strength * self.gate * h
 
@@ -401,12 +435,14 @@ class ZeroConvModule(SemanticModule):
         self.zeroconv = ZeroConv()
 
     def on_input(self, img: Tensor, ctx: SemanticContext) -> Tensor:
+        """img: [x_t | x_cond] (Kontext order), or x_cond alone (the condition cache's condition pass)."""
         N = ctx.tokens.shape[1]
-        if img.shape[1] < 2 * N:
+        if img.shape[1] < N:
             raise ValueError("scheme zeroconv adds to the x_cond tokens, which must follow x_t (Kontext order); "
                              f"got {img.shape[1]} image tokens for {N} semantic tokens")
+        delta = ctx.once(self, lambda: self.zeroconv(ctx.tokens, ctx.grid))  # [B, N, 64], per image
         # [x_t | x_cond + zeroconv(sem)]: x_cond are the last N tokens
-        return torch.cat((img[:, :-N], img[:, -N:] + ctx.strength * self.zeroconv(ctx.tokens, ctx.grid)), dim=1)
+        return torch.cat((img[:, :-N], img[:, -N:] + ctx.strength * delta), dim=1)
 
 
 class BlockwiseModule(SemanticModule):

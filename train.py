@@ -39,9 +39,10 @@ from checkpoint import save_atomic
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_loading import load_flux
 from flux_model import PRESETS, Flux
-from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, build_model, command, find_setup,
-                      is_trained_key, load_trained, resolve_device, run_config, text_condition)
-from sem_cross_attn import ATTENTION_FORMS, BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig
+from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model, command,
+                      find_setup, is_trained_key, load_trained, resolve_device, run_config, text_condition)
+from sem_cross_attn import (ATTENTION_FORMS, BASELINES, DEFAULT_B as SEM_DEFAULT_B, SCHEMES as MODULE_SCHEMES,
+                            SemanticConfig)
 from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
 from run_state import changed_settings, claim, load_state, resume_command, save_state, trim_log
 from synth import TRAIN_SET, ensure_set
@@ -53,9 +54,9 @@ from viz import grid, to_pil_gray, to_pil_rgb
 
 STAGES = ("warmup", "joint", "finetune", "base")
 SEM_DROP_JOINT = 0.1  # the joint stage's default condition dropout (--sem-drop), as ControlNet-style trainers use
-# the default scheme B: the ablation's best quality per trainable parameter at dev size (README): decoupled attention
-# on 64-dim semantic tokens, 22.8 M parameters at dev (the separate form: 2.16 B)
-DEFAULT_B = {"sem_attention": "decoupled", "sem_token_dim": 64}
+# the default scheme B (sem_cross_attn.DEFAULT_B): the ablation's best quality per trainable parameter at dev size
+# (README): decoupled attention on 64-dim semantic tokens, 22.8 M parameters at dev (the separate form: 2.16 B)
+DEFAULT_B = {"sem_attention": SEM_DEFAULT_B.attention, "sem_token_dim": SEM_DEFAULT_B.token_dim}
 # which earlier stage's output an --init may come from
 INIT_FROM = {"warmup": ("warmup",), "joint": ("warmup", "joint"), "finetune": ("warmup", "joint", "finetune"),
              "base": ("base",)}
@@ -114,6 +115,10 @@ class TrainConfig:
     sem_jitter: int = opt(0, "augment: shift each semantic map by up to this many pixels and coarsen it by 1, 2 or "
                              "4 (nearest), as misregistered pairs and coarse segmenters give; 0: off")
     overlay_alpha: float = opt(0.5, "overlay baseline: weight of the semantic colours in the blend")
+    condition_cache: bool = opt(False, "train the condition cache (OminiControl2 / EasyControl): the condition tokens "
+                                       "get the modulation of t = 0 and attend only to themselves, so sampling "
+                                       "computes their keys and values once per image (about half the work per "
+                                       "step; another model than Kontext: a base trained with it needs it)")
     base_dtype: str = opt("", "how the frozen base is stored: fp8 (1 byte per linear weight, fp8.py) | bf16 | "
                               "fp32; empty: bf16 on a GPU, fp32 on the CPU")
     gradient_checkpointing: bool = opt(False, "recompute each block with its semantic module in backward "
@@ -159,7 +164,8 @@ def parse_args(argv=None) -> TrainConfig:
 def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
     """The self-description written into every output (pipeline.load_pipeline rebuilds the model from it)."""
     c = {"stage": cfg.stage, "scheme": cfg.scheme, "base_preset": setup.preset, "base_file": setup.flux.name,
-         "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size}
+         "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size,
+         "condition_cache": cfg.condition_cache}
     if cfg.scheme in MODULE_SCHEMES:
         semantic = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
                                   num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim, attention=cfg.sem_attention,
@@ -222,6 +228,8 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
                          "one of them")
     if cfg.sem_jitter and cfg.scheme in BASELINES:
         raise ValueError(f"--sem-jitter moves the semantic input of a module; scheme {cfg.scheme!r} has none")
+    if cfg.stage != "base" and base_condition_cache(setup) and not cfg.condition_cache:
+        raise ValueError(f"the base {setup.flux} was trained with the condition cache: pass --condition-cache")
     if cfg.resume and not (Path(cfg.out) / "resume.pt").is_file():
         raise ValueError(f"--resume: no {Path(cfg.out) / 'resume.pt'} (was the run started with --out {cfg.out}?)")
     if not cfg.init:
@@ -296,10 +304,13 @@ def build(cfg: TrainConfig, setup: Setup, want: dict, device, dtype) -> Flux:
     LoRA starts at zero, i.e. the identity)."""
     if cfg.stage == "base":
         if cfg.init:
-            return load_flux(cfg.init, setup.preset, device=device, dtype=torch.float32)
-        if setup.kind == "demo":
-            return Flux(PRESETS["tiny"]).to(device)
-        return load_flux(setup.flux, setup.preset, device=device, dtype=torch.float32)
+            model = load_flux(cfg.init, setup.preset, device=device, dtype=torch.float32)
+        elif setup.kind == "demo":
+            model = Flux(PRESETS["tiny"]).to(device)
+        else:
+            model = load_flux(setup.flux, setup.preset, device=device, dtype=torch.float32)
+        model.condition_cache = cfg.condition_cache
+        return model
     model = build_model(setup, want, device, dtype, modules_dtype=torch.float32, base_dtype=cfg.base_dtype or None)
     if cfg.init:
         load_trained(model, cfg.init, want, lora_optional=True)
@@ -426,7 +437,8 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
     model.eval()
     x = pack(get_noise(B, H, W, seed=0, device=device, dtype=dtype))
     x = denoise(model, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
-                cfg.guidance if model.params.guidance_embed else None)
+                cfg.guidance if model.params.guidance_embed else None,
+                reuse=not cfg.fsdp)  # FSDP gathers the root's weights in forward only: one forward per step
     model.train(was_training)
     path = out / f"step_{step:06d}.png"
     if not write:

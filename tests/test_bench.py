@@ -33,6 +33,25 @@ def is_number(v) -> bool:
 # The smoke run
 
 
+def test_tiny_sampling_benchmark_checks_the_reuse_and_reports_every_ratio(one_thread, capsys):
+    bench.main(["--config", "tiny", "--sampling", "--threads", "1", "--repeats", "1", "--sample-steps", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "the benchmark prints ONE JSON line"
+    r = json.loads(lines[0])
+    # the exact reuse equals a whole forward per step, the base equals diffusers, before anything is timed
+    assert set(r["check_max_rel_diff"]) == {"kontext_reuse_vs_per_step", "base_reuse_vs_diffusers", "train_full_loss"}
+    assert all(v <= 1e-4 for v in r["check_max_rel_diff"].values())
+    names = {"ours:kontext_per_step", "ours:kontext_reuse", "ours:cache", "ours:base_reuse", "theirs:kontext",
+             "ours:train_full", "theirs:train_full"}
+    assert set(r["cases"]) == names and all(is_number(r["cases"][n][k]) for n in names for k in ("s", "gflop"))
+    assert all(is_number(v["time"]) and is_number(v["flops"]) for v in r["ratios"].values())
+    # less work: the reuse skips the last block's condition and text tokens, the cache runs x_t and text only
+    assert r["ratios"]["reuse_vs_per_step"]["flops"] < 1 and r["ratios"]["cache_vs_reuse"]["flops"] < 0.8
+    assert r["ratios"]["base_reuse_vs_diffusers"]["flops"] < 1
+    assert set(r["targets"]) == {*bench.SAMPLING_TARGETS, "train_full_memory"}
+    assert all(isinstance(t["met"], bool) for t in r["targets"].values())
+
+
 def test_tiny_benchmark_runs_and_reports_every_field(one_thread, capsys):
     bench.main(["--config", "tiny", "--threads", "1", "--repeats", "1"])
     lines = capsys.readouterr().out.strip().splitlines()

@@ -91,7 +91,7 @@ def test_euler_integrates_a_constant_velocity_exactly():
         def forward(self, img, **kw):
             return torch.ones_like(img)
     x = torch.randn(2, 6, 64)
-    out = flow.denoise(Constant(), x, condition(), flow.get_schedule(7, 6))
+    out = flow.denoise(Constant(), x, condition(), flow.get_schedule(7, 6), reuse=False)
     torch.testing.assert_close(out, x - 1)  # sum of (t_next - t) from 1 to 0 is -1
 
 
@@ -117,3 +117,32 @@ def test_semantic_guidance_with_w_1_is_the_plain_conditional_prediction():
                                without + 3 * (plain - without))
     cond.sem_strength = 0.5  # the strength reaches the model
     torch.testing.assert_close(flow.velocity(model, x, t, cond), 2 * x + 0.5 * cond.semantic)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["kontext", "condition-cache"])
+def test_denoise_with_reuse_equals_a_whole_forward_per_step(cache):
+    """The exact reuse (flow.fix once, Flux.step per step) against the plain sampler, with scheme B acting, a
+    per-sample strength and semantic guidance (its "without" pass reused too), in Kontext and condition-cache mode."""
+    from conftest import small_flux_params
+    from flux_model import Flux
+    from sem_cross_attn import SemanticConfig, attach
+    torch.manual_seed(0)
+    model = Flux(small_flux_params()).eval()
+    sem_mod = attach(model, SemanticConfig(attention="decoupled", token_dim=16))
+    with torch.no_grad():
+        for p in sem_mod.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.condition_cache = cache
+    B, h, w = 2, 3, 4
+    g = torch.Generator().manual_seed(1)
+    text = (torch.randn(1, 5, 32, generator=g), text_ids(1, 5), torch.randn(1, 16, generator=g))
+    cond = flow.make_condition(torch.randn(B, h * w, 64, generator=g), torch.randn(B, h * w, 64, generator=g), text,
+                               h, w)
+    cond.sem_strength = torch.tensor([1.0, 1.5])
+    x = torch.randn(B, h * w, 64, generator=g)
+    ts = flow.get_schedule(4, h * w)
+    with torch.no_grad():
+        plain = flow.denoise(model, x, cond, ts, guidance=3.5, sem_guidance=1.5, reuse=False)
+        fast = flow.denoise(model, x, cond, ts, guidance=3.5, sem_guidance=1.5)
+    assert not torch.equal(plain, x)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from safetensors.torch import save_file
 
 import bench
@@ -22,6 +22,7 @@ from conftest import small_flux_params
 from flow import image_ids, kontext_ids, text_ids
 from flux_loading import load_flux
 from flux_model import Flux, PRESETS, EmbedND, SelfAttention, apply_rope, attention, timestep_embedding
+from measure import count_flops
 from sem_cross_attn import SemanticConfig, attach
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,25 +291,35 @@ SEMANTIC_FORMS = {"base": None, "with-semantic-module": SemanticConfig(scheme="x
                   "adapter": SemanticConfig(scheme="adapter"), "zeroconv": SemanticConfig(scheme="zeroconv")}
 
 
+def acting_semantic(model: Flux, config: SemanticConfig):
+    """The semantic module `config` attached with every part acting (strengths 0.5, zero-initialised weights drawn),
+    so no gradient or output of it is trivially zero."""
+    sem_mod = attach(model, config)
+    with torch.no_grad():
+        for p in sem_mod.strength_parameters():
+            p.fill_(0.5)
+        for p in sem_mod.parameters():
+            if p.ndim > 1 and not p.abs().sum():
+                p.normal_(0, 0.02)
+    return sem_mod
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["kontext", "condition-cache"])
 @pytest.mark.parametrize("form", list(SEMANTIC_FORMS))
-def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, form):
+def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, form, cache):
     """Checkpointing recomputes each block together with its semantic module (one unit): the gradients of every
-    parameter, the semantic module's included, equal the uncheckpointed ones."""
+    parameter, the semantic module's included, equal the uncheckpointed ones; with the condition cache too, whose
+    condition pass trains through the cached keys and values."""
     torch.manual_seed(0)
     semantic = SEMANTIC_FORMS[form] is not None
     params = small_params(guidance=semantic)
     model = Flux(params)
     x = kontext_inputs(params)
     if semantic:
-        sem_mod = attach(model, SEMANTIC_FORMS[form])
-        with torch.no_grad():  # every part acts, so no gradient is trivially zero
-            for p in sem_mod.strength_parameters():
-                p.fill_(0.5)
-            for p in sem_mod.parameters():
-                if p.ndim > 1 and not p.abs().sum():
-                    p.normal_(0, 0.02)
+        acting_semantic(model, SEMANTIC_FORMS[form])
     else:
         x.pop("semantic")
+    model.condition_cache = cache
     model.train()
     grads = []
     for ckpt in (False, True):
@@ -511,3 +522,120 @@ def test_checkpointing_keeps_no_semantic_activations_between_blocks(small_params
     assert sizes[True, False] > sizes[False, False]  # uncheckpointed, the module keeps activations of its own
     module_inside = sizes[True, True] - sizes[False, True]
     assert module_inside < 0.1 * (sizes[True, False] - sizes[False, False]), sizes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: what does not change between steps computed once (exact reuse), and the condition cache
+
+
+def split_call(model: Flux, x: dict, timesteps: Tensor) -> Tensor:
+    """The sampler's form of a forward: Flux.fix on the condition (once per image), Flux.step on x_t."""
+    L = x["img"].shape[1] // 2
+    fixed = model.fix(x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"], semantic=x.get("semantic"),
+                      x_cond=x["img"][:, L:])
+    return model.step(x["img"][:, :L], timesteps, fixed)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["kontext", "condition-cache"])
+@pytest.mark.parametrize("form", list(SEMANTIC_FORMS))
+def test_fix_once_then_step_equals_a_whole_forward_at_every_t(small_params, kontext_inputs, form, cache):
+    """One Flux.fix reused for several steps gives what a whole forward gives at each of them, on the x_t tokens
+    (its last block computing those only), for every semantic scheme and form, with the condition cache too."""
+    torch.manual_seed(0)
+    params = small_params()
+    model = Flux(params).eval()
+    x = kontext_inputs(params)
+    if SEMANTIC_FORMS[form] is None:
+        x.pop("semantic")
+    else:
+        acting_semantic(model, SEMANTIC_FORMS[form])
+    model.condition_cache = cache
+    L = x["img"].shape[1] // 2
+    with torch.no_grad():
+        fixed = model.fix(x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"], semantic=x.get("semantic"),
+                          x_cond=x["img"][:, L:])
+        assert (fixed.cond_kv is not None) == cache
+        for t in (0.9, 0.4, 0.0):
+            timesteps = torch.full((2,), t)
+            whole = model(**(x | {"timesteps": timesteps}))
+            assert whole.shape[1] == (L if cache else 2 * L)  # the condition cache: the x_t tokens' outputs only
+            torch.testing.assert_close(model.step(x["img"][:, :L], timesteps, fixed), whole[:, :L],
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["with-semantic-module", "decoupled", "adapter", "zeroconv"])
+def test_semantic_keys_and_values_are_computed_once_per_image(small_params, kontext_inputs, form):
+    """Under one Flux.fix, every semantic projection (keys/values, the adapter's semantic self-attention, the zero
+    conv) runs once, however many steps follow; a new fix computes them again."""
+    params = small_params()
+    model = Flux(params).eval()
+    sem_mod = acting_semantic(model, SEMANTIC_FORMS[form])
+    x = kontext_inputs(params)
+    calls = {}
+    for name, m in sem_mod.named_modules():
+        if name.endswith(("to_kv", "zeroconv")):
+            m.register_forward_hook(lambda m, *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    L = x["img"].shape[1] // 2
+    with torch.no_grad():
+        fixed = model.fix(x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"], semantic=x["semantic"],
+                          x_cond=x["img"][:, L:])
+        for t in (0.9, 0.5, 0.1):
+            model.step(x["img"][:, :L], torch.full((2,), t), fixed)
+        assert calls and set(calls.values()) == {1}, calls
+        model(**x)  # a whole forward: a new context, computed again
+    assert set(calls.values()) == {2}
+
+
+def test_attend_with_cached_keys_is_joint_attention_with_the_condition_rows_masked():
+    """The condition cache's attention is Kontext's joint attention over [txt, x_t | x_cond] with one change: the
+    condition queries see only the condition keys. Written as that masked attention, the other rows are `attend`
+    with the cached keys, and the condition rows are the condition pass's self-attention."""
+    torch.manual_seed(0)
+    B, H, L, L_c, Dh = 2, 3, 7, 5, 8
+    q, k, v = (torch.randn(B, H, L + L_c, Dh) for _ in range(3))
+    mask = torch.ones(L + L_c, L + L_c, dtype=torch.bool)
+    mask[L:, :L] = False  # condition queries: condition keys only
+    joint = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L + L_c, H * Dh)
+    main = flux_model.attend(q[:, :, :L], k[:, :, :L], v[:, :, :L], cached=(k[:, :, L:], v[:, :, L:]))
+    cond = flux_model.attend(q[:, :, L:], k[:, :, L:], v[:, :, L:])
+    torch.testing.assert_close(torch.cat((main, cond), dim=1), joint, rtol=1e-5, atol=1e-6)
+
+
+def step_flops(fn) -> int:
+    with torch.no_grad():
+        return count_flops(fn)
+
+
+def test_condition_cache_does_half_the_work_of_a_kontext_step(small_params, kontext_inputs):
+    """Counted FLOPs of one denoising step at 8x8 tokens (+ 5 text tokens), scheme B attached: the Kontext step with
+    exact reuse saves the last block's work on the condition and text tokens; the condition cache runs the x_t and
+    text tokens only, about half; its condition pass costs less than one Kontext step, once per image."""
+    params = small_params()
+    model = Flux(params).eval()
+    acting_semantic(model, SemanticConfig(attention="decoupled", token_dim=32))
+    x = kontext_inputs(params, h=8, w=8)
+    L = x["img"].shape[1] // 2
+    args = (x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"])
+    whole = step_flops(lambda: model(**x))
+    for cache in (False, True):
+        model.condition_cache = cache
+        with torch.no_grad():
+            fixed = model.fix(*args, semantic=x["semantic"], x_cond=x["img"][:, L:])
+        step = step_flops(lambda: model.step(x["img"][:, :L], x["timesteps"], fixed))
+        condition_pass = step_flops(lambda: model.fix(*args, semantic=x["semantic"], x_cond=x["img"][:, L:]))
+        if cache:
+            assert step < 0.56 * whole and condition_pass < 0.5 * whole, (step / whole, condition_pass / whole)
+        else:
+            assert 0.85 * whole < step < 0.97 * whole and condition_pass < 0.01 * whole, step / whole
+
+
+def test_condition_cache_needs_kontext_condition_tokens(small_params, kontext_inputs):
+    params = small_params()
+    model = Flux(params)
+    model.condition_cache = True
+    x = kontext_inputs(params)
+    x.pop("semantic")
+    x["img_ids"] = x["img_ids"].clone()
+    x["img_ids"][..., 0] = 0  # no token marked as a condition
+    with pytest.raises(ValueError, match="condition tokens last"):
+        model(**x)
