@@ -593,8 +593,9 @@ def acting(module: nn.Module) -> nn.Module:
 def sampling_cases(cfg: BenchConfig, args: argparse.Namespace, sd: dict[str, Tensor], x: dict) -> dict[str, Case]:
     """Ours: flow.denoise, 20 Euler steps, the default scheme B attached (sem_cross_attn.DEFAULT_B, acting): one whole
     forward per step (`kontext_per_step`), the exact reuse (`kontext_reuse`), the condition cache (`cache`, the same
-    weights run in that mode; its condition pass is in the time); and the base alone with the exact reuse
-    (`base_reuse`: diffusers' work). Theirs: diffusers' Kontext sampling on the same base weights (`kontext`)."""
+    weights run in that mode; its condition pass is in the time); and the base alone (diffusers' work) with the exact
+    reuse (`base_reuse`) and with the condition cache (`cache_base`). Theirs: diffusers' Kontext sampling on the same
+    base weights (`kontext`)."""
     from flow import denoise, make_condition
     from sem_cross_attn import DEFAULT_B
     params, device = cfg.params(), args.device
@@ -614,6 +615,8 @@ def sampling_cases(cfg: BenchConfig, args: argparse.Namespace, sd: dict[str, Ten
     b.eval()
     cached = share_weights(b, with_b).eval()
     cached.condition_cache = True
+    cached_base = share_weights(base, lambda: Flux(params)).eval()
+    cached_base.condition_cache = True
     cond_b = make_condition(x_cond, x["semantic"], text, *cfg.grid)
     cond = make_condition(x_cond, None, text, *cfg.grid)
 
@@ -625,6 +628,7 @@ def sampling_cases(cfg: BenchConfig, args: argparse.Namespace, sd: dict[str, Ten
             ("ours", "kontext_reuse"): Case(b, ours(cond_b, True)),
             ("ours", "cache"): Case(cached, ours(cond_b, True)),
             ("ours", "base_reuse"): Case(base, ours(cond, True)),
+            ("ours", "cache_base"): Case(cached_base, ours(cond, True)),
             ("theirs", "kontext"): Case(theirs, lambda m: sample(call_theirs, m, x, cfg.sample_steps, nullcontext))}
 
 
@@ -643,6 +647,9 @@ def run_sampling(args: argparse.Namespace) -> dict:
     cases = sampling_cases(cfg, args, sd, x)
     cases |= {(side, "train_full"): build_cases(cfg, side, args, sd, x, ("train_full",))["train_full"]
               for side in ("ours", "theirs")}
+    trained_cached = share_weights(cases[("ours", "train_full")].model, lambda: Flux(cfg.params())).train()
+    trained_cached.condition_cache = True  # the training step of the condition-cache mode (another model)
+    cases[("ours", "train_full_cache")] = Case(trained_cached, lambda m: train_step(call_ours, m, x, nullcontext))
     del sd
     result = {"config": args.config, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "load_avg_start": load_average(),
@@ -684,8 +691,10 @@ def run_sampling(args: argparse.Namespace) -> dict:
              "per_step_vs_diffusers": (("ours", "kontext_per_step"), ("theirs", "kontext")),
              "reuse_vs_diffusers": (("ours", "kontext_reuse"), ("theirs", "kontext")),
              "cache_vs_diffusers": (("ours", "cache"), ("theirs", "kontext")),
+             "cache_base_vs_diffusers": (("ours", "cache_base"), ("theirs", "kontext")),
              "cache_vs_reuse": (("ours", "cache"), ("ours", "kontext_reuse")),
-             "train_full": (("ours", "train_full"), ("theirs", "train_full"))}
+             "train_full": (("ours", "train_full"), ("theirs", "train_full")),
+             "train_full_cache_vs_kontext": (("ours", "train_full_cache"), ("ours", "train_full"))}
     result["ratios"] = {k: {"time": round(med[a] / med[b], 3), "flops": round(flops[a] / flops[b], 3)}
                         for k, (a, b) in pairs.items()}
     result["targets"] = {k: {"at_most": v, "met": result["ratios"][k]["time"] <= v}

@@ -556,11 +556,14 @@ class Flux(nn.Module):
 
     def step(self, x: Tensor, timesteps: Tensor, fixed: Fixed, keep: int | None = None) -> Tensor:
         """The part of a forward that changes with x_t and t: x [B, L, 64], timesteps [B] -> velocity [B, L', 64].
-        fixed.x_cond or fixed.cond_kv set (the sampler's fix): x is x_t alone and L' = L. Otherwise x is the whole
-        image sequence and L' its length, or `keep` (outputs for the first `keep` tokens only)."""
+        fixed.x_cond or fixed.cond_kv set (the sampler's fix, and the condition cache's forward): x is x_t alone and
+        L' = L. Otherwise x is the whole image sequence and L' its length, or `keep` (outputs for the first `keep`
+        tokens only)."""
         img = x
         if fixed.x_cond is not None:  # Kontext: [x_t | x_cond], and only x_t's outputs are read
             img, keep = torch.cat((x, fixed.x_cond), dim=1), x.shape[1]  # [B, L + L_c, 64]
+        elif fixed.cond_kv is not None:  # the condition cache: x_t alone, the text tokens' outputs not needed
+            keep = x.shape[1]
         if fixed.sem is not None and fixed.cond_kv is None:
             img = self.semantic.on_input(img, fixed.sem)  # scheme A adds to the condition tokens; identity otherwise
         img = self.img_in(img)  # [B, L_img, 64] -> [B, L_img, D]

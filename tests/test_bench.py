@@ -41,8 +41,9 @@ def test_tiny_sampling_benchmark_checks_the_reuse_and_reports_every_ratio(one_th
     # the exact reuse equals a whole forward per step, the base equals diffusers, before anything is timed
     assert set(r["check_max_rel_diff"]) == {"kontext_reuse_vs_per_step", "base_reuse_vs_diffusers", "train_full_loss"}
     assert all(v <= 1e-4 for v in r["check_max_rel_diff"].values())
-    names = {"ours:kontext_per_step", "ours:kontext_reuse", "ours:cache", "ours:base_reuse", "theirs:kontext",
-             "ours:train_full", "theirs:train_full"}
+    names = {"ours:kontext_per_step", "ours:kontext_reuse", "ours:cache", "ours:base_reuse", "ours:cache_base",
+             "theirs:kontext",
+             "ours:train_full", "theirs:train_full", "ours:train_full_cache"}
     assert set(r["cases"]) == names and all(is_number(r["cases"][n][k]) for n in names for k in ("s", "gflop"))
     assert all(is_number(v["time"]) and is_number(v["flops"]) for v in r["ratios"].values())
     # less work: the reuse skips the last block's condition and text tokens, the cache runs x_t and text only
