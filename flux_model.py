@@ -498,7 +498,8 @@ class Flux(nn.Module):
         x_ids, cond_ids = img_ids[:, :L_x], img_ids[:, L_x:]
         fixed.pe = self.pe_embedder(torch.cat((txt_ids, x_ids), dim=1))  # [B, 1, L_txt + L_x, Dh/2, 2, 2]
         fixed.sem = sem.for_tokens(slice(0, L_x)) if sem is not None else None
-        # the condition pass: x_cond alone, at t = 0, no text; only the keys and values of its last block are used
+        # the condition pass: x_cond alone, at t = 0, no text; every block's keys and values are kept (its last block
+        # computes nothing else: keep=0)
         c = self.img_in(self.semantic.on_input(x_cond, sem) if sem is not None else x_cond)  # [B, L_c, D]
         vec0 = self.time_vector(torch.zeros(x_cond.shape[0], device=c.device, dtype=c.dtype), fixed)  # [B, D]
         c_sem = sem.for_tokens(slice(L_x, None)) if sem is not None else None
