@@ -555,12 +555,12 @@ class Flux(nn.Module):
         img = x if keep is not None else x[:, L_txt:]  # [B, L_img or keep, D]
         return img, (kvs if return_kv else None)
 
-    def step(self, x: Tensor, timesteps: Tensor, fixed: Fixed, keep: int | None = None) -> Tensor:
+    def step(self, x: Tensor, timesteps: Tensor, fixed: Fixed) -> Tensor:
         """The part of a forward that changes with x_t and t: x [B, L, 64], timesteps [B] -> velocity [B, L', 64].
         fixed.x_cond or fixed.cond_kv set (the sampler's fix, and the condition cache's forward): x is x_t alone and
-        L' = L. Otherwise x is the whole image sequence and L' its length, or `keep` (outputs for the first `keep`
-        tokens only)."""
-        img = x
+        L' = L (the last block computes those tokens' outputs only). Otherwise x is the whole image sequence and L'
+        its length."""
+        img, keep = x, None
         if fixed.x_cond is not None:  # Kontext: [x_t | x_cond], and only x_t's outputs are read
             img, keep = torch.cat((x, fixed.x_cond), dim=1), x.shape[1]  # [B, L + L_c, 64]
         elif fixed.cond_kv is not None:  # the condition cache: x_t alone, the text tokens' outputs not needed

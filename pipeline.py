@@ -229,7 +229,7 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
             raise CheckpointError(f"run config: its semantic options are malformed ({e})") from None
     model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype, base_dtype=base_dtype)
     # the condition cache: the run's choice, or (no run config, e.g. sampling the base alone) the base's own
-    model.condition_cache = bool(cfg.get("condition_cache", base_condition_cache(setup)))
+    model.condition_cache = bool(cfg["condition_cache"] if "condition_cache" in cfg else base_condition_cache(setup))
     dtype = BASE_DTYPES.get(base_dtype) or dtype  # bf16 / fp32: the modules compute in the base's dtype
     if scheme in MODULE_SCHEMES:
         attach(model, semantic, dtype=modules_dtype or dtype)

@@ -123,15 +123,13 @@ def test_semantic_guidance_with_w_1_is_the_plain_conditional_prediction():
 def test_denoise_with_reuse_equals_a_whole_forward_per_step(cache):
     """The exact reuse (flow.fix once, Flux.step per step) against the plain sampler, with scheme B acting, a
     per-sample strength and semantic guidance (its "without" pass reused too), in Kontext and condition-cache mode."""
+    import bench
     from conftest import small_flux_params
     from flux_model import Flux
     from sem_cross_attn import SemanticConfig, attach
     torch.manual_seed(0)
     model = Flux(small_flux_params()).eval()
-    sem_mod = attach(model, SemanticConfig(attention="decoupled", token_dim=16))
-    with torch.no_grad():
-        for p in sem_mod.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    bench.acting(attach(model, SemanticConfig(attention="decoupled", token_dim=16)))
     model.condition_cache = cache
     B, h, w = 2, 3, 4
     g = torch.Generator().manual_seed(1)

@@ -292,16 +292,9 @@ SEMANTIC_FORMS = {"base": None, "with-semantic-module": SemanticConfig(scheme="x
 
 
 def acting_semantic(model: Flux, config: SemanticConfig):
-    """The semantic module `config` attached with every part acting (strengths 0.5, zero-initialised weights drawn),
-    so no gradient or output of it is trivially zero."""
-    sem_mod = attach(model, config)
-    with torch.no_grad():
-        for p in sem_mod.strength_parameters():
-            p.fill_(0.5)
-        for p in sem_mod.parameters():
-            if p.ndim > 1 and not p.abs().sum():
-                p.normal_(0, 0.02)
-    return sem_mod
+    """The semantic module `config` attached with every part acting (bench.acting), so no gradient or output of it
+    is trivially zero."""
+    return bench.acting(attach(model, config))
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["kontext", "condition-cache"])
