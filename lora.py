@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from checkpoint import check_keys
-from fp8 import FP8_DTYPES, base_linear
+from extras.fp8 import FP8_DTYPES, base_linear
 
 # ----------------------------------------------------------------------------------------------------------------
 # The layer

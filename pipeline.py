@@ -30,8 +30,8 @@ from torch import Tensor
 import data
 from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
-from flux_loading import detect_preset, load_flux
-from fp8 import BASE_DTYPES
+from extras.checkpoint_forms import detect_preset, load_flux
+from extras.fp8 import BASE_DTYPES
 from flux_model import PRESETS, Flux
 from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
 from vae import AutoEncoder, load_ae

@@ -37,7 +37,7 @@ from torch import Tensor
 import data
 from checkpoint import save_atomic
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
-from flux_loading import load_flux
+from extras.checkpoint_forms import load_flux
 from flux_model import PRESETS, Flux
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model, command,
                       find_setup, is_trained_key, load_trained, resolve_device, run_config, text_condition)
@@ -45,10 +45,10 @@ from sem_cross_attn import (ATTENTION_FORMS, BASELINES, DEFAULT_B as SEM_DEFAULT
                             SemanticConfig)
 from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
 from run_state import changed_settings, claim, load_state, resume_command, save_state, trim_log
-from synth import TRAIN_SET, ensure_set
-from fp8 import BASE_DTYPES
-import distributed
-from lora_formats import EXPORTS, export_if_lora
+from tools.synth import TRAIN_SET, ensure_set
+from extras.fp8 import BASE_DTYPES
+from extras import fsdp as distributed
+from extras.lora_formats import EXPORTS, export_if_lora
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
 

@@ -56,7 +56,7 @@ def world(tmp_path_factory):
     """A scratch weights/ folder with a random tiny demo base + autoencoder, and 12 synthetic 64px pairs."""
     from checkpoint import save_atomic
     from flux_model import PRESETS, Flux
-    from synth import write_synth
+    from tools.synth import write_synth
     from vae import AE_PRESETS, AutoEncoder, save_ae
     base = tmp_path_factory.mktemp("world")
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import train_ae
+from tools import train_ae
 from run_state import save_state
 from checkpoint import read_safetensors
 from vae import load_ae

@@ -17,7 +17,7 @@ import train
 from checkpoint import read_metadata, read_safetensors, save_atomic
 from conftest import train_args
 from data import PairedDataset
-from flux_loading import load_flux
+from extras.checkpoint_forms import load_flux
 from flux_model import PRESETS, Flux
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -402,7 +402,7 @@ def test_outputs_carry_the_class_palette_and_the_latent_cache_follows_it(run_tra
 
 def test_a_dataset_of_mixed_sizes_is_refused_naming_pixel_sizes(env, run_train, tmp_path, capsys):
     import shutil
-    from synth import write_synth
+    from tools.synth import write_synth
     write_synth(tmp_path / "a", count=2, size=64, seed=0)
     write_synth(tmp_path / "b", count=2, size=32, seed=1)
     mixed = tmp_path / "mixed"

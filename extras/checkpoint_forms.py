@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-import fp8
+from extras import fp8
 from checkpoint import (CheckpointError, check_keys, check_state_dict, header_keys, load_strict, read_metadata,
                         read_sharded, split_prefix)
 from flux_model import PRESETS, Flux, FluxParams
@@ -141,7 +141,7 @@ def _transformer_keys(keys: list[str]) -> tuple[dict[str, str], str]:
 
 def _diffusers_plan(model: Flux) -> dict[str, list[tuple[str, tuple]]]:
     """{official key: [(diffusers key, shape)]}: the diffusers tensors each official tensor is made of, in row order."""
-    from lora_formats import diffusers_norm, diffusers_parts
+    from extras.lora_formats import diffusers_norm, diffusers_parts
     plan = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
@@ -161,7 +161,7 @@ def _diffusers_plan(model: Flux) -> dict[str, list[tuple[str, tuple]]]:
 
 def _from_diffusers(sd: dict[str, Tensor], model: Flux, what: str) -> dict[str, Tensor]:
     """diffusers' names -> the official ones, strictly: every missing / unexpected / mis-shaped diffusers key named."""
-    from lora_formats import _SWAPPED, _swap_halves
+    from extras.lora_formats import _SWAPPED, _swap_halves
     plan = _diffusers_plan(model)
     check_keys({d: shape for parts in plan.values() for d, shape in parts}, sd,
                f"{what} (a diffusers-format FluxTransformer2DModel)", _diffusers_hint(model.params))

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from flow import kontext_ids, text_ids
 from flux_model import Flux, FluxParams
-from measure import RSS_FOLLOWS_TENSORS, flop_counter, load_average, matmul_peak, peak_bytes, seconds
+from tools.measure import RSS_FOLLOWS_TENSORS, flop_counter, load_average, matmul_peak, peak_bytes, seconds
 from sem_cross_attn import SemanticConfig, attach
 
 ROOT = Path(__file__).resolve().parent
@@ -243,7 +243,7 @@ def add_lora_theirs(model: nn.Module, ours: Flux, rank: int) -> list[str]:
     split by rows: [B_q; B_k; B_v] A x = [B_q A x; B_k A x; B_v A x], so the two models compute the same function."""
     from peft import LoraConfig
     from lora import lora_modules
-    from lora_formats import diffusers_parts
+    from extras.lora_formats import diffusers_parts
     mods = lora_modules(ours)
     parts = {n: diffusers_parts(n, m.in_features, m.out_features) for n, m in mods.items()}
     targets = [d for p in parts.values() for d, _ in p]
@@ -716,7 +716,7 @@ def stage_peak_cases() -> list[dict]:
     """The cases of --stage-peaks, in the keys of memory_plan's rows (so the two can be joined): FLUX.1-dev with
     random weights, batch 1, 512 text tokens, gradient checkpointing; the default scheme B and its two lean forms;
     every stage; fp8 and bf16 base; 1024x1024 first, then 512x512."""
-    from memory_plan import N_TXT, RESOLUTIONS, STAGES
+    from tools.memory_plan import N_TXT, RESOLUTIONS, STAGES
     return [{"b": b, "stage": stage, "base": base, "resolution": res, "side": RESOLUTIONS[res], "text_tokens": N_TXT,
              "checkpointing": True}
             for res in sorted(RESOLUTIONS, reverse=True) for base in ("fp8", "bf16") for b in STAGE_PEAK_B
@@ -725,7 +725,7 @@ def stage_peak_cases() -> list[dict]:
 
 def stage_peak_model(case: dict) -> Flux:
     """The case's stage model on the meta device (memory_plan.stage_model: as train.py builds it), nothing allocated."""
-    import memory_plan
+    from tools import memory_plan
     from flux_model import PRESETS
     dev = PRESETS["dev"]
     return memory_plan.stage_model(dev, case["stage"], memory_plan.b_configs(dev.hidden_size, dev.num_heads)[case["b"]],
@@ -736,7 +736,7 @@ def measure_stage_peak(case: dict) -> dict:
     """One case on the GPU: the meta model's tensors made on the GPU in their own dtypes (random values), AdamW's
     state allocated, a first step, then torch.cuda.max_memory_allocated over a second one. GiB: resident before
     the step (weights, AdamW state, batch), the step's peak above it, their sum (memory_plan's total)."""
-    import memory_plan
+    from tools import memory_plan
     from flux_model import PRESETS
     gib = 2 ** 30
     out = dict(case, device=torch.cuda.get_device_name())

@@ -123,7 +123,7 @@ def test_semantic_guidance_with_w_1_is_the_plain_conditional_prediction():
 def test_denoise_with_reuse_equals_a_whole_forward_per_step(cache):
     """The exact reuse (flow.fix once, Flux.step per step) against the plain sampler, with scheme B acting, a
     per-sample strength and semantic guidance (its "without" pass reused too), in Kontext and condition-cache mode."""
-    import bench
+    from tools import bench
     from conftest import small_flux_params
     from flux_model import Flux
     from sem_cross_attn import SemanticConfig, attach

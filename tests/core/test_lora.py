@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import bench
+from tools import bench
 from conftest import kontext_batch, small_flux_params
 from lora import (LoRALinear, inject_lora, lora_parameters, lora_state_dict, load_lora_state_dict, merge_lora,
                   unmerge_lora, lora_modules)

@@ -11,15 +11,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import bench
-import fp8
+from tools import bench
+from extras import fp8
 from checkpoint import save_atomic
 from conftest import kontext_batch, small_flux_params
-from flux_loading import load_flux
+from extras.checkpoint_forms import load_flux
 from flux_model import PRESETS, Flux
-from fp8 import Fp8Linear, dequantize, dequantize_, is_fp8, quantize, quantize_
+from extras.fp8 import Fp8Linear, dequantize, dequantize_, is_fp8, quantize, quantize_
 from lora import inject_lora, lora_modules, lora_parameters, merge_lora
-from measure import tensor_bytes
+from tools.measure import tensor_bytes
 from sem_cross_attn import SemanticConfig, attach
 
 PARAMS = small_flux_params()  # hidden 64, 4 heads, 2 double + 2 single blocks, guidance

@@ -56,12 +56,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fp8
+from extras import fp8
 import train
 from flow import flow_loss, make_condition, text_ids
 from flux_model import Flux, FluxParams, PRESETS
 from lora import inject_lora
-from measure import allocated_peak_bytes, tensor_bytes
+from tools.measure import allocated_peak_bytes, tensor_bytes
 from sem_cross_attn import SemanticConfig, attach
 
 GIB = 2 ** 30

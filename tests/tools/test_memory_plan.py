@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import measure
-import memory_plan as mp
+from tools import measure
+from tools import memory_plan as mp
 from flux_model import PRESETS
 from lora import DEFAULT_TARGETS
 from sem_cross_attn import parameter_count
@@ -197,7 +197,7 @@ def test_cli_check_prints_the_comparison(monkeypatch, capsys):
 
 
 def test_bench_stage_peaks_refuses_without_cuda_in_one_line(capsys):
-    import bench
+    from tools import bench
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the refusal is for machines without one")
     with pytest.raises(SystemExit) as exit_info:
@@ -208,7 +208,7 @@ def test_bench_stage_peaks_refuses_without_cuda_in_one_line(capsys):
 
 
 def test_bench_stage_peak_cases_are_built_on_the_meta_device():
-    import bench
+    from tools import bench
     cases = bench.stage_peak_cases()
     assert len(cases) == 2 * 2 * 3 * 3  # sizes x bases x scheme B forms x stages
     assert len({(c["b"], c["stage"], c["base"], c["resolution"]) for c in cases}) == len(cases)

@@ -285,13 +285,13 @@ def test_fuzz_mutated_valid_files(tmp_path, data):
 # ---------------------------------------------------------------------------------------------------------------
 # Every form of the FLUX transformer checkpoint (flux_loading.load_flux)
 
-import bench  # noqa: E402
-import flux_loading  # noqa: E402
-import fp8  # noqa: E402
+from tools import bench  # noqa: E402
+from extras import checkpoint_forms as flux_loading  # noqa: E402
+from extras import fp8  # noqa: E402
 from conftest import kontext_batch, small_flux_params  # noqa: E402
-from flux_loading import detect_preset, load_flux  # noqa: E402
+from extras.checkpoint_forms import detect_preset, load_flux  # noqa: E402
 from flux_model import PRESETS, Flux  # noqa: E402
-from fp8 import quantize  # noqa: E402
+from extras.fp8 import quantize  # noqa: E402
 
 FLUX = small_flux_params()  # hidden 64, 2 double + 2 single blocks, guidance (a dev-like model)
 

@@ -35,15 +35,15 @@ import torch
 from torch import Tensor
 
 import data
-import metrics
-from fp8 import BASE_DTYPES
+from tools import metrics
+from extras.fp8 import BASE_DTYPES
 import train
 from checkpoint import read_metadata
 from flux_model import PRESETS
 from pipeline import (ROOT, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, command, find_setup, generate,
                       is_trained_key, load_pipeline)
 from run_state import differing
-from synth import TEST_SET, TRAIN_SET, ensure_set
+from tools.synth import TEST_SET, TRAIN_SET, ensure_set
 from sem_cross_attn import SemanticConfig, parameter_count
 from viz import attention_figure, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
 
@@ -519,7 +519,7 @@ def run_eval(args) -> int:
     decoy_ids(ds.classes, decoys)  # a misspelt name is refused before the model loads
     protocol = None
     if args.protocol:  # built first: a missing package or weight file fails before any generation
-        from protocol import ThermalGenProtocol
+        from tools.protocol import ThermalGenProtocol
         protocol = ThermalGenProtocol(lpips_weights=args.lpips_weights, fid_weights=args.fid_weights)
     pipe = load_pipeline(None if args.base else args.ckpt, base_dtype=args.base_dtype)
     how = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)

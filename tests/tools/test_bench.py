@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bench
-import measure
+from tools import bench
+from tools import measure
 
 
 @pytest.fixture

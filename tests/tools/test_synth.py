@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import metrics  # noqa: E402
-import synth  # noqa: E402
+from tools import metrics  # noqa: E402
+from tools import synth  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ID = {c.name: c.id for c in data.DEFAULT_CLASSES}

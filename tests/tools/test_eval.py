@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-import eval as evaluation
+from tools import eval as evaluation
 from checkpoint import read_metadata, read_safetensors, save_atomic
 from data import PairedDataset
 from flux_model import PRESETS

@@ -13,7 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import importers  # noqa: E402
+from tools import importers  # noqa: E402
 from data import DataError  # noqa: E402
 from test_data import make_root, save  # noqa: E402
 

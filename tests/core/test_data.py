@@ -19,8 +19,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import importers  # noqa: E402
-import synth  # noqa: E402
+from tools import importers  # noqa: E402
+from tools import synth  # noqa: E402
 from data import DataError, SemClass  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

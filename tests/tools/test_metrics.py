@@ -18,7 +18,7 @@ from skimage.measure import label as sk_label
 from skimage.metrics import structural_similarity
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import metrics as M  # noqa: E402
+from tools import metrics as M  # noqa: E402
 
 
 def sk_ssim(a: np.ndarray, b: np.ndarray) -> float:

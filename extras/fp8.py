@@ -366,7 +366,7 @@ def measure_error(params, per: str = "row", skip=(), grid: tuple[int, int] = (8,
 
     from flow import kontext_ids, text_ids
     from flux_model import Flux
-    from measure import tensor_bytes
+    from tools.measure import tensor_bytes
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         ref = Flux(params).eval()
@@ -392,7 +392,7 @@ def measure_error(params, per: str = "row", skip=(), grid: tuple[int, int] = (8,
 
 
 def main(argv=None):
-    import bench
+    from tools import bench
     from flux_model import PRESETS
     ap = argparse.ArgumentParser(description="fp8 base vs bf16: output relative error of one velocity call on "
                                              "random weights (one JSON line)")

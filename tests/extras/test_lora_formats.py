@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import bench
+from tools import bench
 from conftest import small_flux_params
 from lora import DEFAULT_TARGETS, inject_lora, merge_lora, unmerge_lora, lora_modules, base_linears
-from lora_formats import diffusers_parts, save_lora, load_lora
+from extras.lora_formats import diffusers_parts, save_lora, load_lora
 from checkpoint import CheckpointError, read_metadata, read_safetensors
 from flux_model import Flux
 from tests.test_lora import PARAMS, base_model, make_inputs, run, randomize_lora, base_weights
@@ -290,7 +290,7 @@ def lora_only(model):
 
 
 def test_exported_run_loads_in_diffusers_and_ours_with_the_same_output(tmp_path):
-    from lora_formats import export_run
+    from extras.lora_formats import export_run
     path, model = write_run(tmp_path / "run")
     assert any(k.startswith("semantic.") for k in read_safetensors(path))  # the run file holds more than LoRA
     kohya, diffusers = export_run(tmp_path / "run")  # a run folder or its final.safetensors
@@ -318,7 +318,7 @@ def test_exported_run_loads_in_diffusers_and_ours_with_the_same_output(tmp_path)
     ("tiny", None, "flux-1/lora"),
 ])
 def test_exported_files_name_the_base_model(tmp_path, preset, model_id, arch):
-    from lora_formats import export_run
+    from extras.lora_formats import export_run
     path, _ = write_run(tmp_path / "run", preset=preset)
     out = tmp_path / "exported"
     for f in export_run(path, out):
@@ -333,7 +333,7 @@ def test_exported_files_name_the_base_model(tmp_path, preset, model_id, arch):
 
 @pytest.mark.parametrize("stage,lora", [("warmup", False), ("finetune", True)], ids=["warmup", "finetune-of-warmup"])
 def test_run_without_a_trained_lora_is_one_clear_error(tmp_path, capsys, stage, lora):
-    import lora_formats
+    from extras import lora_formats
     path, _ = write_run(tmp_path / "run", stage=stage, lora=lora, trained=False)  # finetune of a warmup: B = 0
     with pytest.raises(ValueError, match="no LoRA to export.*semantic modules.*need this project") as e:
         lora_formats.export_run(path)
@@ -346,7 +346,7 @@ def test_run_without_a_trained_lora_is_one_clear_error(tmp_path, capsys, stage, 
 
 
 def test_export_cli_prints_the_written_paths(tmp_path, capsys):
-    import lora_formats
+    from extras import lora_formats
     path, _ = write_run(tmp_path / "run")
     assert lora_formats.main(["export", str(path), "--out", str(tmp_path / "o")]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "o" / n) for n in lora_formats.EXPORTS.values()]
@@ -354,7 +354,7 @@ def test_export_cli_prints_the_written_paths(tmp_path, capsys):
 
 
 def test_base_stage_output_is_not_a_lora(tmp_path):
-    import lora_formats
+    from extras import lora_formats
     path, _ = write_run(tmp_path / "base", stage="base", lora=False)
     with pytest.raises(ValueError, match="whole transformer, not a LoRA"):
         lora_formats.export_run(path)

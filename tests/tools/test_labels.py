@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-import labels
+from tools import labels
 from data import DataError
 
 # a few Cityscapes names, in another order than Cityscapes' train ids (so the mapping has to do something)

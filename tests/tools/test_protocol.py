@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import metrics
-import protocol
+from tools import metrics
+from tools import protocol
 from checkpoint import CheckpointError
 
 tm = pytest.importorskip("torchmetrics", reason="torchmetrics is in requirements-test.txt")

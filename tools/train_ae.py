@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import data
 from pipeline import ROOT, Stopper, command, resolve_device
 from run_state import changed_settings, claim, load_state, resume_command, save_state
-from synth import TRAIN_SET, ensure_set
+from tools.synth import TRAIN_SET, ensure_set
 from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
 
 RESUME_NAME = "ae_resume.pt"

@@ -1,0 +1,1 @@
+"""Research tooling: run from the repository root as python -m tools.<name>."""
