@@ -63,7 +63,7 @@ from flux_model import Flux, FluxParams
 from tools.measure import RSS_FOLLOWS_TENSORS, flop_counter, load_average, matmul_peak, peak_bytes, seconds
 from sem_cross_attn import SemanticConfig, attach
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs

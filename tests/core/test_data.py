@@ -17,13 +17,13 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data  # noqa: E402
 from tools import importers  # noqa: E402
 from tools import synth  # noqa: E402
 from data import DataError, SemClass  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ID = {c.name: c.id for c in data.DEFAULT_CLASSES}
 COLOR = {c.name: c.color for c in data.DEFAULT_CLASSES}
 

@@ -25,7 +25,7 @@ from flux_model import Flux, PRESETS, EmbedND, SelfAttention, apply_rope, attent
 from tools.measure import count_flops
 from sem_cross_attn import SemanticConfig, attach
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 rel = bench.max_rel_diff  # max |a - b| / max |b|
 
 

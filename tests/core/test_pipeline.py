@@ -11,7 +11,7 @@ import data
 import pipeline
 from checkpoint import CheckpointError, read_metadata, read_safetensors, save_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_trained_keys_are_semantic_and_lora_only():

@@ -14,7 +14,7 @@ import data
 import sample
 from checkpoint import read_metadata, read_safetensors, save_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sample_writes_the_image_and_the_attention_picture(run_train, tmp_path):

@@ -18,7 +18,7 @@ import transformers
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import text_encoders as te  # noqa: E402
 from checkpoint import CheckpointError, strip_prefix  # noqa: E402
 

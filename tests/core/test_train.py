@@ -20,7 +20,7 @@ from data import PairedDataset
 from extras.checkpoint_forms import load_flux
 from flux_model import PRESETS, Flux
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("scheme", ["xattn", "zeroconv", "adapter"])

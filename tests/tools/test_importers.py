@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data  # noqa: E402
 from tools import importers  # noqa: E402
 from data import DataError  # noqa: E402

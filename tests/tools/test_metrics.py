@@ -17,7 +17,7 @@ from scipy import linalg
 from skimage.measure import label as sk_label
 from skimage.metrics import structural_similarity
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tools import metrics as M  # noqa: E402
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data  # noqa: E402
 from tools import metrics  # noqa: E402
 from tools import synth  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ID = {c.name: c.id for c in data.DEFAULT_CLASSES}
 T = metrics.HOT_THRESHOLD  # the scenes are made so that this one threshold separates hot from cold
 SWAP = {"person": "poster", "poster": "person", "car_running": "car_parked", "car_parked": "car_running"}

@@ -14,7 +14,7 @@ from run_state import save_state
 from checkpoint import read_safetensors
 from vae import load_ae
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ae_args(world, out, *args) -> list[str]:
