@@ -1,5 +1,6 @@
 """
-Reading and writing safetensors files, strictly and safely.
+Reading and writing safetensors files, strictly and safely; the FLUX transformer from BFL's own file; a train.py
+output's run config; a run's output folder; one-line errors for bad input.
 
 Every weight file in this project goes through here, so the rules hold everywhere:
 - only safetensors are read (no pickle from a file a user was sent);
@@ -8,14 +9,22 @@ Every weight file in this project goes through here, so the rules hold everywher
 - loading into a module is strict: every missing, unexpected or mis-shaped key is listed, with a hint;
 - writes go to a temporary file that is renamed over the target, so a kill mid-write never corrupts the old file;
 - a resume state (torch.save of tensors, numbers and lists) is read with weights_only=True: no object is unpickled.
+
+    load_flux_official   the transformer from BFL's single file (flux1-dev.safetensors); every other form of it
+                         (prefixes, ComfyUI all-in-one, fp8 scales, diffusers folders) is extras/checkpoint_forms.py
+    run_config           the settings a train.py output carries in its metadata
+    claim, save_state, load_state, ...   a run's output folder: one live owner, resume states, nothing lost
+    command              a script's main(argv) with bad input as one line on stderr and exit status 2
 """
 
 import contextlib
+import functools
 import json
 import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -24,6 +33,8 @@ import torch
 from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from flux_model import PRESETS, Flux, FluxParams
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
 
@@ -68,7 +79,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e}); is this a .ckpt/.pt pickle renamed? "
                               "Only safetensors are read.") from None
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata) or not all(isinstance(v, str) for v in metadata.values()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
         raise CheckpointError(f"{path}: corrupt safetensors metadata (must map strings to strings)")
     data_len = size - 8 - n
     for key, e in header.items():
@@ -327,3 +339,219 @@ def load_torch_state(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a saved state (a dict)")
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The FLUX transformer from BFL's own file: official keys (black-forest-labs/flux, src/flux/model.py), no prefix
+
+_GUIDANCE_KEYS = {f"guidance_in.{layer}.{p}" for layer in ("in_layer", "out_layer") for p in ("weight", "bias")}
+
+
+def flux_params(params: FluxParams | str) -> FluxParams:
+    """A preset's name (flux_model.PRESETS) or FluxParams -> FluxParams."""
+    if isinstance(params, str):
+        if params not in PRESETS:
+            raise ValueError(f"unknown preset {params!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[params]
+    return params
+
+
+def chosen_preset(params: FluxParams) -> str:
+    """How a hint names the model it compared the file with: "the chosen preset (dev / kontext)"."""
+    names = [n for n, p in PRESETS.items() if p == params]
+    return f"the chosen preset ({' / '.join(names)})" if names else "the chosen model parameters"
+
+
+def flux_hint(params: FluxParams, forms: Callable[[set], str] | None = None):
+    """check_keys' hint for a FLUX transformer file in official names: one sentence naming the real problem. It
+    never suggests the preset already chosen (the guidance hints point from a model with guidance_in to schnell and
+    back). `forms(unexpected)`: what a loader of other checkpoint forms recognises among the unexpected keys
+    (extras/checkpoint_forms.py), asked after the autoencoder check."""
+    chosen = chosen_preset(params)
+
+    def hint(missing: set, unexpected: set, mismatched: list) -> str:
+        if any(k.startswith(("encoder.", "decoder.")) for k in unexpected):
+            return "this is an autoencoder (ae.safetensors), not the transformer"
+        if forms is not None and (h := forms(unexpected)):
+            return h
+        for k, f, m in mismatched:
+            if k == "img_in.weight" and f[1] != m[1]:
+                kind = {128: "a Canny/Depth", 384: "a Fill"}.get(f[1], f"an in_channels={f[1]}")
+                return f"img_in takes {f[1]} channels: this is {kind} checkpoint, not a base text-to-image one"
+            if k == "img_in.weight" and f[0] != m[0]:
+                return (f"the file's hidden size is {f[0]}, the preset's {m[0]}: "
+                        "it is for another model size than the chosen preset")
+        if mismatched:
+            return "shapes differ: the file is for another model size than the chosen preset"
+        if params.guidance_embed and _GUIDANCE_KEYS <= missing:
+            return f"the file has no guidance_in, which {chosen} has: a flux1-schnell checkpoint; use --preset schnell"
+        if not params.guidance_embed and _GUIDANCE_KEYS & unexpected:
+            return (f"the file has guidance_in, which {chosen} lacks: a guidance-distilled (dev / Kontext) "
+                    "checkpoint; use --preset dev or kontext")
+        if any(".lora_" in k or "lora_unet" in k for k in unexpected):
+            return "the file holds LoRA weights: load it with lora.py on top of the base model"
+        return ""
+    return hint
+
+
+def flux_preset(keys: Iterable[str], path) -> str:
+    """The preset of a FLUX transformer from its official key names (read from a header, no tensor loaded): "dev"
+    with guidance_in (dev and Kontext share a layout), "schnell" without. `path` is named in the error."""
+    keys = set(keys)
+    if "double_blocks.0.img_attn.norm.key_norm.scale" not in keys:
+        raise CheckpointError(f"{path}: not a FLUX transformer checkpoint (no double_blocks.0.img_attn.* keys)")
+    return "dev" if "guidance_in.in_layer.weight" in keys else "schnell"
+
+
+def load_flux_official(path, params: FluxParams | str = "dev", device="cpu", dtype=torch.bfloat16,
+                       hint: Callable[[set, set, list], str] | None = None) -> Flux:
+    """The transformer from BFL's single file (flux1-dev.safetensors), strictly: built on the meta device, every
+    tensor read in `dtype` on `device` and taken as the model's parameter (no second copy of 24 GB); every missing,
+    unexpected or mis-shaped key named, with flux_hint's diagnosis (or `hint`'s). Every other form of the file loads
+    with extras.checkpoint_forms.load_flux."""
+    params = flux_params(params)
+    with torch.device("meta"):
+        model = Flux(params)
+    sd = read_safetensors(path, dtype, device)
+    load_strict(model, sd, f"FLUX transformer {path}", hint or flux_hint(params))
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A train.py output's run config
+
+
+def run_config(path) -> dict:
+    """The config a train.py output carries in its metadata (scheme, semantic options, LoRA, base)."""
+    meta = read_metadata(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: no 'config' metadata: not a train.py output (a LoRA file? read it with "
+                              "extras/lora_formats.py)")
+    try:
+        cfg = json.loads(meta["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt config metadata ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: corrupt config metadata (a {type(cfg).__name__}, not a JSON object)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run's output folder: one owner at a time, a resume state that continues the SAME run, nothing of an earlier run
+# lost. train.py and tools/train_ae.py both stand on it.
+#
+#     claim(out, files, ...)   refuse a folder a live run writes to (OUT/run.lock holds its pid), or one that holds
+#                              an earlier run's files, unless --resume continues it or --overwrite starts over
+#     save_state / load_state  weights, optimiser, generator, step and the run's settings: tensors, numbers and
+#                              strings only, read back with torch.load(weights_only=True)
+#     changed_settings         what a --resume would change about the run (refused by the trainers)
+#     resume_command           the command that continues a stopped run (torchrun's under torchrun)
+#     trim_log                 log lines past the state a run continues from are dropped (no duplicate steps)
+
+LOCK = "run.lock"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim(out: Path, files: tuple[str, ...], finished: str, resume: bool, overwrite: bool,
+          master: bool = True) -> Path | None:
+    """Before any work: refuse `out` if another live process holds its lock, or if it holds any of `files` (an earlier
+    run's; `finished` is the one a completed run writes) and neither `resume` nor `overwrite` is asked; with
+    `overwrite` those files are removed. The master takes the lock (an unwritable folder fails here, as an OSError);
+    returns the lock file, None on other ranks."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the stopped run, or start over")
+    lock = out / LOCK
+    if master and lock.is_file():
+        owner = lock.read_text().strip()
+        if owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner)):
+            raise ValueError(f"{out}: another run (pid {owner}) is writing here; wait for it to end or use another "
+                             "--out")
+    earlier = [n for n in files if (out / n).exists()]
+    if earlier and not (resume or overwrite):
+        what = "a finished run" if (out / finished).exists() else "a stopped run"
+        raise ValueError(f"{out} holds {what} ({', '.join(earlier)}): continue it with --resume, or pass --overwrite "
+                         "to start over")
+    if not master:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    lock.write_text(f"{os.getpid()}\n")
+    if overwrite:
+        for n in earlier:
+            (out / n).unlink()
+    return lock
+
+
+def save_state(path: Path, step: int, weights: dict, opt: torch.optim.Optimizer, g: torch.Generator,
+               settings: dict, **extra) -> None:
+    """The resume state: `weights` (name -> tensor), the optimiser, the generator, the step, the run's settings
+    (JSON) and any `extra` plain values; written atomically."""
+    state = {"step": step, "weights": {k: v.detach().cpu() for k, v in weights.items()}, "optimizer": opt.state_dict(),
+             "rng": g.get_state(), "settings": json.dumps(settings), **extra}
+    save_torch_atomic(state, path)
+
+
+def load_state(path: Path, weight_names, extra: tuple[str, ...] = ()) -> dict:
+    """save_state's dict back, checked: every key present, the same weight names. A file another program or version
+    wrote is a one-line CheckpointError naming it."""
+    state = load_torch_state(path)  # a truncated, corrupt or pickled file is a one-line error naming it
+    if missing := [k for k in ("step", "weights", "optimizer", "rng", "settings", *extra) if k not in state]:
+        raise CheckpointError(f"{path}: not a resume state of this program (no {', '.join(missing)}); start over "
+                              "with --overwrite")
+    if sorted(state["weights"]) != sorted(weight_names):
+        raise ValueError(f"{path} was written by a run with other trainable weights (another stage or scheme)")
+    state["settings"] = json.loads(state["settings"])
+    return state
+
+
+def differing(was: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
+    """The settings of `now` outside `may_change` that `was` records otherwise (or not at all)."""
+    return [k for k, v in now.items() if k not in may_change and was.get(k, "(not recorded)") != v]
+
+
+def changed_settings(was: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
+    """`--flag old -> new` for every setting outside `may_change` that differs."""
+    return [f"--{k.replace('_', '-')} {was.get(k)!r} -> {now[k]!r}" for k in differing(was, now, may_change)]
+
+
+def resume_command(script: str, world: int = 1) -> str:
+    """The command that continues this run (torchrun's when it runs under torchrun)."""
+    args = " ".join(a for a in sys.argv[1:] if a not in ("--resume", "--overwrite"))
+    launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+    return f"{launcher} {script} {args} --resume"
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written after the resume state a run continues from), atomically."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One-line errors
+
+
+def command(main):
+    """Decorator of a script's main(argv) -> exit status: bad input, raised as a ValueError anywhere below (the
+    project's own CheckpointError and data.DataError are ValueErrors), and a file the system refuses (OSError:
+    unwritable folder, full disk), become one line on stderr and exit status 2 (None returned is 0)."""
+    @functools.wraps(main)
+    def run_main(argv=None) -> int:
+        try:
+            return main(argv) or 0
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run_main

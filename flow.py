@@ -154,23 +154,14 @@ def velocity(model, x: Tensor, t: Tensor, cond: Condition, guidance: Tensor | No
                  guidance=guidance, **sem)[:, :L]
 
 
-def fix(model, cond: Condition, guidance: Tensor | None = None):
-    """What `velocity` computes from the condition alone (flux_model.Flux.fix): once per image, then
-    `model.step(x, t, fixed)` is velocity(model, x, t, cond, guidance) to float rounding."""
-    return model.fix(cond.img_ids, cond.txt, cond.txt_ids, cond.y, guidance, semantic=cond.semantic,
-                     semantic_strength=cond.sem_strength, x_cond=cond.x_cond)
-
-
 def guided_velocity(model, x: Tensor, t: Tensor, cond: Condition, guidance: Tensor | None = None,
-                    sem_guidance: float = 1.0, fixed: tuple | None = None) -> Tensor:
+                    sem_guidance: float = 1.0) -> Tensor:
     """Semantic classifier-free guidance: v = v_without + w (v_with - v_without), the "without" pass given no
-    semantic input at all. w = 1 is the plain conditional prediction (one pass).
-    fixed: (with, without), `fix` of the condition and of it without its semantic input (exact reuse), or None."""
-    v_with = velocity(model, x, t, cond, guidance) if fixed is None else model.step(x, t, fixed[0])
+    semantic input at all. w = 1 is the plain conditional prediction (one pass)."""
+    v_with = velocity(model, x, t, cond, guidance)
     if sem_guidance == 1.0 or cond.semantic is None:
         return v_with
-    v_without = (velocity(model, x, t, replace(cond, semantic=None), guidance) if fixed is None
-                 else model.step(x, t, fixed[1]))
+    v_without = velocity(model, x, t, replace(cond, semantic=None), guidance)
     return v_without + sem_guidance * (v_with - v_without)
 
 
@@ -184,25 +175,16 @@ def flow_loss(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Condition, guid
 
 
 def denoise(model, x: Tensor, cond: Condition, timesteps: list[float], guidance: float | None = None,
-            progress: bool = False, sem_guidance: float = 1.0, reuse: bool = True) -> Tensor:
+            progress: bool = False, sem_guidance: float = 1.0) -> Tensor:
     """Euler integration of the velocity field along `timesteps` (from 1 towards 0). x: [B, L, 64] -> [B, L, 64].
-    sem_guidance w != 1 costs a second pass per step (see guided_velocity).
-    reuse (a flux_model.Flux; the plain form beside it: False, one whole forward per step): what depends only on the
-    condition (text embedding, RoPE, the semantic tokens and their keys and values, the condition cache) is computed
-    once (`fix`), and the last block computes outputs for the x_t tokens only. The same result to float rounding
-    (tests/test_flow.py); what it saves is measured in bench.py (README)."""
+    sem_guidance w != 1 costs a second pass per step (see guided_velocity)."""
     B = x.shape[0]
     g = torch.full((B,), guidance, device=x.device, dtype=x.dtype) if guidance is not None else None
-    fixed = None
-    if reuse:
-        without = replace(cond, semantic=None)
-        fixed = (fix(model, cond, g), fix(model, without, g) if sem_guidance != 1.0 and cond.semantic is not None
-                 else None)
     steps = list(zip(timesteps[:-1], timesteps[1:]))
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, desc="sampling", leave=False)
     for t_curr, t_next in steps:
         t = torch.full((B,), t_curr, device=x.device, dtype=x.dtype)
-        x = x + (t_next - t_curr) * guided_velocity(model, x, t, cond, g, sem_guidance, fixed)
+        x = x + (t_next - t_curr) * guided_velocity(model, x, t, cond, g, sem_guidance)
     return x

@@ -14,6 +14,7 @@ changed dataset or palette is encoded afresh.
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,9 +25,13 @@ from torch import Tensor
 import data
 from checkpoint import read_safetensors, save_atomic
 from flow import pack
-from pipeline import cache_dir
 from sem_cross_attn import SemanticConfig, overlay
 from vae import AutoEncoder
+
+
+def cache_dir() -> Path:
+    """Latent and prompt caches (FLUX_IR_CACHE overrides cache/ in the repository)."""
+    return Path(os.environ.get("FLUX_IR_CACHE", Path(__file__).resolve().parent / "cache"))
 
 
 def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:

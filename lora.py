@@ -1,6 +1,6 @@
 """
 LoRA for the FLUX transformer: the LoRA layer, injection into nn.Linear layers, merging, and strict loading of a
-LoRA state dict. LoRA files (our, diffusers and kohya layouts) are read and written by lora_formats.py.
+LoRA state dict. LoRA files (our, diffusers and kohya layouts) are read and written by extras/lora_formats.py.
 
 References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685);
 huggingface/peft tuners/lora/layer.py (kaiming-uniform A, zero B, scaling = alpha / r).
@@ -9,17 +9,18 @@ A LoRA layer replaces an nn.Linear of the model in place and IS an nn.Linear, so
 ones (`double_blocks.0.img_attn.qkv.weight`) and only `...qkv.lora_A.weight` [r, in] and `...qkv.lora_B.weight`
 [out, r] are added:
     y = W x + b + (alpha / r) * B A dropout(x),   B = 0 at init, so step 0 is the pretrained model.
-Over an fp8 base (fp8.py) the layer also holds the base's `weight_scale`; W = q * s is upcast per call
-(fp8.base_linear), the branch runs in the LoRA dtype, and merging is refused.
+A variant over another kind of base weight (extras/fp8.py: a weight stored in fp8) subclasses the layer, as peft's
+quantized layers wrap its plain one: it overrides `base_forward` (the product x W^T + b) and may refuse to merge
+(`merge_refusal`). A base layer names its variant in a `lora_class` attribute; from_linear then builds that class.
 """
 
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from checkpoint import check_keys
-from extras.fp8 import FP8_DTYPES, base_linear
 
 # ----------------------------------------------------------------------------------------------------------------
 # The layer
@@ -27,6 +28,8 @@ from extras.fp8 import FP8_DTYPES, base_linear
 
 class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update: base keys `weight`/`bias`, LoRA keys `lora_A.weight`, `lora_B.weight`."""
+
+    merge_refusal = ""  # why the update cannot be folded into this layer's weight; "" when it can (a variant sets it)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 16,
                  alpha: float | None = None, dropout: float = 0.0, device=None, dtype=None,
@@ -56,14 +59,16 @@ class LoRALinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
                     dtype: torch.dtype = torch.float32) -> "LoRALinear":
-        """Wrap an existing layer. Its weight and bias Parameters are reused (no copy; requires_grad untouched);
-        the LoRA parameters are new, on the weight's device, in `dtype`."""
+        """Wrap an existing layer. Its weight and bias Parameters and its buffers (e.g. an fp8 weight's
+        `weight_scale`) are reused (no copy; requires_grad untouched); the LoRA parameters are new, on the weight's
+        device, in `dtype`. A layer with a `lora_class` attribute is wrapped by that class (its LoRA variant)."""
+        cls = getattr(linear, "lora_class", cls)
         # built on the meta device so no throwaway base weight is allocated, then given the real Parameters
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank, alpha=alpha,
                   dropout=dropout, device="meta", dtype=linear.weight.dtype, lora_dtype=dtype)
         new.weight, new.bias = linear.weight, linear.bias
-        if linear.weight.dtype in FP8_DTYPES:  # an fp8 base (fp8.Fp8Linear): its scale comes along
-            new.register_buffer("weight_scale", linear.weight_scale)
+        for name, buffer in linear.named_buffers(recurse=False):
+            new.register_buffer(name, buffer)
         new._new_lora(linear.weight.device, dtype)
         new.train(linear.training)
         return new
@@ -75,8 +80,8 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self):
         """Fold the update into `weight` (rounded once to the weight's dtype); forward then skips the branch."""
-        if self.weight.dtype in FP8_DTYPES:
-            raise ValueError(_FP8_MERGE)
+        if self.merge_refusal:
+            raise ValueError(self.merge_refusal)
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
@@ -88,8 +93,12 @@ class LoRALinear(nn.Linear):
             self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
             self.merged = False
 
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The base layer's product x W^T + b: [B, L, in] -> [B, L, out]."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        out = base_linear(self, x)  # [B, L, in] -> [B, L, out]
+        out = self.base_forward(x)  # [B, L, in] -> [B, L, out]
         if self.merged:
             return out
         # the branch runs in the LoRA dtype (fp32 by default) even under a bf16 base, then is added in the output's
@@ -148,7 +157,7 @@ def inject_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dr
     patterns = [re.compile(p) for p in (*targets, *(MODULATION_TARGETS if include_modulation else ()))]
     if lora_modules(model):
         raise ValueError(f"the model already has {len(lora_modules(model))} LoRA layers; inject_lora runs once "
-                         "(use lora_formats.load_lora to load weights into them)")
+                         "(use extras.lora_formats.load_lora to load weights into them)")
     names = [n for n in base_linears(model) if any(p.fullmatch(n) for p in patterns)]
     if not names:
         raise ValueError(f"no nn.Linear of the model matches the LoRA targets {[p.pattern for p in patterns]}")
@@ -169,18 +178,15 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
-_FP8_MERGE = ("the base weight is stored in fp8: merging would round base + update to fp8 again (each weight "
-              "moves by up to 2^-4 of its value, which can swamp the update) and unmerge could not give the base "
-              "back. Keep the LoRA unmerged (its branch runs in full precision), or load the base with base_dtype "
-              "'bf16' to merge")
-
-
 def merge_lora(model: nn.Module):
-    """Fold every LoRA into its base weight. Refused, before any layer changes, over an fp8 base."""
-    on_fp8 = [n for n, m in lora_modules(model).items() if m.weight.dtype in FP8_DTYPES]
-    if on_fp8:
-        raise ValueError(f"merge_lora: {len(on_fp8)} LoRA layers (e.g. {on_fp8[0]}) have an fp8 base: " + _FP8_MERGE)
-    for m in lora_modules(model).values():
+    """Fold every LoRA into its base weight. Refused, before any layer changes, if a layer cannot merge (a variant
+    with a merge_refusal, e.g. a LoRA over an fp8 base)."""
+    mods = lora_modules(model)
+    refused = [n for n, m in mods.items() if m.merge_refusal]
+    if refused:
+        raise ValueError(f"merge_lora: {len(refused)} LoRA layers (e.g. {refused[0]}) cannot merge: "
+                         + mods[refused[0]].merge_refusal)
+    for m in mods.values():
         m.merge()
 
 
@@ -199,7 +205,8 @@ def mismatch_hint(model: nn.Module, missing, unexpected, mismatched) -> str:
     hints = []
     text = " ".join(unexpected)
     if unexpected and not any("lora" in k or k.endswith(".alpha") for k in unexpected):
-        hints.append("the file holds no LoRA tensors; a full FLUX checkpoint loads with flux_loading.load_flux")
+        hints.append("the file holds no LoRA tensors; a full FLUX checkpoint loads with checkpoint.load_flux_official "
+                     "(its other forms: extras.checkpoint_forms.load_flux)")
     depth = {"double": len(getattr(model, "double_blocks", [])), "single": len(getattr(model, "single_blocks", []))}
     for kind, pattern in (("double", r"(?<!single_)(?:double_blocks|transformer_blocks)[._](\d+)"),
                           ("single", r"single_(?:transformer_)?blocks[._](\d+)")):
@@ -231,8 +238,8 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor], what: str = "L
     """Strict: the keys and shapes of `sd` must be exactly those of lora_state_dict(model)."""
     mods = lora_modules(model)
     if not mods:
-        raise ValueError("the model has no LoRA layers: call inject_lora first (or use lora_formats.load_lora, which "
-                         "injects)")
+        raise ValueError("the model has no LoRA layers: call inject_lora first (or use extras.lora_formats.load_lora, "
+                         "which injects)")
     if any(m.merged for m in mods.values()):
         raise ValueError("LoRA layers are merged into the weights: unmerge_lora(model) before loading new LoRA weights")
     own = lora_state_dict(model)

@@ -16,11 +16,8 @@ A train.py output carries its run config (scheme, semantic options, LoRA rank, b
 metadata, so a model is rebuilt from the file alone.
 """
 
-import functools
-import json
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,36 +25,25 @@ import torch
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, check_state_dict, read_metadata, read_safetensors
+from checkpoint import CheckpointError, check_state_dict, read_safetensors, run_config
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
 from extras.checkpoint_forms import detect_preset, load_flux
 from extras.fp8 import BASE_DTYPES
+from extras.condition_cache import ConditionCache
+from extras.schemes import BASELINES, PRESETS as SCHEME_PRESETS, attach
 from flux_model import PRESETS, Flux
-from sem_cross_attn import BASELINES, SCHEMES as MODULE_SCHEMES, SemanticConfig, attach, overlay, semantic_input
+from latents import cache_dir
+from sem_cross_attn import SemanticConfig, overlay, semantic_input
 from vae import AutoEncoder, load_ae
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PROMPT = "a thermal infrared image"
-SCHEMES = (*MODULE_SCHEMES, *BASELINES)  # xattn (B) | zeroconv (A) | adapter (C) | overlay | none
+SCHEMES = (*SCHEME_PRESETS, *BASELINES)  # xattn (B) | zeroconv (A) | adapter (C) | overlay | none
 
 
 def is_trained_key(name: str) -> bool:
     """What the warmup / joint / finetune stages add to the base: semantic modules and LoRA weights."""
     return name.startswith("semantic.") or ".lora_" in name
-
-
-def command(main):
-    """Decorator of a script's main(argv) -> exit status: bad input, raised as a DataError, CheckpointError or
-    ValueError anywhere below, and a file the system refuses (OSError: unwritable folder, full disk), become one line
-    on stderr and exit status 2 (None returned is 0)."""
-    @functools.wraps(main)
-    def run_main(argv=None) -> int:
-        try:
-            return main(argv) or 0
-        except (data.DataError, CheckpointError, ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run_main
 
 
 class Stopper:
@@ -102,11 +88,6 @@ def resolve_device(name: str | None = None, flag: str = "--device") -> torch.dev
 def weights_dir() -> Path:
     """The base files (FLUX_IR_WEIGHTS overrides weights/; tests use a scratch folder)."""
     return Path(os.environ.get("FLUX_IR_WEIGHTS", ROOT / "weights"))
-
-
-def cache_dir() -> Path:
-    """Latent and prompt caches (FLUX_IR_CACHE overrides cache/)."""
-    return Path(os.environ.get("FLUX_IR_CACHE", ROOT / "cache"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,20 +158,6 @@ def text_condition(setup: Setup, params, batch: int, prompt: str, device, dtype,
 # A model from a run config
 
 
-def run_config(path) -> dict:
-    """The config a train.py output carries in its metadata (scheme, semantic options, LoRA, base)."""
-    meta = read_metadata(path)
-    if "config" not in meta:
-        raise CheckpointError(f"{path}: no 'config' metadata: not a train.py output (a LoRA file? use lora_formats.py)")
-    try:
-        cfg = json.loads(meta["config"])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: corrupt config metadata ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: corrupt config metadata (a {type(cfg).__name__}, not a JSON object)")
-    return cfg
-
-
 def run_classes(cfg: dict, where) -> tuple[data.SemClass, ...] | None:
     """The class palette a run config records (train.py writes the dataset's classes as data.save_classes rows),
     validated; None for a file written before configs carried it."""
@@ -222,17 +189,15 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
     scheme, rank = cfg.get("scheme", "none"), cfg.get("lora_rank") or 0
     if scheme not in SCHEMES or not isinstance(rank, int) or rank < 0:
         raise CheckpointError(f"run config with scheme {scheme!r} and LoRA rank {rank!r}: not a train.py config")
-    if scheme in MODULE_SCHEMES:
+    if scheme in SCHEME_PRESETS:
         try:
-            semantic = SemanticConfig(**cfg["semantic"])
+            semantic = SemanticConfig.from_dict(cfg["semantic"])
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"run config: its semantic options are malformed ({e})") from None
     model = load_flux(setup.flux, setup.preset, device=device, dtype=dtype, base_dtype=base_dtype)
-    # the condition cache: the run's choice, or (no run config, e.g. sampling the base alone) the base's own
-    model.condition_cache = bool(cfg["condition_cache"] if "condition_cache" in cfg else base_condition_cache(setup))
     dtype = BASE_DTYPES.get(base_dtype) or dtype  # bf16 / fp32: the modules compute in the base's dtype
-    if scheme in MODULE_SCHEMES:
-        attach(model, semantic, dtype=modules_dtype or dtype)
+    if scheme in SCHEME_PRESETS:
+        attach(model, semantic, dtype=modules_dtype or dtype)  # the default scheme B, or one of extras/schemes.py
     if rank:
         from lora import inject_lora
         inject_lora(model, rank=cfg["lora_rank"], alpha=cfg.get("lora_alpha"), dtype=modules_dtype or dtype)
@@ -271,10 +236,16 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     ckpt: Path | None = None  # the trained weights, if any (named when something goes wrong)
+    condition_cache: bool = False  # trained with the condition cache (extras/condition_cache.py)
 
     @property
     def scheme(self) -> str:  # xattn | zeroconv | adapter | overlay | none
         return self.cfg.get("scheme", "none")
+
+    def sampler(self) -> torch.nn.Module:
+        """What one sampling run calls: the model, or with the condition cache the model behind a ConditionCache
+        that keeps the condition pass for the run."""
+        return ConditionCache(self.model, keep=True) if self.condition_cache else self.model
 
 
 def default_ckpt(setup: Setup) -> Path | None:
@@ -307,8 +278,10 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
     model.eval().requires_grad_(False)
     ae = load_ae(setup.ae, device=device, dtype=dtype).eval().requires_grad_(False)
     guidance = cfg.get("guidance", setup.guidance) if PRESETS[setup.preset].guidance_embed else None
+    # the condition cache: the run's choice, or (no run config, e.g. sampling the base alone) the base's own
+    cache = bool(cfg["condition_cache"] if "condition_cache" in cfg else base_condition_cache(setup))
     return Pipeline(setup, model, ae, cfg, guidance, cfg.get("prompt", prompt), device, dtype,
-                    Path(ckpt) if ckpt else None)
+                    Path(ckpt) if ckpt else None, cache)
 
 
 def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
@@ -351,7 +324,7 @@ def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: in
         noise = torch.cat([get_noise(1, H, W, s, pipe.device, pipe.dtype) for s in seed])
     x = pack(noise)  # [B, 16, H/8, W/8] -> [B, L, 64]
     timesteps = get_schedule(steps, x.shape[1], shift=pipe.setup.preset != "schnell")
-    x = denoise(pipe.model, x, cond, timesteps, guidance if guidance is not None else pipe.guidance, progress,
+    x = denoise(pipe.sampler(), x, cond, timesteps, guidance if guidance is not None else pipe.guidance, progress,
                 sem_guidance)
     img = pipe.ae.decode(unpack(x.float().to(pipe.dtype), H, W))  # [B, L, 64] -> [B, 16, H/8, W/8] -> [B, 3, H, W]
     for what, t, source in (("transformer", x, pipe.ckpt or pipe.setup.flux), ("autoencoder", img, pipe.setup.ae)):
@@ -379,12 +352,11 @@ def attention_maps(pipe: Pipeline, rgb: Tensor, sem: Tensor, seed: int = 0, step
     H, W = rgb.shape[-2:]
     ts = get_schedule(steps, (H // 16) * (W // 16), shift=pipe.setup.preset != "schnell")
     mid = min(range(len(ts) - 1), key=lambda i: abs(ts[i] - 0.5))
-    x = denoise(pipe.model, pack(get_noise(1, H, W, seed, pipe.device, pipe.dtype)), cond, ts[: mid + 1],
+    x = denoise(pipe.sampler(), pack(get_noise(1, H, W, seed, pipe.device, pipe.dtype)), cond, ts[: mid + 1],
                 pipe.guidance)  # run to t ~ 0.5, then record one step
     module.record_attention(True)
     try:
-        # the plain form (no reuse): the last block's queries cover every image token, as the other blocks'
-        denoise(pipe.model, x, cond, ts[mid: mid + 2], pipe.guidance, reuse=False)
+        denoise(pipe.sampler(), x, cond, ts[mid: mid + 2], pipe.guidance)
         record = module.record
     finally:
         module.record_attention(False)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import data
 from extras.fp8 import BASE_DTYPES
-from pipeline import (SEM_GUIDANCE, SEM_STRENGTH, attention_maps, check_attention_maps, command, default_ckpt,
-                      find_setup, generate, load_pipeline, resolve_device, run_classes, run_config)
+from checkpoint import command, run_config
+from pipeline import (SEM_GUIDANCE, SEM_STRENGTH, attention_maps, check_attention_maps, default_ckpt, find_setup,
+                      generate, load_pipeline, resolve_device, run_classes)
 from viz import attention_figure, check_image_out, save_image, to_pil_gray
 
 MAX_SEED = 2 ** 63 - 1

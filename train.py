@@ -8,7 +8,7 @@ Staged training of semantic-guided infrared generation on FLUX (rectified flow, 
     python train.py --stage base --scheme none           # the tiny demo's RGB-conditioned base (weights/demo)
 
 With no official FLUX checkpoint in weights/, everything runs on the tiny demo preset and synthetic scenes.
-From Python: `train.run(TrainConfig(stage="joint", ...))` (eval.py's ablation does this).
+From Python: `train.run(TrainConfig(stage="joint", ...))`.
 
 One training step (the shapes for 512x512, dev sizes):
     x0 = pack(VAE(ir))            [B, 1024, 64]     (latents cached on disk once; the VAE encoder is then freed)
@@ -16,6 +16,10 @@ One training step (the shapes for 512x512, dev sizes):
     t ~ logit-normal;  noise ~ N(0, I);  x_t = (1 - t) x0 + t noise;  target v = noise - x0      (flow.py)
     v_pred = flux(cat(x_t, x_cond), kontext ids, txt, t, y, guidance, semantic=sem)[:, :1024]   (flow.velocity)
     loss = mean((v_pred - v)^2)
+
+The file reads top to bottom: the stages and the config, the checks made before any work, the data, the model and
+what trains, one batch, the outputs and what happens when something goes wrong, the processes of a torchrun, and
+last `run`: setup, then the loop.
 """
 
 import argparse
@@ -33,36 +37,52 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 import data
-from checkpoint import save_atomic
-from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
-from extras.checkpoint_forms import load_flux
-from flux_model import PRESETS, Flux
-from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model, command,
-                      find_setup, is_trained_key, load_trained, resolve_device, run_config, text_condition)
-from sem_cross_attn import (ATTENTION_FORMS, BASELINES, DEFAULT_B as SEM_DEFAULT_B, SCHEMES as MODULE_SCHEMES,
-                            SemanticConfig)
-from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
-from run_state import changed_settings, claim, load_state, resume_command, save_state, trim_log
-from tools.synth import TRAIN_SET, ensure_set
+from checkpoint import (changed_settings, claim, command, load_state, resume_command, run_config, save_atomic,
+                        save_state, trim_log)
 from extras.fp8 import BASE_DTYPES
-from extras import fsdp as distributed
-from extras.lora_formats import EXPORTS, export_if_lora
+from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
+from flux_model import PRESETS, Flux
+from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
+from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model, find_setup,
+                      is_trained_key, load_trained, resolve_device, text_condition)
+from sem_cross_attn import ATTENTION_FORMS, DEFAULT_B, SCHEMES as MODULE_SCHEMES, SemanticConfig
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
 
-STAGES = ("warmup", "joint", "finetune", "base")
-SEM_DROP_JOINT = 0.1  # the joint stage's default condition dropout (--sem-drop), as ControlNet-style trainers use
-# the default scheme B (sem_cross_attn.DEFAULT_B): the ablation's best quality per trainable parameter at dev size
-# (README): decoupled attention on 64-dim semantic tokens, 22.8 M parameters at dev (the separate form: 2.16 B)
-DEFAULT_B = {"sem_attention": SEM_DEFAULT_B.attention, "sem_token_dim": SEM_DEFAULT_B.token_dim}
-# which earlier stage's output an --init may come from
-INIT_FROM = {"warmup": ("warmup",), "joint": ("warmup", "joint"), "finetune": ("warmup", "joint", "finetune"),
-             "base": ("base",)}
-CHOICES = {"stage": STAGES, "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
-           "sem_encoder": ("vae", "cnn"), "sem_attention": ("",) + ATTENTION_FORMS,
-           "base_dtype": ("",) + tuple(BASE_DTYPES)}
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stages and the config
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's defaults (a flag left unset takes them) and what it trains."""
+    steps: int
+    lr: float  # FLUX.1-size bases
+    demo_lr: float  # the tiny demo learns faster
+    sem_drop: float  # share of samples trained without the semantic input (a scheme with a module only)
+    trains: str  # what learns: "semantic" | "semantic+lora" | "strengths" | "everything" (select_trainable)
+    init_from: tuple[str, ...]  # the stages whose output an --init may be
+
+
+STAGES = {
+    # the tiny demo's warmup at 3e-3: the default B after 1000 steps at batch 8 scores 22.5 dB on the held-out
+    # scenes where 1e-3 gives 21.0 (docs/training.md)
+    "warmup": Stage(steps=1000, lr=1e-4, demo_lr=3e-3, sem_drop=0.0, trains="semantic", init_from=("warmup",)),
+    # condition dropout 0.1, as ControlNet-style trainers use: the LoRA learns the "without" prediction of semantic
+    # guidance
+    "joint": Stage(steps=1000, lr=5e-5, demo_lr=1e-3, sem_drop=0.1, trains="semantic+lora",
+                   init_from=("warmup", "joint")),
+    "finetune": Stage(steps=200, lr=1e-3, demo_lr=1e-3, sem_drop=0.0, trains="strengths",
+                      init_from=("warmup", "joint", "finetune")),
+    "base": Stage(steps=4000, lr=3e-4, demo_lr=3e-4, sem_drop=0.0, trains="everything", init_from=("base",)),
+}
+LORA_STAGES = ("joint", "finetune")  # the stages with LoRA on the backbone
+CHOICES = {"stage": tuple(STAGES), "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
+           "sem_encoder": ("vae", "cnn"), "sem_attention": ATTENTION_FORMS, "base_dtype": tuple(BASE_DTYPES)}
 
 
 def opt(default, help: str = " "):
@@ -70,20 +90,29 @@ def opt(default, help: str = " "):
     return field(default=default, metadata={"help": help})
 
 
+def per_stage(value) -> str:
+    return ", ".join(f"{name} {value(s):g}" for name, s in STAGES.items())
+
+
+PRESET = "default: the scheme's preset (sem_cross_attn.DEFAULT_B for xattn, extras.schemes.PRESETS)"
+
+
 @dataclass
 class TrainConfig:
+    """Every field is a flag (--batch-size for batch_size). None: the stage's or the scheme's value, filled in by
+    `resolve` before the run; the outputs record the filled-in config."""
     stage: str = opt("warmup", "warmup | joint | finetune (the design's stages); base (the tiny demo's base)")
     scheme: str = opt("xattn", "xattn (B) | zeroconv (A) | adapter (C) | overlay (pixel blend baseline) | none")
     data: str = opt("", "dataset folder (rgb/, sem/, ir/); default: the synthetic set, generated on first use")
     size: int = opt(0, "resize + centre-crop to SxS; 0 keeps the files' size (multiples of 16)")
-    out: str = opt("", "default runs/<stage>")
+    out: str | None = opt(None, "default: runs/<stage>")
     init: str = opt("", "the previous stage's output")
     resume: bool = opt(False, "continue from <out>/resume.pt")
-    steps: int = opt(0, "0: the stage's default")
+    steps: int | None = opt(None, f"default: the stage's ({per_stage(lambda s: s.steps)})")
     batch_size: int = opt(8, "per process and micro-step")
     grad_accum: int = opt(1, "micro-steps per optimiser step")
-    lr: float = opt(0.0, "0: the stage's default (FLUX.1 sizes: warmup 1e-4, joint 5e-5; the tiny demo: warmup 3e-3, "
-                         "else 1e-3)")
+    lr: float | None = opt(None, f"default: the stage's (FLUX.1 sizes: {per_stage(lambda s: s.lr)}; the tiny demo: "
+                                 f"{per_stage(lambda s: s.demo_lr)})")
     strength_lr_mult: float = opt(10.0, "the zero-initialised scales/gates learn this many times faster")
     warmup_steps: int = opt(50)
     min_lr_ratio: float = opt(0.1, "cosine decays to lr * this")
@@ -99,34 +128,39 @@ class TrainConfig:
     prompt: str = opt(DEFAULT_PROMPT, "the one prompt of every pair (official bases; the demo has no text encoder)")
     lora_rank: int = opt(16, "joint / finetune: LoRA rank on the backbone")
     lora_alpha: float = opt(16.0, "LoRA scale = alpha / rank")
-    sem_encoder: str = opt("vae", "vae | cnn")
-    sem_blocks: str = opt("all", "all | double | single | every:K")
-    sem_heads: int = opt(0, "cross-attention heads; 0: the transformer's")
-    sem_inner_dim: int = opt(0, "cross-attention width; 0: the transformer's hidden size (smaller saves parameters)")
-    sem_attention: str = opt("", "scheme B's form: decoupled (new keys/values read by the block's own queries, "
-                                 "IP-Adapter) | separate (its own cross-attention after each block); empty: "
-                                 "decoupled for xattn (the README's ablation), separate otherwise")
-    sem_token_dim: int = opt(-1, "semantic token width; 0: the transformer's hidden size (smaller: small K/V); -1: "
-                                 f"{DEFAULT_B['sem_token_dim']} for the decoupled xattn, else 0")
-    sem_shared_kv: bool = opt(False, "decoupled: one key/value projection shared by every block")
-    sem_drop: float = opt(-1.0, "share of samples trained without the semantic input (the 'without' prediction "
-                                "of semantic guidance at sampling); only the joint stage (it trains LoRA); -1: "
-                                f"{SEM_DROP_JOINT} in joint with a semantic module, else 0")
+    sem_encoder: str | None = opt(None, f"vae | cnn; {PRESET}")
+    sem_blocks: str | None = opt(None, f"all | double | single | every:K; {PRESET}")
+    sem_heads: int | None = opt(None, f"cross-attention heads, 0: the transformer's; {PRESET}")
+    sem_inner_dim: int | None = opt(None, "cross-attention width, 0: the transformer's hidden size (smaller saves "
+                                          f"parameters); {PRESET}")
+    sem_attention: str | None = opt(None, "scheme B's form: decoupled (new keys/values read by the block's own "
+                                          "queries, IP-Adapter) | separate (its own cross-attention after each "
+                                          f"block); {PRESET}: decoupled for xattn, else separate")
+    sem_token_dim: int | None = opt(None, "semantic token width, 0: the transformer's hidden size (smaller: small "
+                                          f"K/V); {PRESET}: {DEFAULT_B.token_dim} for xattn, else 0; with "
+                                          f"--sem-attention given: {DEFAULT_B.token_dim} for the decoupled xattn, "
+                                          "else 0")
+    sem_shared_kv: bool | None = opt(None, f"decoupled: one key/value projection shared by every block; {PRESET}")
+    sem_drop: float | None = opt(None, "share of samples trained without the semantic input (the 'without' "
+                                       "prediction of semantic guidance at sampling); only the joint stage (it trains "
+                                       f"LoRA); default: the stage's ({per_stage(lambda s: s.sem_drop)}) with a "
+                                       "semantic module, else 0")
     sem_jitter: int = opt(0, "augment: shift each semantic map by up to this many pixels and coarsen it by 1, 2 or "
                              "4 (nearest), as misregistered pairs and coarse segmenters give; 0: off")
     overlay_alpha: float = opt(0.5, "overlay baseline: weight of the semantic colours in the blend")
-    condition_cache: bool = opt(False, "train the condition cache (OminiControl2 / EasyControl): the condition tokens "
-                                       "get the modulation of t = 0 and attend only to themselves, so sampling "
-                                       "computes their keys and values once per image (about half the work per "
-                                       "step; another model than Kontext: a base trained with it needs it)")
-    base_dtype: str = opt("", "how the frozen base is stored: fp8 (1 byte per linear weight, fp8.py) | bf16 | "
-                              "fp32; empty: bf16 on a GPU, fp32 on the CPU")
+    condition_cache: bool = opt(False, "train the condition cache (OminiControl2 / EasyControl, "
+                                       "extras/condition_cache.py): the condition tokens get the modulation of t = 0 "
+                                       "and attend only to themselves, so sampling computes their keys and values "
+                                       "once per image (about half the work per step; another model than Kontext: "
+                                       "a base trained with it needs it)")
+    base_dtype: str | None = opt(None, "how the frozen base is stored: fp8 (1 byte per linear weight, "
+                                       "extras/fp8.py) | bf16 | fp32; default: bf16 on a GPU, fp32 on the CPU")
     gradient_checkpointing: bool = opt(False, "recompute each block with its semantic module in backward "
                                               "(memory for compute)")
     compile: bool = opt(False, "torch.compile the model (opt-in)")
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimiser state over the processes "
-                            "(FSDP2: one unit per transformer block with its semantic module) instead of "
-                            "replicating them (DDP); one process: no effect")
+                            "(FSDP2, extras/fsdp.py: one unit per transformer block with its semantic module) "
+                            "instead of replicating them (DDP); one process: no effect")
     log_every: int = opt(10, "steps between log.jsonl lines")
     sample_every: int = opt(0, "steps between sample grids; 0: at the end only")
     sample_steps: int = opt(10, "Euler steps of the sample grids (0: no grids)")
@@ -136,25 +170,68 @@ class TrainConfig:
     overwrite: bool = opt(False, "start over in an --out that holds another run (its weights, resume state and log)")
 
 
-STAGE_DEFAULTS = {  # steps, lr for FLUX.1-size models
-    "warmup": (1000, 1e-4), "joint": (1000, 5e-5), "finetune": (200, 1e-3), "base": (4000, 3e-4),
-}
-# the tiny demo learns faster; warmup 3e-3: the default (decoupled) B after 1000 steps at batch 8 scores 22.5 dB on
-# the held-out scenes where 1e-3 gives 21.0 (README)
-DEMO_LR = {"warmup": 3e-3, "joint": 1e-3, "finetune": 1e-3, "base": 3e-4}
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default; a None default is described in the flag's own help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> TrainConfig:
     """One flag per TrainConfig field."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
+        if f.type in (bool, bool | None):
             ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            ap.add_argument(name, type=f.type, default=f.default, choices=CHOICES.get(f.name), help=help)
+            kind = {int | None: int, float | None: float, str | None: str}.get(f.type, f.type)  # None: see help
+            ap.add_argument(name, type=kind, default=f.default, choices=CHOICES.get(f.name), help=help)
     return TrainConfig(**vars(ap.parse_args(argv)))
+
+
+# the --sem-* flags: SemanticConfig's fields
+SEMANTIC_FLAGS = {"encoder": "sem_encoder", "blocks": "sem_blocks", "num_heads": "sem_heads",
+                  "inner_dim": "sem_inner_dim", "attention": "sem_attention", "token_dim": "sem_token_dim",
+                  "shared_kv": "sem_shared_kv"}
+# what the outputs of a scheme without a module (overlay, none) record for the --sem-* settings it does not use
+NO_MODULE = SemanticConfig(attention="separate", token_dim=0)
+
+
+def semantic_config(cfg: TrainConfig) -> SemanticConfig:
+    """The scheme's preset (the default scheme B is the core's DEFAULT_B; the others are extras.schemes.PRESETS)
+    with the --sem-* flags that were given on top. Scheme B's token width goes with its form: with --sem-attention
+    given and no --sem-token-dim, the decoupled form's preset width, the separate form's 0 (the hidden size)."""
+    if cfg.scheme == "xattn":
+        preset = DEFAULT_B
+    elif cfg.scheme not in MODULE_SCHEMES:
+        preset = NO_MODULE
+    else:
+        from extras.schemes import PRESETS as SCHEME_PRESETS
+        preset = SCHEME_PRESETS[cfg.scheme]
+    given = {k: getattr(cfg, flag) for k, flag in SEMANTIC_FLAGS.items() if getattr(cfg, flag) is not None}
+    if "attention" in given and "token_dim" not in given:
+        decoupled_b = cfg.scheme == "xattn" and given["attention"] == "decoupled"
+        given["token_dim"] = DEFAULT_B.token_dim if decoupled_b else 0
+    return dataclasses.replace(preset, **given)
+
+
+def resolve(cfg: TrainConfig, setup: Setup) -> TrainConfig:
+    """A copy of `cfg` with every None filled in: the stage's steps, learning rate (the tiny demo's own) and
+    condition dropout, the output folder, the scheme's semantic settings. --base-dtype stays None: the run's dtype."""
+    stage = STAGES[cfg.stage]
+    defaults = {"steps": stage.steps, "lr": stage.demo_lr if setup.kind == "demo" else stage.lr,
+                "sem_drop": stage.sem_drop if cfg.scheme in MODULE_SCHEMES else 0.0,
+                "out": str(ROOT / "runs" / cfg.stage)}
+    semantic = semantic_config(cfg)
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
+                               **{flag: getattr(semantic, k) for k, flag in SEMANTIC_FLAGS.items()})
+
+
+def settings(cfg: TrainConfig) -> dict:
+    """The resolved config as the outputs' train_args and the resume state record it (an unset --base-dtype as "",
+    as outputs always have: a resume compares these)."""
+    return asdict(cfg) | {"base_dtype": cfg.base_dtype or ""}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,9 +244,7 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
          "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size,
          "condition_cache": cfg.condition_cache}
     if cfg.scheme in MODULE_SCHEMES:
-        semantic = SemanticConfig(scheme=cfg.scheme, encoder=cfg.sem_encoder, blocks=cfg.sem_blocks,
-                                  num_heads=cfg.sem_heads, inner_dim=cfg.sem_inner_dim, attention=cfg.sem_attention,
-                                  token_dim=cfg.sem_token_dim, shared_kv=cfg.sem_shared_kv)
+        semantic = semantic_config(cfg)
         p = PRESETS[setup.preset]
         try:
             semantic.validate(p.hidden_size, p.num_heads)
@@ -177,7 +252,7 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
             raise ValueError(f"--scheme/--sem-encoder/--sem-blocks/--sem-heads/--sem-inner-dim/--sem-attention/"
                              f"--sem-token-dim/--sem-shared-kv: {e}") from None
         c["semantic"] = semantic.to_dict()
-    if cfg.stage in ("joint", "finetune"):
+    if cfg.stage in LORA_STAGES:
         c["lora_rank"], c["lora_alpha"] = cfg.lora_rank, cfg.lora_alpha
     return c
 
@@ -203,30 +278,30 @@ def check_numbers(cfg: TrainConfig) -> None:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.size % 16:
         raise ValueError(f"--size must be a multiple of 16 (8x VAE downsampling x 2x2 patches), got {cfg.size}")
-    if cfg.stage in ("joint", "finetune") and cfg.lora_rank < 1:
+    if cfg.stage in LORA_STAGES and cfg.lora_rank < 1:
         raise ValueError(f"--lora-rank must be at least 1, got {cfg.lora_rank}")
 
 
 def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
     """Stage, scheme and --init agree (an --init comes from an earlier stage of the same scheme, base and module
     layout); returns the --init's run config. Raises ValueError naming the conflict."""
-    if cfg.stage == "warmup" and cfg.scheme in BASELINES:
+    if cfg.stage == "warmup" and cfg.scheme not in MODULE_SCHEMES:
         raise ValueError(f"--stage warmup trains only semantic modules, and scheme {cfg.scheme!r} has none: "
                          "use --stage joint")
-    if cfg.stage == "finetune" and cfg.scheme in BASELINES:
+    if cfg.stage == "finetune" and cfg.scheme not in MODULE_SCHEMES:
         raise ValueError(f"--stage finetune trains the semantic strengths, and scheme {cfg.scheme!r} has none")
     if cfg.stage == "base" and cfg.scheme != "none":
         raise ValueError("--stage base trains the RGB-conditioned base model: use --scheme none")
-    if cfg.stage == "base" and cfg.base_dtype:
+    if cfg.stage == "base" and cfg.base_dtype is not None:
         raise ValueError("--base-dtype stores the frozen base; --stage base trains every weight (in fp32)")
-    if cfg.sem_drop and (cfg.stage != "joint" or cfg.scheme in BASELINES):
+    if cfg.sem_drop and (cfg.stage != "joint" or cfg.scheme not in MODULE_SCHEMES):
         raise ValueError("--sem-drop trains the prediction without the semantic input, which only the LoRA can "
                          "learn: use it with --stage joint and a scheme with a module (in warmup the base is that "
                          "prediction already)")
     if cfg.fsdp and cfg.compile:
         raise ValueError("--fsdp with --compile: compiling the sharded model as a whole is not supported here; drop "
                          "one of them")
-    if cfg.sem_jitter and cfg.scheme in BASELINES:
+    if cfg.sem_jitter and cfg.scheme not in MODULE_SCHEMES:
         raise ValueError(f"--sem-jitter moves the semantic input of a module; scheme {cfg.scheme!r} has none")
     if cfg.stage != "base" and base_condition_cache(setup) and not cfg.condition_cache:
         raise ValueError(f"the base {setup.flux} was trained with the condition cache: pass --condition-cache")
@@ -237,12 +312,13 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
             raise ValueError("--stage finetune adjusts a trained model: pass --init runs/joint/final.safetensors")
         return None
     got = run_config(cfg.init)
-    if got.get("stage") not in INIT_FROM[cfg.stage]:
+    init_from = STAGES[cfg.stage].init_from
+    if got.get("stage") not in init_from:
         raise ValueError(f"--init {cfg.init} is a {got.get('stage')!r} output; --stage {cfg.stage} starts from "
-                         f"{' or '.join(INIT_FROM[cfg.stage])}")
-    if isinstance(got.get("semantic"), dict):  # a file from before a SemanticConfig field existed has its default
+                         f"{' or '.join(init_from)}")
+    if isinstance(got.get("semantic"), dict):  # a file from before a field existed: what it meant (from_dict)
         try:
-            got["semantic"] = SemanticConfig(**got["semantic"]).to_dict()
+            got["semantic"] = SemanticConfig.from_dict(got["semantic"]).to_dict()
         except TypeError:
             pass
     for key in ("scheme", "base_preset", "semantic"):
@@ -257,24 +333,6 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
-
-
-def init_distributed(cfg: TrainConfig):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device:
-        device = resolve_device(cfg.device)  # a device that exists here, or one line naming --device
-    else:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    return rank, world, device
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Data: encoded once, cached on disk
 
 
@@ -284,6 +342,7 @@ def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedData
         if setup.kind != "demo":
             raise ValueError("pass --data DIR (rgb/, sem/, ir/): the synthetic set is for the tiny demo")
         if master:
+            from tools.synth import TRAIN_SET, ensure_set
             ensure_set(root, TRAIN_SET, cfg.progress)
         if dist.is_initialized():
             dist.barrier()
@@ -291,6 +350,19 @@ def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedData
     if len(ds) == 0:
         raise ValueError(f"{root}: empty dataset")
     return ds
+
+
+def encode_latents(cfg: TrainConfig, setup: Setup, ds: data.PairedDataset, device, dtype, master: bool):
+    """(latents, ae): the dataset's latent tokens (latents.encode_dataset; --sem-jitter adds misaligned copies of
+    every map, the same for every run on this data) and the autoencoder, its encoder freed (the decoder stays for
+    the sample grids)."""
+    ae = load_ae(setup.ae, device=device, dtype=dtype)
+    latents = encode_dataset(ds, ae, setup.ae, cfg.overlay_alpha, device, dtype, master, cfg.progress)
+    if cfg.sem_jitter:
+        latents["jittered"] = encode_jittered(latents, ds.classes, ae, tokens_path(ds, setup.ae, cfg.overlay_alpha),
+                                              cfg.sem_jitter, device, dtype, master=master, progress=cfg.progress)
+    del ae.encoder
+    return latents, ae
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,15 +375,11 @@ def build(cfg: TrainConfig, setup: Setup, want: dict, device, dtype) -> Flux:
     (bf16 autocast computes in bf16), then the previous stage's weights (a warmup output has no LoRA keys: its
     LoRA starts at zero, i.e. the identity)."""
     if cfg.stage == "base":
-        if cfg.init:
-            model = load_flux(cfg.init, setup.preset, device=device, dtype=torch.float32)
-        elif setup.kind == "demo":
-            model = Flux(PRESETS["tiny"]).to(device)
-        else:
-            model = load_flux(setup.flux, setup.preset, device=device, dtype=torch.float32)
-        model.condition_cache = cfg.condition_cache
-        return model
-    model = build_model(setup, want, device, dtype, modules_dtype=torch.float32, base_dtype=cfg.base_dtype or None)
+        if setup.kind == "demo" and not cfg.init:
+            return Flux(PRESETS["tiny"]).to(device)
+        from extras.checkpoint_forms import load_flux
+        return load_flux(cfg.init or setup.flux, setup.preset, device=device, dtype=torch.float32)
+    model = build_model(setup, want, device, dtype, modules_dtype=torch.float32, base_dtype=cfg.base_dtype)
     if cfg.init:
         load_trained(model, cfg.init, want, lora_optional=True)
     return model
@@ -321,29 +389,34 @@ def select_trainable(model: Flux, stage: str) -> list[tuple[str, torch.nn.Parame
     """warmup: semantic modules; joint: semantic + LoRA; finetune: the strength scales/gates; base: everything.
     Everything else gets requires_grad=False and stays out of the optimiser."""
     model.requires_grad_(False)
-    if stage == "base":
-        names = {n for n, _ in model.named_parameters()}
-    elif stage == "warmup":
-        names = {n for n, _ in model.named_parameters() if n.startswith("semantic.")}
-    elif stage == "joint":
-        names = {n for n, _ in model.named_parameters() if is_trained_key(n)}
-    elif stage == "finetune":
-        strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
-        names = {n for n, p in model.named_parameters() if id(p) in strengths}
-    else:
-        raise ValueError(stage)
-    params = [(n, p) for n, p in model.named_parameters() if n in names]
+    trains = STAGES[stage].trains
+    strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
+    chosen = {"everything": lambda n, p: True, "semantic": lambda n, p: n.startswith("semantic."),
+              "semantic+lora": lambda n, p: is_trained_key(n), "strengths": lambda n, p: id(p) in strengths}[trains]
+    params = [(n, p) for n, p in model.named_parameters() if chosen(n, p)]
     for _, p in params:
         p.requires_grad_(True)
     return params
 
 
+def describe(cfg: TrainConfig, model: Flux, n_train: int, tensors: int, latents: dict, world: int) -> None:
+    """What trains, of how much, on what (the master prints it)."""
+    N, L, _ = latents["ir"].shape
+    print(f"stage {cfg.stage}, scheme {cfg.scheme}: {n_train:,} trainable of "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters ({tensors} tensors); {N} training pairs of {L} "
+          "tokens")
+    if cfg.fsdp and world == 1:
+        print("note: --fsdp in one process has nothing to shard: training as a single process (start it with "
+              "torchrun --nproc_per_node N to shard)")
+
+
 def make_optimizer(cfg: TrainConfig, model: Flux, trainable) -> torch.optim.AdamW:
     """AdamW on the trainable weights. Adam moves a parameter by about lr per step whatever its gradient, so a scalar
     gate that starts at 0 reaches at most steps * lr: at lr 1e-4 a 1000-step warmup could never open it against
-    hidden states of magnitude ~10. The strength scalars (scheme A/B/C) therefore get a larger learning rate."""
+    hidden states of magnitude ~10. The strength scalars (scheme A/B/C) therefore get a larger learning rate (but
+    in finetune, where they are all that trains)."""
     strengths = {id(p) for p in model.semantic.strength_parameters()} if model.semantic is not None else set()
-    mult = 1.0 if cfg.stage == "finetune" else cfg.strength_lr_mult
+    mult = 1.0 if STAGES[cfg.stage].trains == "strengths" else cfg.strength_lr_mult
     groups = [{"params": [p for _, p in trainable if id(p) not in strengths], "lr_mult": 1.0},
               {"params": [p for _, p in trainable if id(p) in strengths], "lr_mult": mult}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -358,31 +431,153 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def forward_module(model: Flux, cfg: TrainConfig, device, ddp: bool):
+    """(net, fwd): what computes the velocity, and what the loss calls. net is the model, inside the condition
+    cache under --condition-cache (extras/condition_cache.py); fwd is net, inside DDP when several processes
+    replicate it (DDP synchronises only the trainable weights; the frozen base is the same everywhere), compiled
+    under --compile. Sampling and the finite-loss check call net."""
+    net = model
+    if cfg.condition_cache:
+        from extras.condition_cache import ConditionCache
+        net = ConditionCache(model)
+    fwd = net
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        fwd = DDP(net, device_ids=[device] if device.type == "cuda" else None, init_sync=False)
+    if cfg.compile:
+        fwd = torch.compile(fwd)
+    return net, fwd
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Outputs
+# One batch
 
 
-# what a run leaves in --out (the exports: lora_formats.export_if_lora)
-RUN_FILES = ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl") + tuple(EXPORTS.values())
+def condition(model: Flux, cfg: TrainConfig, latents: dict, idx: Tensor, text: tuple, device, dtype,
+              variant: Tensor | None = None):
+    """The flow.Condition of the pairs `idx`: their RGB (overlay: blended) latent tokens, semantic input (`variant`:
+    each map's misaligned copy, --sem-jitter) and the prompt."""
+    H, W = latents["sem_ids"].shape[-2:]
+    image = latents["overlay" if cfg.scheme == "overlay" else "rgb"][idx].to(device).to(dtype)
+    semcfg = model.semantic.config if model.semantic is not None else None
+    sem_in = semantic_batch(latents, idx, semcfg, device, variant)
+    return make_condition(image, None if sem_in is None else sem_in.to(dtype), text, H // 16, W // 16)
+
+
+def get_batch(model: Flux, cfg: TrainConfig, latents: dict, text: tuple, g: torch.Generator, rank: int, world: int,
+              device, dtype):
+    """(x0, noise, t, cond, guidance): flow_loss's arguments for this process's part of one global batch. The
+    global batch is drawn identically on every rank from the one generator `g`; each rank takes its slice."""
+    n, part = cfg.batch_size * world, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    N, L, _ = latents["ir"].shape  # [N, L, 64] tokens
+    idx = torch.randint(N, (n,), generator=g)[part]
+    x0 = latents["ir"][idx].to(device)  # [B, L, 64]
+    variant = None  # --sem-jitter: one of the misaligned copies of each map
+    if cfg.sem_jitter:
+        variant = torch.randint(len(latents["jittered"]["sem"]), (n,), generator=g)[part]
+    cond = condition(model, cfg, latents, idx, text, device, dtype, variant)
+    t = sample_t(n, g, cfg.t_sampling, cfg.logit_mean, cfg.logit_std, L)[part].to(device)
+    noise = torch.randn((n, L, 64), generator=g)[part].to(device)
+    if cfg.sem_drop:  # these samples train the prediction without the semantic input
+        cond.sem_strength = (torch.rand(n, generator=g)[part] >= cfg.sem_drop).to(device)
+    guidance = torch.full((len(idx),), cfg.guidance, device=device) if model.params.guidance_embed else None
+    return x0, noise, t, cond, guidance
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs: the log, the weights, the resume state, the sample grids
+
+
+def run_files() -> tuple[str, ...]:
+    """What a run leaves in --out (with the LoRA exports, extras/lora_formats.py)."""
+    from extras.lora_formats import EXPORTS
+    return ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl") + tuple(EXPORTS.values())
+
+
+class Log:
+    """The master's log.jsonl: every --log-every steps the loss, lr, steps/s and the mean loss in 10 bins of t (the
+    bins gather the losses of every micro-step in between; they are part of the resume state)."""
+
+    def __init__(self, path: Path | None, step: int, bins: list | None = None):
+        self.file = open(path, "a") if path is not None else None
+        self.bins = bins or [[0.0, 0] for _ in range(10)]
+        self.t0, self.step = time.time(), step
+
+    def add(self, t: Tensor, per_sample: Tensor):
+        for ti, li in zip(t.tolist(), per_sample.tolist()):
+            self.bins[min(9, int(ti * 10))][0] += li
+            self.bins[min(9, int(ti * 10))][1] += 1
+
+    def write(self, step: int, loss: float, lr: float) -> float:
+        """One line; returns steps/s since the last line."""
+        sps = (step - self.step) / max(time.time() - self.t0, 1e-9)
+        self.t0, self.step = time.time(), step
+        bins = [round(s / n, 5) if n else None for s, n in self.bins]
+        self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "steps_per_s": sps, "loss_by_t": bins})
+                        + "\n")
+        self.file.flush()
+        self.bins = [[0.0, 0] for _ in range(10)]
+        return sps
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def export(final: Path, cfg: TrainConfig, n_train: int) -> None:
+    """Says what was written; a LoRA stage's LoRA part is also written in the layouts ComfyUI / kohya and diffusers
+    load (extras/lora_formats.py)."""
+    print(f"wrote {final} ({'the full transformer' if cfg.stage == 'base' else f'{n_train:,} trained parameters'})")
+    if cfg.stage in LORA_STAGES:
+        from extras.lora_formats import export_if_lora
+        for path in export_if_lora(final):
+            print(f"wrote {path}")
+
+
+def gathered(sd: dict, fsdp: bool) -> dict:
+    """`sd` with every shard gathered into its full tensor under --fsdp (a collective: every rank calls it)."""
+    if not fsdp:
+        return sd
+    from extras.fsdp import full_tensors
+    return full_tensors(sd)
+
+
+def write_weights(path: Path, model: Flux, stage: str, meta: dict, write: bool = True, fsdp: bool = False):
+    """Only what the stage adds to the base (semantic + LoRA); the base stage writes the whole transformer.
+    Under --fsdp every rank calls it (the shards are gathered into full tensors) and only `write` writes."""
+    sd = model.state_dict()
+    if stage != "base":
+        sd = {k: v for k, v in sd.items() if is_trained_key(k)}
+    sd = gathered(sd, fsdp)
+    if write:
+        save_atomic(sd, path, meta)
+
+
 # settings a resumed run may change: they do not change what is computed (--steps is checked on its own)
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "log_every", "sample_every", "sample_steps", "ckpt_every",
                      "device", "compile", "gradient_checkpointing", "fsdp", "steps")
 
 
 def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, t_bins, cfg: TrainConfig,
-                write: bool = True):
-    """The trainable weights, optimiser, generator, step, loss bins and the run's settings (run_state.save_state).
+                write: bool = True, fsdp: bool = False):
+    """The trainable weights, optimiser, generator, step, loss bins and the run's settings (checkpoint.save_state).
     Under --fsdp every rank calls it (the shards are gathered into full tensors) and only `write` writes."""
-    weights, opt_state = distributed.full_tensors(dict(trainable)), distributed.full_optimizer_state(opt)
+    weights, opt_state = gathered(dict(trainable), fsdp), opt
+    if fsdp:
+        from extras.fsdp import GatheredOptimizer, full_optimizer_state
+        opt_state = GatheredOptimizer(full_optimizer_state(opt))
     if write:
-        save_state(path, step, weights, distributed.GatheredOptimizer(opt_state), g, asdict(cfg), t_bins=t_bins)
+        save_state(path, step, weights, opt_state, g, settings(cfg), t_bins=t_bins)
 
 
-def load_resume(path: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig) -> tuple[int, list, dict]:
-    """save_resume's state back into the trainable weights, the optimiser and the generator: (step, loss bins, the
-    overrides allowed: a longer --steps, recorded). A change of any other setting is refused."""
+def load_resume(out: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig, fsdp: bool = False,
+                master: bool = True) -> tuple[int, list, dict]:
+    """save_resume's state (out/resume.pt) back into the trainable weights, the optimiser and the generator: (step,
+    loss bins, the overrides allowed: a longer --steps, recorded). A change of any other setting is refused. The
+    log loses its lines past that step (written after the state: no duplicate steps)."""
+    path = out / "resume.pt"
     state = load_state(path, [n for n, _ in trainable], extra=("t_bins",))
-    was, now = state["settings"], asdict(cfg)
+    was, now = state["settings"], settings(cfg)
     if changed := changed_settings(was, now, RESUME_MAY_CHANGE):
         raise ValueError(f"--resume with other settings than {path} was written with: {', '.join(changed)}; resume "
                          "with the run's own settings, or start a new run (--overwrite or another --out)")
@@ -393,54 +588,60 @@ def load_resume(path: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig
         print(f"note: --steps {was['steps']} -> {now['steps']}: the learning-rate schedule follows the new length "
               f"from step {state['step']} on (recorded in the outputs' metadata)")
         overrides = {"steps": [was["steps"], now["steps"]], "at_step": state["step"]}
+    weights, opt_state = state["weights"], state["optimizer"]
+    if fsdp:  # this rank's shard of every full tensor
+        from extras.fsdp import like, shard_optimizer_state
+        weights = {n: like(p, weights[n]) for n, p in trainable}
+        opt_state = shard_optimizer_state(opt, opt_state)
     with torch.no_grad():
         for n, p in trainable:
-            p.copy_(distributed.like(p, state["weights"][n]))  # --fsdp: this rank's shard
-    opt.load_state_dict(distributed.shard_optimizer_state(opt, state["optimizer"]))
+            p.copy_(weights[n])
+    opt.load_state_dict(opt_state)
     g.set_state(state["rng"])
+    if master:
+        trim_log(out / "log.jsonl", state["step"])
+        print(f"resumed from {path} at step {state['step']}")
     return state["step"], state["t_bins"], overrides
 
 
 @torch.no_grad()
-def gives_finite_loss(model: Flux, batch: tuple, use_cuda: bool) -> bool:
+def gives_finite_loss(net, batch: tuple, use_cuda: bool) -> bool:
     """The weights as they are now, on the last batch: finite loss? (A huge but finite weight can give NaN.)"""
     x0, noise, t, cond, guidance = batch
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=use_cuda):
-        return bool(torch.isfinite(flow_loss(model, x0, noise, t, cond, guidance)).all())
+        return bool(torch.isfinite(flow_loss(net, x0, noise, t, cond, guidance)).all())
 
 
-def write_weights(path: Path, model: Flux, stage: str, meta: dict, write: bool = True):
-    """Only what the stage adds to the base (semantic + LoRA); the base stage writes the whole transformer.
-    Under --fsdp every rank calls it (the shards are gathered into full tensors) and only `write` writes."""
-    sd = model.state_dict()
-    if stage != "base":
-        sd = {k: v for k, v in sd.items() if is_trained_key(k)}
-    sd = distributed.full_tensors(sd)
-    if write:
-        save_atomic(sd, path, meta)
+def stopped(stopper: Stopper, step: int, world: int, master: bool) -> int:
+    """After a signal (here, or on another rank): the resume command on stdout; the exit status 128 + signal."""
+    if master:
+        print(f"\nstopped by signal {stopper.signal or 'on another rank'} at step {step}; resume with "
+              f"`{resume_command('train.py', world)}`")
+    return 128 + (stopper.signal or signal.SIGTERM)
+
+
+def diverged(what: str, good: Path | None) -> int:
+    """One line on stderr naming the last good weights; the run's exit status 1."""
+    where = f"the last good weights are {good}" if good else "no checkpoint was written yet"
+    print(f"error: {what}; stopping ({where}; lower --lr?)", file=sys.stderr)
+    return 1
 
 
 @torch.no_grad()
-def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, latents: dict, idx: Tensor, device,
-                dtype, text: tuple, out: Path, step: int, write: bool = True):
-    """RGB | semantic | target | prediction for a few training pairs, sampled with the current weights from the
-    cached latents (the VAE encoder is not needed). Under --fsdp every rank runs the sampling (its forward passes
-    gather the shards) and only `write` draws and writes the grid."""
-    B = len(idx)
-    H, W = latents["sem_ids"].shape[-2:]
-    cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
-    semcfg = model.semantic.config if model.semantic is not None else None
-    sem_in = semantic_batch(latents, idx, semcfg, device)
-    cond = make_condition(latents[cond_key][idx].to(device, dtype), None if sem_in is None else sem_in.to(dtype), text,
-                          H // 16, W // 16)
-    was_training = model.training
-    model.eval()
+def sample_grid(model: Flux, net, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, latents: dict, text: tuple,
+                device, dtype, path: Path, write: bool = True) -> Path:
+    """RGB | semantic | target | prediction for the first 4 training pairs, sampled with the current weights (net)
+    from the cached latents (the VAE encoder is not needed). Under --fsdp every rank runs the sampling (its forward
+    passes gather the shards) and only `write` draws and writes the grid."""
+    idx = torch.arange(min(4, len(latents["ir"])))
+    B, (H, W) = len(idx), latents["sem_ids"].shape[-2:]
+    cond = condition(model, cfg, latents, idx, text, device, dtype)
+    was_training = net.training
+    net.eval()
     x = pack(get_noise(B, H, W, seed=0, device=device, dtype=dtype))
-    x = denoise(model, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
-                cfg.guidance if model.params.guidance_embed else None,
-                reuse=not cfg.fsdp)  # FSDP gathers the root's weights in forward only: one forward per step
-    model.train(was_training)
-    path = out / f"step_{step:06d}.png"
+    x = denoise(net, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
+                cfg.guidance if model.params.guidance_embed else None)
+    net.train(was_training)
     if not write:
         return path
     z = [unpack(t, H, W) for t in (x, latents["rgb"][idx].to(device, dtype), latents["ir"][idx].to(device, dtype))]
@@ -448,9 +649,56 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
     pred, target = data.rgb_to_ir(pred), data.rgb_to_ir(target)  # [B, 1, H, W]
     sem = latents["sem_pixels"][idx].float() / 127.5 - 1
     rows = [[to_pil_rgb(rgb[i]), to_pil_rgb(sem[i]), to_pil_gray(target[i]), to_pil_gray(pred[i])] for i in range(B)]
-    out.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     grid(rows, ["RGB", "semantic", "target", "prediction"]).save(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The processes of a torchrun (it sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+
+def init_distributed(cfg: TrainConfig):
+    """(rank, world size, device); under torchrun the process group is started."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device:
+        device = resolve_device(cfg.device)  # a device that exists here, or one line naming --device
+    else:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def shard(model: Flux, device) -> list[tuple[str, torch.nn.Parameter]]:
+    """--fsdp under torchrun (extras/fsdp.py), in place: the parameters become new ones (DTensor shards), so what
+    trains is taken again and returned."""
+    from extras.fsdp import shard as fully_shard
+    fully_shard(model, device)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def grad_sync(fwd, ddp: bool, last: bool):
+    """DDP all-reduces the gradients once, at the last micro-step of --grad-accum (no_sync before it); FSDP
+    reduce-scatters every micro-step's."""
+    return fwd.no_sync() if ddp and not last else nullcontext()
+
+
+def on_any_rank(flag: bool, world: int, device) -> bool:
+    """True on every rank when `flag` is true on one (a signal on any rank stops every rank at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def on_every_rank(flag: bool, world: int, device) -> bool:
+    """True when `flag` is true on every rank (the weights give a finite loss everywhere)."""
+    return not on_any_rank(not flag, world, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,101 +707,57 @@ def sample_grid(model: Flux, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, la
 def run(cfg: TrainConfig) -> int:
     """Train one stage as `cfg` says; 0 when done, 1 on a non-finite loss, 128 + signal when stopped by one.
     Raises ValueError (data.DataError, checkpoint.CheckpointError) for bad input, before any work."""
-    cfg = dataclasses.replace(cfg)  # the defaults below are filled in on a copy
-    cfg.steps = cfg.steps or STAGE_DEFAULTS[cfg.stage][0]
-    cfg.out = cfg.out or str(ROOT / "runs" / cfg.stage)
-    if cfg.sem_drop == -1:
-        cfg.sem_drop = SEM_DROP_JOINT if cfg.stage == "joint" and cfg.scheme in MODULE_SCHEMES else 0.0
-    if not cfg.sem_attention:
-        cfg.sem_attention = DEFAULT_B["sem_attention"] if cfg.scheme == "xattn" else "separate"
-    if cfg.sem_token_dim == -1:
-        decoupled = cfg.scheme == "xattn" and cfg.sem_attention == "decoupled"
-        cfg.sem_token_dim = DEFAULT_B["sem_token_dim"] if decoupled else 0
     rank, world, device = init_distributed(cfg)
     master = rank == 0
     fsdp = cfg.fsdp and world > 1  # one process: nothing to shard, the run is the single-process one
+    takes_part = master or fsdp  # in writing outputs: under FSDP every rank gathers the shards, the master writes
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     setup = find_setup()
     if master:
         print(setup.describe())
-    cfg.lr = cfg.lr or (DEMO_LR if setup.kind == "demo" else {k: v[1] for k, v in STAGE_DEFAULTS.items()})[cfg.stage]
-    out = Path(cfg.out)
+    cfg = resolve(cfg, setup)  # every flag left unset: the stage's or the scheme's value
     check_numbers(cfg)
-    want = stage_config(cfg, setup)
+    want = stage_config(cfg, setup)  # the run config every output carries
     check_config(cfg, setup, want)
-    lock = claim(Path(cfg.out), RUN_FILES, "final.safetensors", cfg.resume, cfg.overwrite, master)
+    out = Path(cfg.out)
+    lock = claim(out, run_files(), "final.safetensors", cfg.resume, cfg.overwrite, master)
     use_cuda = device.type == "cuda"
     # base weights (fp8: its linear weights in float8, the rest in this); trainable weights stay fp32
     dtype = BASE_DTYPES.get(cfg.base_dtype) or (torch.bfloat16 if use_cuda else torch.float32)
 
-    # ---- latents (VAE encoder used once, then freed) and the prompt embedding
+    # ---- latents (VAE encoder used once, then freed), the prompt, the model, what trains, the optimiser
     ds = dataset_for(cfg, setup, master)
     want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
-    ae = load_ae(setup.ae, device=device, dtype=dtype)
-    latents = encode_dataset(ds, ae, setup.ae, cfg.overlay_alpha, device, dtype, master, cfg.progress)
-    if cfg.sem_jitter:  # misaligned copies of every map, the same for every run on this data
-        latents["jittered"] = encode_jittered(latents, ds.classes, ae, tokens_path(ds, setup.ae, cfg.overlay_alpha),
-                                              cfg.sem_jitter, device, dtype, master=master, progress=cfg.progress)
-    del ae.encoder  # not needed in the loop (the decoder stays for the sample grids)
-    N, L, _ = latents["ir"].shape  # [N, L, 64] tokens of an h x w grid
-    h, w = (s // 16 for s in latents["sem_ids"].shape[-2:])
+    latents, ae = encode_latents(cfg, setup, ds, device, dtype, master)
     text = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)  # (txt, txt_ids, y), batch 1
-
-    # ---- the model, what trains, the optimiser
     model = build(cfg, setup, want, device, dtype)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     trainable = select_trainable(model, cfg.stage)
-    n_train = sum(p.numel() for _, p in trainable)
-    if n_train == 0:
+    if not trainable:
         raise ValueError(f"nothing to train in stage {cfg.stage} with scheme {cfg.scheme}")
+    n_train = sum(p.numel() for _, p in trainable)
     if master:
-        n_all = sum(p.numel() for p in model.parameters())
-        print(f"stage {cfg.stage}, scheme {cfg.scheme}: {n_train:,} trainable of {n_all:,} parameters "
-              f"({len(trainable)} tensors); {N} training pairs of {L} tokens")
-    if cfg.fsdp and world == 1 and master:
-        print("note: --fsdp in one process has nothing to shard: training as a single process (start it with "
-              "torchrun --nproc_per_node N to shard)")
-    if fsdp:  # in place: the parameters become new ones (DTensor shards), so what trains is taken again
-        distributed.shard(model, device)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        describe(cfg, model, n_train, len(trainable), latents, world)
+    if fsdp:
+        trainable = shard(model, device)
     opt = make_optimizer(cfg, model, trainable)
-    fwd = model
-    if world > 1 and not fsdp:  # DDP synchronises only trainable parameters; the frozen base is the same everywhere
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(model, device_ids=[device] if use_cuda else None, init_sync=False)
-    if cfg.compile:
-        fwd = torch.compile(fwd)
+    ddp = world > 1 and not fsdp
+    net, fwd = forward_module(model, cfg, device, ddp)
 
-    # ---- state
-    g = torch.Generator().manual_seed(cfg.seed)  # one stream for data order, t and noise: identical on every rank
-    step, t_bins = 0, [[0.0, 0] for _ in range(10)]
-    resume_path = out / "resume.pt"
-    if cfg.resume:
-        step, t_bins, overrides = load_resume(resume_path, trainable, opt, g, cfg)
-        if master:
-            trim_log(out / "log.jsonl", step)
-            print(f"resumed from {resume_path} at step {step}")
-    meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,
-            "train_args": json.dumps(asdict(cfg))}
-    if cfg.resume and overrides:
+    # ---- state: one generator for data order, t and noise (identical on every rank), the step, the log
+    g = torch.Generator().manual_seed(cfg.seed)
+    step, t_bins, overrides = load_resume(out, trainable, opt, g, cfg, fsdp, master) if cfg.resume else (0, None, {})
+    meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,  # what every output carries
+            "train_args": json.dumps(settings(cfg))}
+    if overrides:
         meta["resume_overrides"] = json.dumps(overrides)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a") if master else None
-    stopper = Stopper()
+    log, stopper, good = Log(out / "log.jsonl" if master else None, step, t_bins), Stopper(), None
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}", disable=not (master and cfg.progress))
+    fwd.train()
     try:
-        sample_idx = torch.arange(min(4, N))
-        global_batch = cfg.batch_size * world
-        cond_key = "overlay" if cfg.scheme == "overlay" else "rgb"
-        semcfg = model.semantic.config if model.semantic is not None else None
-
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}",
-                   disable=not (master and cfg.progress))
-        t0, last_log_step = time.time(), step
-        fwd.train()
-        good_ckpt = None
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
@@ -561,98 +765,53 @@ def run(cfg: TrainConfig) -> int:
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                # the global batch is drawn identically on every rank; each rank takes its slice
-                sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-                idx = torch.randint(N, (global_batch,), generator=g)[sl]
-                x0 = latents["ir"][idx].to(device)  # [B, L, 64]
-                variant = None  # --sem-jitter: one of the misaligned copies of each map
-                if cfg.sem_jitter:
-                    variant = torch.randint(len(latents["jittered"]["sem"]), (global_batch,), generator=g)[sl]
-                sem_in = semantic_batch(latents, idx, semcfg, device, variant)
-                t = sample_t(global_batch, g, cfg.t_sampling, cfg.logit_mean, cfg.logit_std, L)[sl].to(device)
-                noise = torch.randn((global_batch, L, 64), generator=g)[sl].to(device)
-                cond = make_condition(latents[cond_key][idx].to(device).to(dtype),
-                                      None if sem_in is None else sem_in.to(dtype), text, h, w)
-                if cfg.sem_drop:  # these samples train the prediction without the semantic input
-                    cond.sem_strength = (torch.rand(global_batch, generator=g)[sl] >= cfg.sem_drop).to(device)
-                guidance = torch.full((len(idx),), cfg.guidance, device=device) if model.params.guidance_embed else None
-                # DDP reduces the gradients once, at the last micro-step; FSDP reduce-scatters every micro-step's
-                last = micro == cfg.grad_accum - 1
-                sync = nullcontext() if (world == 1 or fsdp or last) else fwd.no_sync()
-                with sync:
+                x0, noise, t, cond, guidance = get_batch(model, cfg, latents, text, g, rank, world, device, dtype)
+                with grad_sync(fwd, ddp, last=micro == cfg.grad_accum - 1):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                         per_sample = flow_loss(fwd, x0, noise, t, cond, guidance)  # [B]
-                    last_batch = (x0, noise, t, cond, guidance)
                     loss = per_sample.mean() / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
-                for ti, li in zip(t.tolist(), per_sample.tolist()):  # the loss by t, in 10 bins, for the log
-                    t_bins[min(9, int(ti * 10))][0] += li
-                    t_bins[min(9, int(ti * 10))][1] += 1
+                log.add(t, per_sample)  # the loss by t
             if not math.isfinite(loss_sum):
-                where = f"the last good weights are {good_ckpt}" if good_ckpt else "no checkpoint was written yet"
-                print(f"error: loss is {loss_sum} at step {step}; stopping ({where}; lower --lr?)", file=sys.stderr)
-                return 1
+                return diverged(f"loss is {loss_sum} at step {step}", good)
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
             opt.step()
             step += 1
             bar.update(1)
 
             if master and (step % cfg.log_every == 0 or step == cfg.steps):
-                dt = time.time() - t0
-                sps = (step - last_log_step) / max(dt, 1e-9)
-                t0, last_log_step = time.time(), step
-                bins = [round(s / n, 5) if n else None for s, n in t_bins]
-                bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{sps:.2f}")
-                log.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "steps_per_s": sps,
-                                      "loss_by_t": bins}) + "\n")
-                log.flush()
-                t_bins = [[0.0, 0] for _ in range(10)]
-            if (master or fsdp) and cfg.sample_every and step % cfg.sample_every == 0:
-                sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples", step,
-                            write=master)
-            stop = stopper.signal is not None
-            if world > 1:  # a signal on any rank stops every rank at the same step
-                flag = torch.tensor([float(stop)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
+                bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{log.write(step, loss_sum, lr):.2f}")
+            if takes_part and cfg.sample_every and step % cfg.sample_every == 0:
+                sample_grid(model, net, ae, setup, cfg, latents, text, device, dtype,
+                            out / "samples" / f"step_{step:06d}.png", write=master)
+            stop = on_any_rank(stopper.signal is not None, world, device)
             if step % cfg.ckpt_every == 0 or stop or step == cfg.steps:
                 # only weights that still give a finite loss are ever written as good ones
-                ok = torch.tensor([float(gives_finite_loss(model, last_batch, use_cuda))], device=device)
-                if world > 1:
-                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-                if not ok.item():
-                    where = f"the last good weights are {good_ckpt}" if good_ckpt else "no checkpoint was written yet"
-                    print(f"error: the weights after step {step} give a non-finite loss; stopping ({where}; lower "
-                          "--lr?)", file=sys.stderr)
-                    return 1
-                if master or fsdp:  # --fsdp: every rank takes part in gathering the shards; the master writes
-                    write_weights(out / "latest.safetensors", model, cfg.stage, meta, write=master)
-                    save_resume(resume_path, trainable, opt, step, g, t_bins, cfg, write=master)
-                    good_ckpt = out / "latest.safetensors"
+                if not on_every_rank(gives_finite_loss(net, (x0, noise, t, cond, guidance), use_cuda), world, device):
+                    return diverged(f"the weights after step {step} give a non-finite loss", good)
+                if takes_part:
+                    write_weights(out / "latest.safetensors", model, cfg.stage, meta, master, fsdp)
+                    save_resume(out / "resume.pt", trainable, opt, step, g, log.bins, cfg, master, fsdp)
+                    good = out / "latest.safetensors"
             if stop:
-                if master:
-                    print(f"\nstopped by signal {stopper.signal or 'on another rank'} at step {step}; resume with "
-                          f"`{resume_command('train.py', world)}`")
-                return 128 + (stopper.signal or signal.SIGTERM)
+                return stopped(stopper, step, world, master)
         bar.close()
+
+        # ---- the trained weights (+ the LoRA exports), a sample grid
         final = out / "final.safetensors"
-        if master or fsdp:  # --fsdp: every rank gathers and runs the grid's forward passes; the master writes
-            write_weights(final, model, cfg.stage, meta, write=master)
+        if takes_part:
+            write_weights(final, model, cfg.stage, meta, master, fsdp)
         if master:
-            what = "the full transformer" if cfg.stage == "base" else f"{n_train:,} trained parameters"
-            print(f"wrote {final} ({what})")
-            for path in export_if_lora(final):  # the LoRA part in the layouts ComfyUI / kohya and diffusers load
-                print(f"wrote {path}")
-        if (master or fsdp) and cfg.sample_every == 0 and cfg.sample_steps > 0:
-            path = sample_grid(model, ae, setup, cfg, latents, sample_idx, device, dtype, text, out / "samples",
-                               step, write=master)
+            export(final, cfg, n_train)
+        if takes_part and cfg.sample_every == 0 and cfg.sample_steps > 0:
+            path = sample_grid(model, net, ae, setup, cfg, latents, text, device, dtype,
+                               out / "samples" / f"step_{step:06d}.png", write=master)
             if master:
                 print(f"wrote {path}")
     finally:
         stopper.close()
-        if log is not None:
-            log.close()
+        log.close()
         if lock is not None:
             lock.unlink(missing_ok=True)
         if world > 1:

@@ -1,16 +1,17 @@
 """
-The FLUX transformer from a checkpoint: every form of it users have, read into the official BFL keys and
-loaded strictly (flux_model.py is the model; this file is how weights get into it).
+The FLUX transformer from every other form of checkpoint users have, read into the official BFL keys and loaded
+strictly. BFL's own single file (flux1-dev.safetensors) is the core's (checkpoint.load_flux_official); load_flux
+hands it that case and reads the others:
 
-  the official single file (flux1-dev.safetensors), also with a `model.diffusion_model.` or `diffusion_model.` prefix
+  the official single file with a `model.diffusion_model.` or `diffusion_model.` prefix
   a ComfyUI all-in-one checkpoint: the transformer under `model.diffusion_model.` beside `vae.` / `first_stage_model.`
       and `text_encoders.` / `cond_stage_model.` parts, which are not read (the info line says so)
   fp8 weights, plain (Kijai, kohya) or with ComfyUI's scales (scale_weight + scaled_fp8, weight_scale + comfy_quant):
       fp8.split_scales; kept in fp8 or upcast as base_dtype asks (fp8.to_base_dtype)
   diffusers' FluxTransformer2DModel: its folder (config.json, diffusion_pytorch_model*.safetensors and the
       *.safetensors.index.json that joins the shards), that index, a Hugging Face snapshot holding it in transformer/,
-      or one file; converted with lora_formats' BFL <-> diffusers name table: q | k | v (| mlp) rows concatenated,
-      the final adaLN's (scale, shift) halves swapped back to (shift, scale)
+      or one file; converted with extras/lora_formats.py's BFL <-> diffusers name table: q | k | v (| mlp) rows
+      concatenated, the final adaLN's (scale, shift) halves swapped back to (shift, scale)
 """
 
 import re
@@ -20,29 +21,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from extras import fp8
-from checkpoint import (CheckpointError, check_keys, check_state_dict, header_keys, load_strict, read_metadata,
+from checkpoint import (CheckpointError, check_keys, check_state_dict, chosen_preset, flux_hint, flux_params,
+                        flux_preset, header_keys, load_flux_official, load_strict, read_header, read_metadata,
                         read_sharded, split_prefix)
-from flux_model import PRESETS, Flux, FluxParams
+from extras import fp8
+from extras.lora_formats import SWAPPED, diffusers_norm, diffusers_parts, swap_halves
+from flux_model import Flux, FluxParams
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI / kohya single files
 OTHER_PARTS = ("vae.", "first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")  # all-in-one
 _DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
                     "time_text_embed.", "norm_out.")
-_GUIDANCE_KEYS = {f"guidance_in.{layer}.{p}" for layer in ("in_layer", "out_layer") for p in ("weight", "bias")}
-
-
-def _preset_params(params: FluxParams | str) -> FluxParams:
-    if isinstance(params, str):
-        if params not in PRESETS:
-            raise ValueError(f"unknown preset {params!r}; choose from {sorted(PRESETS)}")
-        return PRESETS[params]
-    return params
-
-
-def _chosen(params: FluxParams) -> str:
-    names = [n for n, p in PRESETS.items() if p == params]
-    return f"the chosen preset ({' / '.join(names)})" if names else "the chosen model parameters"
 
 
 def _quant_hint(unexpected: set) -> str:
@@ -54,42 +43,23 @@ def _quant_hint(unexpected: set) -> str:
             "bf16 or an fp8 checkpoint")
 
 
-def _flux_hint(params: FluxParams):
-    """One sentence naming the real problem of a file whose official keys do not fit; it never suggests the preset
-    already chosen (the guidance hints point from a model with guidance_in to schnell and back)."""
-    chosen = _chosen(params)
+def _forms_hint(unexpected: set) -> str:
+    """What the other forms add to checkpoint.flux_hint: parts of a pipeline without the transformer, quantization
+    tensors of a format not read here."""
+    if unexpected and all(k.startswith(OTHER_PARTS) for k in unexpected):
+        parts = ", ".join(sorted({k.split(".")[0] + ".*" for k in unexpected}))
+        return f"the file holds other parts of a pipeline ({parts}) but no transformer (no model.diffusion_model.*)"
+    return _quant_hint(unexpected)
 
-    def hint(missing: set, unexpected: set, mismatched: list) -> str:
-        if any(k.startswith(("encoder.", "decoder.")) for k in unexpected):
-            return "this is an autoencoder (ae.safetensors), not the transformer"
-        if unexpected and all(k.startswith(OTHER_PARTS) for k in unexpected):
-            parts = ", ".join(sorted({k.split(".")[0] + ".*" for k in unexpected}))
-            return f"the file holds other parts of a pipeline ({parts}) but no transformer (no model.diffusion_model.*)"
-        if h := _quant_hint(unexpected):
-            return h
-        for k, f, m in mismatched:
-            if k == "img_in.weight" and f[1] != m[1]:
-                kind = {128: "a Canny/Depth", 384: "a Fill"}.get(f[1], f"an in_channels={f[1]}")
-                return f"img_in takes {f[1]} channels: this is {kind} checkpoint, not a base text-to-image one"
-            if k == "img_in.weight" and f[0] != m[0]:
-                return (f"the file's hidden size is {f[0]}, the preset's {m[0]}: "
-                        "it is for another model size than the chosen preset")
-        if mismatched:
-            return "shapes differ: the file is for another model size than the chosen preset"
-        if params.guidance_embed and _GUIDANCE_KEYS <= missing:
-            return f"the file has no guidance_in, which {chosen} has: a flux1-schnell checkpoint; use --preset schnell"
-        if not params.guidance_embed and _GUIDANCE_KEYS & unexpected:
-            return (f"the file has guidance_in, which {chosen} lacks: a guidance-distilled (dev / Kontext) "
-                    "checkpoint; use --preset dev or kontext")
-        if any(".lora_" in k or "lora_unet" in k for k in unexpected):
-            return "the file holds LoRA weights: load it with lora.py on top of the base model"
-        return ""
-    return hint
+
+def _flux_hint(params: FluxParams):
+    """checkpoint.flux_hint, knowing the other forms (_forms_hint)."""
+    return flux_hint(params, _forms_hint)
 
 
 def _diffusers_hint(params: FluxParams):
     """_flux_hint's diagnosis for a file in diffusers' names."""
-    chosen, g = _chosen(params), "time_text_embed.guidance_embedder."
+    chosen, g = chosen_preset(params), "time_text_embed.guidance_embedder."
     blocks = re.compile(r"(single_)?transformer_blocks\.\d+\.")
 
     def hint(missing: set, unexpected: set, mismatched: list) -> str:
@@ -141,34 +111,32 @@ def _transformer_keys(keys: list[str]) -> tuple[dict[str, str], str]:
 
 def _diffusers_plan(model: Flux) -> dict[str, list[tuple[str, tuple]]]:
     """{official key: [(diffusers key, shape)]}: the diffusers tensors each official tensor is made of, in row order."""
-    from extras.lora_formats import diffusers_norm, diffusers_parts
     plan = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             parts = diffusers_parts(name, m.in_features, m.out_features)
             if parts is None:
-                raise RuntimeError(f"lora_formats' name table has no diffusers name for {name}")
+                raise RuntimeError(f"extras/lora_formats.py's name table has no diffusers name for {name}")
             plan[f"{name}.weight"] = [(f"{d}.weight", (rows, m.in_features)) for d, rows in parts]
             if m.bias is not None:
                 plan[f"{name}.bias"] = [(f"{d}.bias", (rows,)) for d, rows in parts]
     for key, t in model.state_dict(keep_vars=True).items():
         if key not in plan:
             if diffusers_norm(key) is None:
-                raise RuntimeError(f"lora_formats' name table has no diffusers name for {key}")
+                raise RuntimeError(f"extras/lora_formats.py's name table has no diffusers name for {key}")
             plan[key] = [(diffusers_norm(key), tuple(t.shape))]
     return plan
 
 
 def _from_diffusers(sd: dict[str, Tensor], model: Flux, what: str) -> dict[str, Tensor]:
     """diffusers' names -> the official ones, strictly: every missing / unexpected / mis-shaped diffusers key named."""
-    from extras.lora_formats import _SWAPPED, _swap_halves
     plan = _diffusers_plan(model)
     check_keys({d: shape for parts in plan.values() for d, shape in parts}, sd,
                f"{what} (a diffusers-format FluxTransformer2DModel)", _diffusers_hint(model.params))
     out = {}
     for key, parts in plan.items():
         t = torch.cat([sd.pop(d) for d, _ in parts]) if len(parts) > 1 else sd.pop(parts[0][0])  # [rows, ...]
-        out[key] = _swap_halves(t) if key.rpartition(".")[0] == _SWAPPED else t
+        out[key] = swap_halves(t) if key.rpartition(".")[0] == SWAPPED else t
     return out
 
 
@@ -187,11 +155,22 @@ def read_flux_checkpoint(path, model: Flux, device="cpu", convert=None) -> tuple
     return sd, scales, notes + ([note] if note else [])
 
 
+def _official(path) -> bool:
+    """BFL's own single file: official names only (no prefix, no diffusers names, no quantization tensors)."""
+    p = Path(path)
+    if not p.is_file() or p.name.endswith(".json"):
+        return False
+    entries, meta = read_header(p)
+    return not meta.get("_quantization_metadata") and not any(
+        k.startswith((*TRANSFORMER_PREFIXES, *_DIFFUSERS_ROOTS)) or fp8.QUANT_KEY.search(k) for k in entries)
+
+
 def load_flux(path, params: FluxParams | str = "dev", device="cpu", dtype=torch.bfloat16,
               base_dtype: str | None = None) -> Flux:
     """Build on the meta device and take the file's tensors as parameters (no second copy of 24 GB). Reads every
-    form listed above; anything non-official it did (a part left out, names converted, scales applied, weights kept
-    in fp8) is said in one line on stdout.
+    form listed above (BFL's own file, unless kept in fp8, through checkpoint.load_flux_official); anything
+    non-official it did (a part left out, names converted, scales applied, weights kept in fp8) is said in one line
+    on stdout.
 
     base_dtype (train.py / sample.py --base-dtype):
       None            every tensor in `dtype` (fp8 weights upcast, their scales applied)
@@ -199,10 +178,12 @@ def load_flux(path, params: FluxParams | str = "dev", device="cpu", dtype=torch.
       "fp8"           every Linear weight stored float8 with a float32 scale (fp8.Fp8Linear): an fp8 file's as they
                       are, a bf16 / fp32 file's quantized per output row at load (read on the CPU, moved one tensor at
                       a time); biases and norm scales in `dtype`"""
-    params = _preset_params(params)
+    params = flux_params(params)
     if base_dtype is not None and base_dtype not in fp8.BASE_DTYPES:
         raise ValueError(f"base_dtype {base_dtype!r}: choose from {', '.join(fp8.BASE_DTYPES)}")
     keep_fp8, dtype = base_dtype == "fp8", fp8.BASE_DTYPES.get(base_dtype) or dtype
+    if not keep_fp8 and _official(path):
+        return load_flux_official(path, params, device, dtype, _flux_hint(params))
     with torch.device("meta"):
         model = Flux(params)
     what, hint = f"FLUX transformer {path}", _flux_hint(params)
@@ -227,6 +208,4 @@ def detect_preset(path) -> str:
     keys = set(_transformer_keys(header_keys(_source(path)))[0].values())
     if "transformer_blocks.0.attn.norm_k.weight" in keys:  # diffusers' names
         return "dev" if "time_text_embed.guidance_embedder.linear_1.weight" in keys else "schnell"
-    if "double_blocks.0.img_attn.norm.key_norm.scale" not in keys:
-        raise CheckpointError(f"{path}: not a FLUX transformer checkpoint (no double_blocks.0.img_attn.* keys)")
-    return "dev" if "guidance_in.in_layer.weight" in keys else "schnell"
+    return flux_preset(keys, path)

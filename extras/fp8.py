@@ -6,7 +6,7 @@ and is upcast, one layer at a time, inside its forward. Written from the formula
     forward   y = x (q s)^T + b                    q s formed in x's dtype with one rounding (s stays float32)
 
 e4m3 keeps 3 mantissa bits: a weight is stored within 2^-4 of its value (half an ulp, relative), so the output moves
-by a few percent against the bf16 model (`python fp8.py` measures it) for half the bytes.
+by a few percent against the bf16 model (`python -m tools.fp8_error` measures it) for half the bytes.
 
 What is quantized. The facts, from the public files:
 - ComfyUI's scaled-fp8 FLUX export (comfyanonymous/flux_dev_scaled_fp8_test) stores EVERY Linear weight in fp8 with
@@ -17,7 +17,8 @@ Neither keeps the outer layers in higher precision, so quantize_ converts every 
 `skip=OUTER_LAYERS` keeps those (0.5% of dev's weights) in full precision. Biases and norm scales are never stored
 in fp8 here: they are not Linear weights, and a few KB.
 
-fp8 weights in checkpoint files (split_scales reads them; flux_loading.load_flux(..., base_dtype=...) uses it):
+fp8 weights in checkpoint files (split_scales reads them; extras.checkpoint_forms.load_flux(..., base_dtype=...)
+uses it):
   plain fp8    float8 weights and no scale (Kijai's flux1-dev-fp8, kohya --fp8_base saves): the scale is 1
   scaled fp8   `<layer>.scale_weight` (float32, per tensor) + a `scaled_fp8` marker tensor (its dtype names the
                weights' fp8 dtype, float32 meaning e4m3fn): weight = fp8 weight * scale_weight   (ComfyUI)
@@ -31,11 +32,12 @@ Loaded with base_dtype "fp8", a file that holds fp8 weights keeps its Linears as
 it keeps in bf16, as ComfyUI's mixed-precision files do on purpose, in the compute dtype); a bf16 / fp32 file has every
 Linear weight quantized at load.
 
-A LoRA over an fp8 base (lora.LoRALinear) upcasts the base weight the same way (base_weight) and runs its branch in
-its own dtype (fp32): only lora_A / lora_B train. Merging into an fp8 weight is refused (lora.merge_lora says why).
+A LoRA over an fp8 base is Fp8LoRALinear, the plain lora.LoRALinear with this file's base product: it upcasts the
+base weight the same way (base_linear) and runs its branch in its own dtype (fp32): only lora_A / lora_B train.
+Merging into an fp8 weight is refused (merge_refusal says why). Fp8Linear names it as its `lora_class`, so
+lora.inject_lora over an fp8 base builds it, and quantize_ turns a LoRA layer injected before into it.
 """
 
-import argparse
 import json
 import re
 
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from checkpoint import CheckpointError
+from lora import LoRALinear, base_linears
 
 FP8 = torch.float8_e4m3fn  # what quantize writes
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -115,8 +118,9 @@ KEEP_FP8_FOR_BACKWARD = True  # base_linear's fast form (see Fp8MatMul); False: 
 class Fp8MatMul(torch.autograd.Function):
     """x @ (q * s)^T + b for a frozen fp8 weight, upcast in the forward and upcast again in the backward, so autograd
     keeps only q and s (1 byte per weight, already resident), not the upcast copy that F.linear saves for the
-    gradient of x. What it buys (memory_plan.py, FLUX.1-dev, default B, joint at 512², fp8 + checkpointing): the
-    step's peak 13.66 -> 13.51 GiB; without checkpointing autograd no longer holds every upcast weight of the base.
+    gradient of x. What it buys (`python -m tools.memory_plan`, FLUX.1-dev, default B, joint at 512², fp8 +
+    checkpointing): the step's peak 13.66 -> 13.51 GiB; without checkpointing autograd no longer holds every upcast
+    weight of the base.
     x [..., in] -> [..., out]; no gradient for q or s (the base is frozen)."""
 
     @staticmethod
@@ -149,12 +153,27 @@ def base_linear(linear: nn.Linear, x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The layer and the model-level helpers
+# The layers and the model-level helpers
+
+
+class Fp8LoRALinear(LoRALinear):
+    """lora.LoRALinear over a frozen fp8 base weight: keys `weight` (float8), `weight_scale`, `bias`, `lora_A.weight`,
+    `lora_B.weight`. The base product upcasts W = q * s per call; the branch runs in the LoRA dtype."""
+
+    merge_refusal = ("an fp8 base weight cannot take the update: merging would round base + update to fp8 again "
+                     "(each weight moves by up to 2^-4 of its value, which can swamp the update) and unmerge could "
+                     "not give the base back. Keep the LoRA unmerged (its branch runs in full precision), or load "
+                     "the base with base_dtype 'bf16' to merge")
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return base_linear(self, x)  # [B, L, in] -> [B, L, out]
 
 
 class Fp8Linear(nn.Linear):
     """A frozen nn.Linear with its weight in fp8: keys `weight` (float8 [out, in], requires_grad False),
     `weight_scale` (float32 [] or [out], a buffer) and `bias` (unchanged, in the compute dtype)."""
+
+    lora_class = Fp8LoRALinear  # what lora.LoRALinear.from_linear wraps this layer in
 
     def __init__(self, weight: Tensor, scale: Tensor, bias: nn.Parameter | None):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate and initialise a weight of its own
@@ -186,20 +205,23 @@ def quantize_(model: nn.Module, per: str = "row", skip=()) -> list[str]:
 
     Never converted: the semantic module (`semantic.*`, trained), LoRA's own lora_A / lora_B, layers already in fp8,
     and names matching `skip` (regular expressions on the whole module name, e.g. OUTER_LAYERS). A plain nn.Linear
-    becomes an Fp8Linear sharing its bias; a LoRALinear keeps its class and LoRA, only its base weight changes. The
-    fp8 weights have requires_grad False. Do not `.to(dtype)` the model afterwards: that upcasts them again."""
-    from lora import LoRALinear, base_linears
+    becomes an Fp8Linear sharing its bias; a LoRALinear keeps its LoRA and becomes an Fp8LoRALinear, only its base
+    weight changes. The fp8 weights have requires_grad False. Do not `.to(dtype)` the model afterwards: that upcasts
+    them again."""
     patterns = [re.compile(p) for p in ((skip,) if isinstance(skip, str) else skip)]
     names = [n for n, m in base_linears(model).items()
              if not n.startswith("semantic.") and not is_fp8(m) and not any(p.fullmatch(n) for p in patterns)]
     for n in names:
         m = model.get_submodule(n)
-        if isinstance(m, LoRALinear):
+        if type(m) is LoRALinear:
             if m.merged:
                 raise ValueError(f"{n}: its LoRA is merged into the weight; unmerge_lora(model) before quantizing")
             q, s = quantize(m.weight, per)
             m.weight = nn.Parameter(q, requires_grad=False)
             m.register_buffer("weight_scale", s)
+            # the same layer and LoRA parameters, now with the fp8 base product (a class swap in place, as
+            # torch.nn.utils.parametrize does): nothing new is drawn from the random generator
+            m.__class__ = Fp8LoRALinear
         elif type(m) is nn.Linear:
             model.set_submodule(n, Fp8Linear.from_linear(m, per))
         else:
@@ -220,9 +242,11 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]
             new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             new.weight, new.bias = w, m.bias
             model.set_submodule(n, new)
-        else:  # a LoRALinear over an fp8 base
+        else:  # a LoRA layer over an fp8 base: the plain LoRALinear again
             del m.weight_scale
             m.weight = w
+            if isinstance(m, Fp8LoRALinear):
+                m.__class__ = LoRALinear
         names.append(n)
     return names
 
@@ -342,78 +366,3 @@ def fp8_modules_(model: nn.Module, sd: dict[str, Tensor]) -> None:
             w, s = sd[f"{n}.weight"], sd[f"{n}.weight_scale"]
             model.set_submodule(n, Fp8Linear(torch.empty_like(w, device="meta"), torch.empty_like(s, device="meta"),
                                              m.bias))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Measuring what fp8 costs
-
-
-def rel_error(a: Tensor, b: Tensor) -> float:
-    """||a - b|| / ||b|| over all elements, in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def measure_error(params, per: str = "row", skip=(), grid: tuple[int, int] = (8, 8), n_txt: int = 8,
-                  seed: int = 0, compute: torch.dtype = torch.bfloat16) -> dict:
-    """One velocity call of a FLUX with random weights (every tensor N(0, 1/its last dim), norm scales
-    1 + N(0, 0.04)), Kontext layout (2 h*w image tokens, n_txt text tokens, batch 1, t = 0.5): the output's relative
-    error of the fp8 base (quantized from the bf16 weights) against the bf16 model, both computing in `compute`
-    (bf16 as on a GPU; fp32 isolates what the stored weights cost), and of both against the fp32 model; and the
-    bytes of parameters and buffers of the bf16 and fp8 models. A random FLUX is far more sensitive than a trained
-    one can afford to be (its gates and modulation are O(1)): read bf16_vs_fp32 as the yardstick of that."""
-    import copy
-
-    from flow import kontext_ids, text_ids
-    from flux_model import Flux
-    from tools.measure import tensor_bytes
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        ref = Flux(params).eval()
-        for k, p in ref.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if k.endswith(".scale")
-                    else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-        stored = copy.deepcopy(ref).to(torch.bfloat16)  # the bf16 base
-        stored_bytes = tensor_bytes(stored)
-        quantize_(stored, per, skip)  # the fp8 base: fp8 Linear weights, the rest bf16
-        bf16 = copy.deepcopy(ref).to(torch.bfloat16).to(compute)  # weights rounded to bf16, computing in `compute`
-        low = copy.deepcopy(bf16)
-        quantize_(low, per, skip)
-        h, w = grid
-        x = dict(img=torch.randn(1, 2 * h * w, params.in_channels, generator=g), img_ids=kontext_ids(1, h, w),
-                 txt=torch.randn(1, n_txt, params.context_in_dim, generator=g), txt_ids=text_ids(1, n_txt),
-                 timesteps=torch.tensor([0.5]), y=torch.randn(1, params.vec_in_dim, generator=g),
-                 guidance=torch.tensor([3.5]) if params.guidance_embed else None)
-        half = {k: v.to(compute) if v is not None and v.is_floating_point() else v for k, v in x.items()}
-        y32, y16, y8 = ref(**x), bf16(**half), low(**half)
-    return {"fp8_vs_bf16": rel_error(y8, y16), "bf16_vs_fp32": rel_error(y16, y32), "fp8_vs_fp32": rel_error(y8, y32),
-            "bytes_bf16": stored_bytes, "bytes_fp8": tensor_bytes(stored), "per": per,
-            "outer_layers": "full precision" if skip else "fp8", "compute": str(compute).removeprefix("torch.")}
-
-
-def main(argv=None):
-    from tools import bench
-    from flux_model import PRESETS
-    ap = argparse.ArgumentParser(description="fp8 base vs bf16: output relative error of one velocity call on "
-                                             "random weights (one JSON line)")
-    ap.add_argument("--config", choices=("tiny", "medium"), default="tiny",
-                    help="tiny: the demo preset (8x8 grid); medium: bench.py's (hidden 768, 4 + 8 blocks, 32x32)")
-    ap.add_argument("--per", choices=("row", "tensor"), default="row")
-    ap.add_argument("--outer-full", action="store_true", help="keep img_in, txt_in, time/vector/guidance_in and "
-                                                               "final_layer in bf16 (skip=OUTER_LAYERS)")
-    ap.add_argument("--compute", choices=("bf16", "fp32"), default="bf16",
-                    help="the dtype both models compute in (fp32: what the stored weights alone cost)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.config == "tiny":
-        params, grid, n_txt = PRESETS["tiny"], (8, 8), 8
-    else:
-        cfg = bench.CONFIGS["medium"]
-        params, grid, n_txt = cfg.params(), cfg.grid, cfg.n_txt
-    result = measure_error(params, args.per, OUTER_LAYERS if args.outer_full else (), grid, n_txt, args.seed,
-                           BASE_DTYPES[args.compute])
-    print(json.dumps({"config": args.config, **result}))
-
-
-if __name__ == "__main__":
-    main()

@@ -25,7 +25,7 @@ What fully_shard requires of a unit, and what is done here (torch 2.13, _fsdp_pa
   the reduce-scatter). So the frozen base is sharded too: it is what makes FSDP worth it here.
 - MixedPrecisionPolicy keeps param_dtype None: each parameter is gathered in the dtype it is stored in, and bf16
   autocast computes exactly as without FSDP. A param_dtype would cast the fp8 weights (a floating dtype to torch)
-  to it WITHOUT their weight_scale, and fp8.base_weight would then use the unscaled weight: wrong outputs. The
+  to it WITHOUT their weight_scale, and extras.fp8.base_weight would then use the unscaled weight: wrong outputs. The
   gradients are reduced in fp32, the trainable weights' own dtype.
 - Buffers are not sharded (fp8's weight_scale stays whole on every rank, next to its layer).
 Each rank builds (and --init loads) the whole model before it is sharded, so the peak at load is one full model per
@@ -97,7 +97,7 @@ def shard_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> dict:
 
 
 class GatheredOptimizer:
-    """Stands in for an optimiser where only its state_dict() is read (run_state.save_state): the state gathered
+    """Stands in for an optimiser where only its state_dict() is read (checkpoint.save_state): the state gathered
     beforehand, on every rank, by full_optimizer_state."""
 
     def __init__(self, state: dict):

@@ -2,9 +2,10 @@
 LoRA files in three layouts: save_lora writes one, load_lora tells them apart from the keys and reads any.
 
 References: diffusers loaders/lora_pipeline.py `FluxLoraLoaderMixin` and loaders/lora_conversion_utils.py (the
-diffusers module names, the kohya conversion); huggingface/peft (LoraConfig, rank_pattern/alpha_pattern);
-kohya-ss/sd-scripts networks/lora_flux.py (kohya names); ../shared/design/FLUX_SPEC.md §7 (BFL <-> diffusers names)
-and §8 (LoRA formats). The LoRA layer itself is lora.py.
+diffusers module names, the kohya conversion); diffusers scripts/convert_flux_to_diffusers.py (BFL <-> diffusers
+names: the fused q|k|v (|mlp) rows, the final adaLN's swapped halves); huggingface/peft (LoraConfig,
+rank_pattern/alpha_pattern); kohya-ss/sd-scripts networks/lora_flux.py (kohya names). The LoRA layer itself is
+lora.py.
 
   ours       `double_blocks.0.img_attn.qkv.lora_A.weight`; metadata `lora_alphas` = JSON {module name: alpha}.
   diffusers  `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` (PEFT names; FluxPipeline.load_lora_weights).
@@ -23,14 +24,14 @@ and §8 (LoRA formats). The LoRA layer itself is lora.py.
   kohya      `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` (= A), `.lora_up.weight` (= B), `.alpha` (scalar;
              missing or 0 means alpha = r). The name is "lora_unet_" + the BFL module path with "." -> "_".
 
-Exporting a training run (export_run; `python lora_formats.py export RUN_DIR_OR_FINAL [--out DIR]`): a train.py
-final.safetensors holds the semantic modules and, for the joint / finetune stages, the backbone LoRA. Only the LoRA
-can go to other tools; it is written beside the run as lora_kohya.safetensors (ComfyUI, kohya, Forge) and
+Exporting a training run (export_run; `python -m extras.lora_formats export RUN_DIR_OR_FINAL [--out DIR]`): a
+train.py final.safetensors holds the semantic modules and, for the joint / finetune stages, the backbone LoRA. Only
+the LoRA can go to other tools; it is written beside the run as lora_kohya.safetensors (ComfyUI, kohya, Forge) and
 lora_diffusers.safetensors (FluxPipeline / FluxKontextPipeline.load_lora_weights), with the base model named in the
 metadata the way those tools record it: kohya's `ss_base_model_version` ("flux1") and `ss_sd_model_name` (the base
 checkpoint's file name), the SAI model spec's `modelspec.architecture` ("flux-1-dev/lora", ...), and `base_model`
-(the Hugging Face id of an official base, as a diffusers model card names it). The semantic modules stay behind: they
-need this project (pipeline.load_pipeline, sample.py).
+(the Hugging Face id of an official base, as a diffusers model card names it). The semantic modules stay behind:
+they need this project (pipeline.load_pipeline, sample.py).
 """
 
 import argparse
@@ -43,12 +44,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from checkpoint import CheckpointError, check_keys, read_metadata, read_safetensors, save_atomic, strip_prefix
+from checkpoint import (CheckpointError, check_keys, command, read_metadata, read_safetensors, run_config, save_atomic,
+                        strip_prefix)
 from lora import base_linears, load_lora_state_dict, lora_modules, mismatch_hint, wrap_linear
 
 # ----------------------------------------------------------------------------------------------------------------
-# BFL <-> diffusers module names (FLUX_SPEC §7). A fused BFL Linear maps to several diffusers Linears, each taking a
-# block of its output rows; in diffusers' order q, k, v (, mlp).
+# BFL <-> diffusers module names (as diffusers scripts/convert_flux_to_diffusers.py converts them). A fused BFL
+# Linear maps to several diffusers Linears, each taking a block of its output rows; in diffusers' order q, k, v (, mlp).
 
 DIFFUSERS_DOUBLE = {  # double_blocks.N.<key> -> transformer_blocks.N.<value>
     "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
@@ -79,7 +81,7 @@ DIFFUSERS_GLOBAL = {  # outside the blocks: one Linear each
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",
 }
-_SWAPPED = "final_layer.adaLN_modulation.1"  # BFL rows (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift)
+SWAPPED = "final_layer.adaLN_modulation.1"  # BFL rows (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift)
 # The q/k RMSNorm scales, the transformer's only weights outside a Linear (no LoRA on them; a full checkpoint in the
 # diffusers layout needs them): BFL parameter <- diffusers parameter, per block.
 DIFFUSERS_NORMS_DOUBLE = {
@@ -119,7 +121,7 @@ def diffusers_norm(key: str) -> str | None:
     return None
 
 
-def _swap_halves(B: Tensor) -> Tensor:
+def swap_halves(B: Tensor) -> Tensor:
     return torch.cat(B.chunk(2, dim=0)[::-1])  # [2D, r] -> [2D, r] with the halves exchanged
 
 
@@ -144,8 +146,8 @@ def _to_diffusers(entries: dict) -> tuple[dict[str, Tensor], dict[str, str]]:
         if parts is None:
             raise ValueError(f"{name} has no diffusers counterpart: save this LoRA as format='ours' or 'kohya'")
         B = (alpha / rank * B.float()).to(A.dtype)  # alpha/r folded in: the file's alpha is r
-        if name == _SWAPPED:
-            B = _swap_halves(B)
+        if name == SWAPPED:
+            B = swap_halves(B)
         for (dname, _), B_part in zip(parts, B.split([r for _, r in parts], dim=0)):
             # clone: safetensors refuses tensors that share memory (the repeated A, the row views of B)
             sd[f"transformer.{dname}.lora_A.weight"] = A.clone()
@@ -308,7 +310,7 @@ def _read_diffusers(sd, pairs, config, targets, linears) -> dict:
         lin = linears[name]
         rows = [r for _, r in diffusers_parts(name, lin.in_features, lin.out_features)]
         A, B, alpha = _fuse([got.get(j) for j in range(len(rows))], rows)
-        out[name] = (A, _swap_halves(B) if name == _SWAPPED else B, alpha)
+        out[name] = (A, swap_halves(B) if name == SWAPPED else B, alpha)
     return out
 
 
@@ -407,7 +409,6 @@ def run_lora(final_path) -> tuple[dict[str, tuple[Tensor, Tensor, float]], dict]
     """(entries {BFL module name: (A, B, alpha)}, run config) of a train.py output. Entries are empty for a run
     without a trained LoRA: a warmup (no LoRA keys), a finetune of a warmup (LoRA keys whose B is all zero: the
     identity, never trained), a base-stage output (a whole transformer)."""
-    from pipeline import run_config  # the one reader of a run's config (pipeline.py imports the model files)
     path = _final_path(final_path)
     cfg = run_config(path)
     if cfg.get("stage") == "base":
@@ -492,8 +493,7 @@ def _main(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipeline import command  # one-line errors, exit status 2
-    return command(_main)(argv)
+    return command(_main)(argv)  # one-line errors, exit status 2
 
 
 if __name__ == "__main__":

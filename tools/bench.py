@@ -1,13 +1,14 @@
 """
-bench.py: our FLUX transformer against diffusers' FluxTransformer2DModel (+ peft LoRA), same weights, same work.
+Our FLUX transformer against diffusers' FluxTransformer2DModel (+ peft LoRA), same weights, same work.
 
-    python bench.py                          # the `medium` config on 2 CPU threads: one JSON line (~20 min)
-    python bench.py --config tiny            # seconds: the smoke run tests/test_bench.py makes
-    python bench.py --device cuda            # on a GPU: times with synchronize, memory from torch.cuda's allocator
-    python bench.py --bf16 / --checkpointing / --compile    # the GPU-relevant options, applied to BOTH sides
-    python bench.py --device cuda --stage-peaks   # FLUX.1-dev's training peaks per stage on a GPU: JSON lines
+    python -m tools.bench                    # the `medium` config on 2 CPU threads: one JSON line (~20 min)
+    python -m tools.bench --config tiny      # seconds: the smoke run tests/tools/test_bench.py makes
+    python -m tools.bench --device cuda      # on a GPU: times with synchronize, memory from torch.cuda's allocator
+    python -m tools.bench --bf16 / --checkpointing / --compile  # the GPU-relevant options, applied to BOTH sides
+    python -m tools.bench --sampling         # 20-step sampling: ours, the condition cache, diffusers' Kontext
+    python -m tools.bench --device cuda --stage-peaks  # FLUX.1-dev's training peaks per stage on a GPU: JSON lines
 
-(flux-dev's memory per training stage, without a GPU: `python memory_plan.py`.)
+(flux-dev's memory per training stage, without a GPU: `python -m tools.memory_plan`.)
 
 Both models get the same random weights: ours is built and randomised, its state dict (the official BFL key
 layout) is converted for diffusers with diffusers' own converter, and the outputs are compared before anything is
@@ -18,7 +19,7 @@ blocks, 1024 noisy + 1024 condition image tokens, 64 text tokens, batch 1, fp32)
     train_full    forward + MSE on the x_t tokens + backward, every base parameter trainable
     train_lora    base frozen, LoRA rank 16 on the attention and MLP linears: lora.py against peft on diffusers,
                   with identical nonzero LoRA weights (peft's q, k, v LoRAs take our fused qkv LoRA's rows)
-    train_warmup  base frozen, scheme B (semantic cross-attention after every block) trains; ours only
+    train_warmup  base frozen, scheme B (its separate form: a cross-attention after every block) trains; ours only
     train_joint   LoRA + scheme B train; ours only
     sample        a full sampling call: --sample-steps Euler steps x <- x + (t_next - t) v on the x_t tokens,
                   with the Kontext condition tokens appended at every step
@@ -26,7 +27,7 @@ blocks, 1024 noisy + 1024 condition image tokens, 64 text tokens, batch 1, fp32)
                   every block, double blocks only, every 2nd block, half the inner width and heads (timed with two
                   calls fewer; no memory measured)
 
-How it measures (the methods and their reasons are in measure.py):
+How it measures (the methods and their reasons are in tools/measure.py):
 - Time: the median of --repeats calls after --warmup calls. Ours and theirs alternate in ABBA order so a busy
   phase of a shared machine hits both sides; the spread (max - min) / median and the load average before and
   after are printed, so a noisy run shows itself.
@@ -34,8 +35,8 @@ How it measures (the methods and their reasons are in measure.py):
   GFLOP/s = counted FLOPs / median time; `of_peak` divides by this machine's matmul rate, a large GEMM in the same
   dtype timed in the same run (best median of the start and the end of the run).
 - Peak memory: what one call needs on top of the weights and inputs already resident, after a warm call. CUDA:
-  from the allocator, in this process. CPU: per side in a fresh process (this script, --memory-worker) whose
-  resident set follows its live tensors; timing runs in this process with the default allocator.
+  from the allocator, in this process. CPU: per side in a fresh process (python -m tools.bench --memory-worker)
+  whose resident set follows its live tensors; timing runs in this process with the default allocator.
 """
 
 import argparse
@@ -58,10 +59,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flow import kontext_ids, text_ids
-from flux_model import Flux, FluxParams
+from extras.condition_cache import ConditionCache
+from extras.lora_formats import diffusers_parts
+from extras.schemes import attach
+from flow import denoise, kontext_ids, make_condition, text_ids
+from flux_model import PRESETS, Flux, FluxParams
+from lora import inject_lora, lora_modules
+from sem_cross_attn import DEFAULT_B, SemanticConfig
+from tools import memory_plan
 from tools.measure import RSS_FOLLOWS_TENSORS, flop_counter, load_average, matmul_peak, peak_bytes, seconds
-from sem_cross_attn import SemanticConfig, attach
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,19 +105,22 @@ CONFIGS = {
     "tiny": BenchConfig(hidden=64, heads=4, axes=(4, 6, 6), depth=1, single=2, grid=(4, 4), n_txt=8,
                         context_in_dim=32, vec_in_dim=16, repeats=2, warmup=1, sample_steps=2, lora_rank=4,
                         peak_n=1024),
-    # the issue's yardstick: dev's structure at a quarter of its width and a fifth of its depth, 512x512 tokens
+    # the yardstick: dev's structure at a quarter of its width and a fifth of its depth, 512x512 tokens
     "medium": BenchConfig(hidden=768, heads=12, axes=(16, 24, 24), depth=4, single=8, grid=(32, 32), n_txt=64,
                           context_in_dim=4096, vec_in_dim=768),
 }
 
 SEMANTIC_VARIANTS = ("all", "double", "every:2", "half-width")
+# scheme B's separate form at full width (its own cross-attention after every block): what train_warmup and
+# train_joint train, and what the options below cut (extras.schemes builds it)
+SEPARATE_B = SemanticConfig(attention="separate", token_dim=0)
 
 
 def semantic_config(variant: str, hidden: int, heads: int) -> SemanticConfig:
     """The scheme-B options that cut its cost: where it is injected, and how wide its attention is."""
     if variant == "half-width":  # half the heads at the same head dim: half the inner width
-        return SemanticConfig(scheme="xattn", inner_dim=hidden // 2, num_heads=max(1, heads // 2))
-    return SemanticConfig(scheme="xattn", blocks=variant)
+        return dataclasses.replace(SEPARATE_B, inner_dim=hidden // 2, num_heads=max(1, heads // 2))
+    return dataclasses.replace(SEPARATE_B, blocks=variant)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +237,6 @@ def sample(call, model: nn.Module, x: dict, steps: int, amp) -> Tensor:
 def add_lora_ours(model: Flux, rank: int, seed: int = 2) -> list[str]:
     """Base frozen, LoRA on lora.py's default targets. B is made nonzero, so the check below compares real LoRA
     outputs (a zero B would make both sides equal to the base whatever they did)."""
-    from lora import inject_lora, lora_modules
     model.requires_grad_(False)
     names = inject_lora(model, rank=rank, alpha=float(rank))
     g = torch.Generator().manual_seed(seed)
@@ -242,8 +250,6 @@ def add_lora_theirs(model: nn.Module, ours: Flux, rank: int) -> list[str]:
     """peft LoRA on the diffusers modules that hold the rows of ours' LoRA layers, with our A repeated and our B
     split by rows: [B_q; B_k; B_v] A x = [B_q A x; B_k A x; B_v A x], so the two models compute the same function."""
     from peft import LoraConfig
-    from lora import lora_modules
-    from extras.lora_formats import diffusers_parts
     mods = lora_modules(ours)
     parts = {n: diffusers_parts(n, m.in_features, m.out_features) for n, m in mods.items()}
     targets = [d for p in parts.values() for d, _ in p]
@@ -270,10 +276,10 @@ def add_lora_theirs(model: nn.Module, ours: Flux, rank: int) -> list[str]:
 class Case:
     model: nn.Module  # the eager model; its .grad fields are cleared before each call
     fn: Callable[[nn.Module], Tensor]  # runs the case once on a model
-    fast: nn.Module | None = None  # torch.compile(model) with --compile
+    compiled: nn.Module | None = None  # torch.compile(model) with --compile
 
     def run(self) -> Tensor:
-        return self.fn(self.fast if self.fast is not None else self.model)
+        return self.fn(self.compiled if self.compiled is not None else self.model)
 
     def run_eager(self) -> Tensor:  # FlopCounterMode counts the eager ops
         return self.fn(self.model)
@@ -341,7 +347,7 @@ def build_cases(cfg: BenchConfig, side: str, opts: argparse.Namespace, sd: dict[
             model.requires_grad_(False)
             if stage == "train_joint":
                 add_lora_ours(model, cfg.lora_rank)
-            attach(model, SemanticConfig(scheme="xattn"))  # its parameters are new, so trainable
+            attach(model, SEPARATE_B)  # its parameters are new, so trainable
             cases[stage] = case(step(call_sem), ready(model))
     for variant in SEMANTIC_VARIANTS:  # scheme B's cost on top of forward / train_full (everything trainable)
         if f"semantic:{variant}" in which:
@@ -395,9 +401,9 @@ def memory_worker(args: argparse.Namespace):
 
 
 def measure_memory_cpu(args: argparse.Namespace, side: str, which: tuple[str, ...]) -> dict[str, int]:
-    """The cases of one side, measured by this script in a fresh process whose resident set follows its tensors."""
+    """The cases of one side, measured by this module in a fresh process whose resident set follows its tensors."""
     env = dict(os.environ, **RSS_FOLLOWS_TENSORS, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", side, "--cases", ",".join(which),
+    cmd = [sys.executable, "-m", "tools.bench", "--memory-worker", side, "--cases", ",".join(which),
            "--config", args.config, "--device", args.device, "--threads", str(args.threads)]
     cmd += [f"--{flag}" for flag in ("bf16", "checkpointing", "compile") if getattr(args, flag)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
@@ -571,10 +577,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --sampling: the work the sampler does once per image (exact reuse) and the condition cache, against diffusers
+# --sampling: sampling with the default scheme B, ours with and without the condition cache, against diffusers
 
 SAMPLING_STEPS = 20
-SAMPLING_TARGETS = {"reuse_vs_diffusers": 0.85, "cache_vs_diffusers": 0.6, "train_full": 1.0}  # ours / theirs
+SAMPLING_TARGETS = {"cache_vs_diffusers": 0.6, "train_full": 1.0}  # ours / theirs, at most
 
 
 def acting(module: nn.Module, seed: int = 3) -> nn.Module:
@@ -590,52 +596,44 @@ def acting(module: nn.Module, seed: int = 3) -> nn.Module:
     return module
 
 
-def sampling_cases(cfg: BenchConfig, args: argparse.Namespace, sd: dict[str, Tensor], x: dict) -> dict[str, Case]:
+def sampling_cases(cfg: BenchConfig, args: argparse.Namespace, sd: dict[str, Tensor], x: dict) -> dict[tuple, Case]:
     """Ours: flow.denoise, 20 Euler steps, the default scheme B attached (sem_cross_attn.DEFAULT_B, acting): one whole
-    forward per step (`kontext_per_step`), the exact reuse (`kontext_reuse`), the condition cache (`cache`, the same
-    weights run in that mode; its condition pass is in the time); and the base alone (diffusers' work) with the exact
-    reuse (`base_reuse`) and with the condition cache (`cache_base`). Theirs: diffusers' Kontext sampling on the same
-    base weights (`kontext`)."""
-    from flow import denoise, make_condition
-    from sem_cross_attn import DEFAULT_B
+    forward per step (`kontext_per_step`), and the same weights behind the condition cache (`cache`: a
+    ConditionCache made for each sampling run, as pipeline's sampler makes it, so its condition pass is in the time);
+    the base alone (diffusers' work) in both modes (`base_per_step`, `cache_base`). Theirs: diffusers' Kontext
+    sampling on the same base weights (`kontext`)."""
     params, device = cfg.params(), args.device
     n = x["target"].shape[1]
     noisy, x_cond = x["img"][:, :n], x["img"][:, n:]
     ts = torch.linspace(1.0, 0.0, cfg.sample_steps + 1).tolist()  # the schedule of `sample` (diffusers' side)
     text = (x["txt"], x["txt_ids"], x["y"])
     base = build_ours(params, sd).to(device).eval()
-
-    def with_b() -> Flux:
-        model = Flux(params)
-        attach(model, dataclasses.replace(DEFAULT_B))
-        return model
-    b = with_b().to(device)  # the base weights shared, B's own
-    b.load_state_dict(base.state_dict(), strict=False, assign=True)
+    b = Flux(params)
+    attach(b, DEFAULT_B)
+    b = b.to(device)
+    b.load_state_dict(base.state_dict(), strict=False, assign=True)  # the base weights shared, B's own
     acting(b.semantic)
     b.eval()
-    cached = share_weights(b, with_b).eval()
-    cached.condition_cache = True
-    cached_base = share_weights(base, lambda: Flux(params)).eval()
-    cached_base.condition_cache = True
     cond_b = make_condition(x_cond, x["semantic"], text, *cfg.grid)
     cond = make_condition(x_cond, None, text, *cfg.grid)
 
-    def ours(cond, reuse: bool):
-        return torch.no_grad()(lambda m: denoise(m, noisy, cond, ts, float(x["guidance"][0]), reuse=reuse))
+    def ours(cond, cached: bool):
+        def run(m):
+            return denoise(ConditionCache(m, keep=True) if cached else m, noisy, cond, ts, float(x["guidance"][0]))
+        return torch.no_grad()(run)
 
     theirs = build_diffusers(params, sd).to(device).train()
     return {("ours", "kontext_per_step"): Case(b, ours(cond_b, False)),
-            ("ours", "kontext_reuse"): Case(b, ours(cond_b, True)),
-            ("ours", "cache"): Case(cached, ours(cond_b, True)),
-            ("ours", "base_reuse"): Case(base, ours(cond, True)),
-            ("ours", "cache_base"): Case(cached_base, ours(cond, True)),
+            ("ours", "cache"): Case(b, ours(cond_b, True)),
+            ("ours", "base_per_step"): Case(base, ours(cond, False)),
+            ("ours", "cache_base"): Case(base, ours(cond, True)),
             ("theirs", "kontext"): Case(theirs, lambda m: sample(call_theirs, m, x, cfg.sample_steps, nullcontext))}
 
 
 def run_sampling(args: argparse.Namespace) -> dict:
-    """The issue's sampling benchmark: times, FLOPs and ratios of the cases of `sampling_cases`, and the training
-    step of both sides (time and peak memory), on the same random weights. The outputs that must agree are checked
-    before anything is timed: the exact reuse against a whole forward per step, the base against diffusers."""
+    """The sampling benchmark: times, FLOPs and ratios of the cases of `sampling_cases`, and the training step of
+    both sides (time and peak memory), on the same random weights. The outputs that must agree are checked before
+    anything is timed: the base against diffusers (sampling and the training step's loss)."""
     cfg = resolve_config(args)
     if not args.sample_steps:
         cfg = dataclasses.replace(cfg, sample_steps=SAMPLING_STEPS)
@@ -647,9 +645,9 @@ def run_sampling(args: argparse.Namespace) -> dict:
     cases = sampling_cases(cfg, args, sd, x)
     cases |= {(side, "train_full"): build_cases(cfg, side, args, sd, x, ("train_full",))["train_full"]
               for side in ("ours", "theirs")}
-    trained_cached = share_weights(cases[("ours", "train_full")].model, lambda: Flux(cfg.params())).train()
-    trained_cached.condition_cache = True  # the training step of the condition-cache mode (another model)
-    cases[("ours", "train_full_cache")] = Case(trained_cached, lambda m: train_step(call_ours, m, x, nullcontext))
+    trained = cases[("ours", "train_full")].model  # the training step of the condition-cache mode, same weights
+    cases[("ours", "train_full_cache")] = Case(trained, lambda m: train_step(call_ours, ConditionCache(m), x,
+                                                                             nullcontext))
     del sd
     result = {"config": args.config, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "load_avg_start": load_average(),
@@ -664,9 +662,7 @@ def run_sampling(args: argparse.Namespace) -> dict:
             out[key] = case.run_eager()
         flops[key] = counter.get_total_flops()
         clear_grads(case.model)
-    checks = {"kontext_reuse_vs_per_step": max_rel_diff(out[("ours", "kontext_reuse")],
-                                                        out[("ours", "kontext_per_step")]),
-              "base_reuse_vs_diffusers": max_rel_diff(out[("ours", "base_reuse")], out[("theirs", "kontext")]),
+    checks = {"base_vs_diffusers": max_rel_diff(out[("ours", "base_per_step")], out[("theirs", "kontext")]),
               "train_full_loss": max_rel_diff(out[("ours", "train_full")], out[("theirs", "train_full")])}
     bad = {k: v for k, v in checks.items() if not v <= 1e-4}
     if bad:
@@ -686,13 +682,11 @@ def run_sampling(args: argparse.Namespace) -> dict:
                        for side, name in cases}
     for side in mem:
         result["cases"][f"{side}:train_full"]["peak_mb"] = round(mem[side] / 2 ** 20, 1)
-    pairs = {"reuse_vs_per_step": (("ours", "kontext_reuse"), ("ours", "kontext_per_step")),
-             "base_reuse_vs_diffusers": (("ours", "base_reuse"), ("theirs", "kontext")),
-             "per_step_vs_diffusers": (("ours", "kontext_per_step"), ("theirs", "kontext")),
-             "reuse_vs_diffusers": (("ours", "kontext_reuse"), ("theirs", "kontext")),
+    pairs = {"per_step_vs_diffusers": (("ours", "kontext_per_step"), ("theirs", "kontext")),
+             "base_vs_diffusers": (("ours", "base_per_step"), ("theirs", "kontext")),
              "cache_vs_diffusers": (("ours", "cache"), ("theirs", "kontext")),
              "cache_base_vs_diffusers": (("ours", "cache_base"), ("theirs", "kontext")),
-             "cache_vs_reuse": (("ours", "cache"), ("ours", "kontext_reuse")),
+             "cache_vs_per_step": (("ours", "cache"), ("ours", "kontext_per_step")),
              "train_full": (("ours", "train_full"), ("theirs", "train_full")),
              "train_full_cache_vs_kontext": (("ours", "train_full_cache"), ("ours", "train_full"))}
     result["ratios"] = {k: {"time": round(med[a] / med[b], 3), "flops": round(flops[a] / flops[b], 3)}
@@ -709,24 +703,22 @@ def run_sampling(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # --stage-peaks: the memory of real training steps at FLUX.1-dev's size, per stage (a GPU only)
 
-STAGE_PEAK_B = ("full width (default)", "decoupled, 64-dim tokens", "decoupled, shared K/V, 256-dim")
+STAGE_PEAK_B = (memory_plan.FULL_B, memory_plan.LEAN_B, "decoupled, shared K/V, 256-dim")
 
 
 def stage_peak_cases() -> list[dict]:
     """The cases of --stage-peaks, in the keys of memory_plan's rows (so the two can be joined): FLUX.1-dev with
-    random weights, batch 1, 512 text tokens, gradient checkpointing; the default scheme B and its two lean forms;
-    every stage; fp8 and bf16 base; 1024x1024 first, then 512x512."""
-    from tools.memory_plan import N_TXT, RESOLUTIONS, STAGES
-    return [{"b": b, "stage": stage, "base": base, "resolution": res, "side": RESOLUTIONS[res], "text_tokens": N_TXT,
-             "checkpointing": True}
-            for res in sorted(RESOLUTIONS, reverse=True) for base in ("fp8", "bf16") for b in STAGE_PEAK_B
-            for stage in STAGES]
+    random weights, batch 1, 512 text tokens, gradient checkpointing; scheme B's full-width separate form, the
+    default (decoupled, 64-dim tokens) and the decoupled form with shared K/V; every stage; fp8 and bf16 base;
+    1024x1024 first, then 512x512."""
+    return [{"b": b, "stage": stage, "base": base, "resolution": res, "side": memory_plan.RESOLUTIONS[res],
+             "text_tokens": memory_plan.N_TXT, "checkpointing": True}
+            for res in sorted(memory_plan.RESOLUTIONS, reverse=True) for base in ("fp8", "bf16") for b in STAGE_PEAK_B
+            for stage in memory_plan.STAGES]
 
 
 def stage_peak_model(case: dict) -> Flux:
     """The case's stage model on the meta device (memory_plan.stage_model: as train.py builds it), nothing allocated."""
-    from tools import memory_plan
-    from flux_model import PRESETS
     dev = PRESETS["dev"]
     return memory_plan.stage_model(dev, case["stage"], memory_plan.b_configs(dev.hidden_size, dev.num_heads)[case["b"]],
                                    case["base"])
@@ -736,8 +728,6 @@ def measure_stage_peak(case: dict) -> dict:
     """One case on the GPU: the meta model's tensors made on the GPU in their own dtypes (random values), AdamW's
     state allocated, a first step, then torch.cuda.max_memory_allocated over a second one. GiB: resident before
     the step (weights, AdamW state, batch), the step's peak above it, their sum (memory_plan's total)."""
-    from tools import memory_plan
-    from flux_model import PRESETS
     gib = 2 ** 30
     out = dict(case, device=torch.cuda.get_device_name())
     try:
@@ -770,8 +760,9 @@ def stage_peaks(args: argparse.Namespace) -> int:
     """--stage-peaks: one JSON line per case, printed as it is measured."""
     if args.device != "cuda" or not torch.cuda.is_available():
         why = "--device cuda is needed" if args.device != "cuda" else "no CUDA device here"
-        print(f"bench.py --stage-peaks: {why}; it measures FLUX.1-dev's training steps on a GPU (the largest case "
-              "plans to about 64 GiB: an 80 GB card); without one, python memory_plan.py plans them", file=sys.stderr)
+        print(f"tools.bench --stage-peaks: {why}; it measures FLUX.1-dev's training steps on a GPU (the largest "
+              "case plans to about 64 GiB: an 80 GB card); without one, python -m tools.memory_plan plans them",
+              file=sys.stderr)
         raise SystemExit(2)
     for case in stage_peak_cases():
         print(json.dumps(measure_stage_peak(case)), flush=True)
@@ -782,7 +773,8 @@ def stage_peaks(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Time our FLUX transformer against diffusers (+ peft), same weights.")
+    p = argparse.ArgumentParser(prog="python -m tools.bench",
+                                description="Time our FLUX transformer against diffusers (+ peft), same weights.")
     p.add_argument("--config", default="medium", choices=sorted(CONFIGS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
@@ -796,11 +788,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage-peaks", action="store_true",
                    help="instead of the benchmark: torch.cuda.max_memory_allocated of training steps of FLUX.1-dev "
                         "(random weights) per stage, base and scheme B form at 512² and 1024², one JSON line each "
-                        "(--device cuda; memory_plan.py plans the same cases)")
+                        "(--device cuda; python -m tools.memory_plan plans the same cases)")
     p.add_argument("--sampling", action="store_true",
-                   help="instead of the benchmark: 20-step sampling with the default scheme B, ours with and without "
-                        "the exact reuse and with the condition cache, against diffusers' Kontext sampling, and the "
-                        "training step (one JSON line; ~25 min on 2 CPU threads at medium)")
+                   help="instead of the benchmark: 20-step sampling with the default scheme B, ours with a whole "
+                        "forward per step and with the condition cache, against diffusers' Kontext sampling, and "
+                        "the training step (one JSON line)")
     p.add_argument("--memory-worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     p.add_argument("--cases", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)

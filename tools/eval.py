@@ -1,12 +1,12 @@
 """
-Make the design's claims measurable: generate the IR image for every held-out pair and score it.
+Make the project's claims measurable: generate the IR image for every held-out pair and score it.
 
-    python eval.py --data DIR --ckpt PATH [--steps N] [--limit K] [--seed S]     # one model
-    python eval.py --data DIR --base                                             # the base model, no semantics
-    python eval.py --ablation [--train-steps N] [--steps N] [--out runs/ablation] # train + score every scheme
-    python eval.py --ablation --schemes xattn-double,xattn-every2,xattn-half    # scheme B's cheaper options
+    python -m tools.eval --data DIR --ckpt PATH [--steps N] [--limit K] [--seed S]   # one model
+    python -m tools.eval --data DIR --base                                           # the base, no semantics
+    python -m tools.eval --ablation [--train-steps N] [--steps N] [--out runs/ablation]  # train + score each scheme
+    python -m tools.eval --ablation --schemes xattn-double,xattn-every2,xattn-half  # scheme B's cheaper options
 
-Protocol (metrics.py has the exact definitions): each test pair is generated at its own size with --steps Euler
+Protocol (tools/metrics.py has the exact definitions): each test pair is generated at its own size with --steps Euler
 steps (default 20), seed --seed + index, the run's own guidance; the prediction is compared with the ground-truth IR
 in [0, 1]: PSNR, SSIM, per-class intensity error, and over the regions of the semantic map the hallucination rate
 (cold in the ground truth, hot in the prediction) and the miss rate (hot in the ground truth, cold in the
@@ -14,20 +14,22 @@ prediction). Decoy classes (default: poster, car_parked, which look exactly like
 hallucination rate. FID needs a user-supplied feature network (--fid-model, a TorchScript file; nothing downloads).
 A NaN or infinite prediction stops the evaluation with an error naming the pair: it is never scored.
 
-The ablation trains each conditioning scheme (`train.run`) with the same data, --train-steps, seed and LoRA (stage `joint`: LoRA on the
-backbone + the scheme's semantic modules; `none` is LoRA alone on RGB, `overlay` LoRA alone on RGB blended with the
-semantic colours), evaluates all of them on the same held-out set, and writes table.md, results.json and figures.
-A scheme whose <out>/<scheme>/final.safetensors exists is reused only if it was trained with exactly this
-invocation's settings (the train_args its metadata records); otherwise eval.py names the setting that differs and
-stops before any training: pass --retrain, or a new --out.
+The ablation trains each conditioning scheme with the same data, --train-steps, seed and LoRA (stage `joint`: LoRA on
+the backbone + the scheme's semantic modules; `none` is LoRA alone on RGB, `overlay` LoRA alone on RGB blended with
+the semantic colours), each run one `python train.py` process started from the repository root, evaluates all of
+them on the same held-out set, and writes table.md, results.json and figures. A scheme whose
+<out>/<scheme>/seed<K>/final.safetensors exists is reused only if it was trained with this invocation's settings (the
+train_args its metadata records, compared on every setting the ablation passes to train.py); otherwise the ablation
+names the setting that differs and stops before any training: pass --retrain, or a new --out.
 """
 
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +37,16 @@ import torch
 from torch import Tensor
 
 import data
-from tools import metrics
+from checkpoint import command, differing, read_metadata
 from extras.fp8 import BASE_DTYPES
-import train
-from checkpoint import read_metadata
+from extras.schemes import parameter_count
 from flux_model import PRESETS
-from pipeline import (ROOT, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, command, find_setup, generate,
-                      is_trained_key, load_pipeline)
-from run_state import differing
-from tools.synth import TEST_SET, TRAIN_SET, ensure_set
-from sem_cross_attn import SemanticConfig, parameter_count
+from pipeline import (ROOT, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, find_setup, generate, is_trained_key,
+                      load_pipeline)
+from sem_cross_attn import SemanticConfig
 from viz import attention_figure, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
+from tools import metrics
+from tools.synth import TEST_SET, TRAIN_SET, ensure_set
 
 DECOY_NAMES = ("poster", "car_parked")
 ABLATION = ("none", "overlay", "zeroconv", "xattn", "xattn-ip", "xattn-ip-shared", "adapter", "zeroconv+jitter",
@@ -55,8 +56,8 @@ LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroc
           "xattn-ip": "B (default): decoupled, 64-dim tokens", "xattn-ip-shared": "B: decoupled, shared K/V",
           "xattn-double": "B, double blocks only", "xattn-every2": "B, every 2nd block", "xattn-half": "B, half width"}
 CEILING = "ceiling: autoencoder reconstruction"
-# scheme B's cheaper options (bench.py measures what each saves; the ablation what each costs in quality):
-# TrainConfig fields on top of scheme xattn. Half width: half the heads at the same head dim.
+# scheme B's cheaper options (tools.bench measures what each saves; the ablation what each costs in quality):
+# train.py settings on top of scheme xattn. Half width: half the heads at the same head dim.
 B_OPTIONS = {"xattn": lambda p: {"sem_attention": "separate", "sem_token_dim": 0},
              "xattn-double": lambda p: {"sem_blocks": "double", "sem_attention": "separate", "sem_token_dim": 0},
              "xattn-every2": lambda p: {"sem_blocks": "every:2", "sem_attention": "separate", "sem_token_dim": 0},
@@ -67,7 +68,7 @@ B_OPTIONS = {"xattn": lambda p: {"sem_attention": "separate", "sem_token_dim": 0
                                            "sem_shared_kv": True}}
 SHIFT_DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # the misaligned split: pair i's map moves SHIFT_DIRS[i % 4] * s
 COUNT_FLAGS = ("steps", "train_steps", "limit", "batch_size", "lora_rank")  # must be >= 1 when given
-# the ablation flag behind each TrainConfig field that train_config sets from the command line
+# the ablation flag behind each train.py setting that train_config takes from the command line
 TRAIN_FLAGS = {"data": "--train-data", "steps": "--train-steps", "batch_size": "--batch-size", "seed": "--seed",
                "lora_rank": "--lora-rank", "lora_alpha": "--lora-rank", "lr": "--lr"}
 NOT_COMPARED = ("out", "progress", "resume", "overwrite")  # where a run lives, how it reports and was started
@@ -229,18 +230,39 @@ def comparison_figure(pipes: dict, ds, indices: list[int], how: Sampling, out: P
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_config(scheme: str, args, run: Path, seed: int) -> train.TrainConfig:
-    """The ablation protocol as one train.py config: stage joint (LoRA on the backbone + the scheme's modules), the
-    same data, steps, batch, learning rate and LoRA for every scheme, this training seed; scheme B's options on top;
-    "+jitter": trained on misaligned maps (train.py --sem-jitter). A scheme is trained only when it has no final
-    weights or --retrain asks for it, so its run starts over (overwrite)."""
+def train_config(scheme: str, args, run: Path, seed: int) -> dict:
+    """The ablation protocol as train.py settings (setting -> value; every other setting is train.py's default):
+    stage joint (LoRA on the backbone + the scheme's modules), the same data, steps, batch, learning rate and LoRA for
+    every scheme, this training seed; scheme B's options on top; "+jitter": trained on misaligned maps (train.py
+    --sem-jitter). A scheme is trained only when it has no final weights or --retrain asks for it, so its run starts
+    over (overwrite)."""
     name, jitter = scheme.removesuffix("+jitter"), scheme.endswith("+jitter")
     options = B_OPTIONS[name](PRESETS[find_setup().preset]) if name in B_OPTIONS else {}
-    return train.TrainConfig(stage="joint", scheme=name.split("-")[0], data=str(Path(args.train_data).resolve()),
-                             steps=args.train_steps, batch_size=args.batch_size, seed=seed, out=str(run),
-                             lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank), sample_steps=0, lr=args.lr,
-                             progress=args.progress, overwrite=True, sem_jitter=args.jitter if jitter else 0,
-                             sem_drop=0.0, **({"sem_attention": "separate", "sem_token_dim": 0} | options))
+    return {"stage": "joint", "scheme": name.split("-")[0], "data": str(Path(args.train_data).resolve()),
+            "steps": args.train_steps, "batch_size": args.batch_size, "seed": seed, "out": str(run),
+            "lora_rank": args.lora_rank, "lora_alpha": float(args.lora_rank), "sample_steps": 0, "lr": args.lr,
+            "progress": args.progress, "overwrite": True, "sem_jitter": args.jitter if jitter else 0,
+            "sem_drop": 0.0} | {"sem_attention": "separate", "sem_token_dim": 0} | options
+
+
+def train_command(config: dict) -> list[str]:
+    """The train.py command of one run: a flag per setting (--name value; a boolean as --name or --no-name)."""
+    flags = []
+    for name, value in config.items():
+        flag = name.replace("_", "-")
+        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return [sys.executable, "train.py", *flags]
+
+
+def train_run(config: dict) -> int:
+    """One training run: train.py in its own process, started from the repository root; its exit status. Ctrl-C
+    reaches train.py too (one process group): it writes its resume state and exits, and this waits for it."""
+    with subprocess.Popen(train_command(config), cwd=ROOT) as proc:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue
 
 
 def label(scheme: str) -> str:
@@ -248,9 +270,10 @@ def label(scheme: str) -> str:
     return LABELS[name] + (", trained on misaligned maps" if name != scheme else "")
 
 
-def check_reusable(final: Path, want: train.TrainConfig) -> dict:
-    """The train_args `final` records, if they equal `want` (but for NOT_COMPARED); else ValueError naming the
-    first setting that differs."""
+def check_reusable(final: Path, want: dict) -> dict:
+    """The train_args `final` records, if they hold every setting of `want` (but for NOT_COMPARED) with its value;
+    else ValueError naming the first setting that differs. Settings the ablation leaves to train.py's defaults are
+    not compared, so a run recorded before train.py had some setting is reused."""
     try:
         recorded = json.loads(read_metadata(final)["train_args"])
     except (KeyError, json.JSONDecodeError):
@@ -258,15 +281,11 @@ def check_reusable(final: Path, want: train.TrainConfig) -> dict:
     if not isinstance(recorded, dict):
         raise ValueError(f"{final} records no readable train_args, so its settings are unknown; pass --retrain to "
                          "train it again, or a new --out")
-    now = asdict(want)
-    # a field the record lacks was added to train.py after that run: it ran with the field's default behaviour
-    defaults = {f.name: f.default for f in fields(train.TrainConfig) if f.default != -1}
-    recorded = {k: v for k, v in defaults.items() if k not in recorded} | recorded
-    if changed := differing(recorded, now, NOT_COMPARED):
+    if changed := differing(recorded, want, NOT_COMPARED):
         name = changed[0]
         flag = f" ({TRAIN_FLAGS[name]})" if name in TRAIN_FLAGS else ""
         raise ValueError(f"{final} was trained with {name}={recorded.get(name, '(not recorded)')!r}, this run asks "
-                         f"for {now[name]!r}{flag}; pass --retrain to train it again, or a new --out")
+                         f"for {want[name]!r}{flag}; pass --retrain to train it again, or a new --out")
     return recorded
 
 
@@ -328,7 +347,7 @@ def seed_table(rows: dict[str, list[dict]], extras: dict[str, dict], columns=HEA
     for name, summaries in rows.items():
         cells = [mean_sd([f(s) for s in summaries], percent=not col.endswith(("PSNR (dB)", "SSIM")))
                  for col, f in columns.items()]
-        cells += [metrics._fmt_value(extras.get(name, {}).get(k)) for k in extra_names]
+        cells += [metrics.fmt_value(extras.get(name, {}).get(k)) for k in extra_names]
         lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines)
 
@@ -377,9 +396,9 @@ def run_ablation(args) -> int:
                 continue
             if args.retrain or not final.is_file():
                 t0 = time.time()
-                rc = train.run(train_config(scheme, args, run, seed))
+                rc = train_run(train_config(scheme, args, run, seed))
                 if rc:
-                    raise RuntimeError(f"training {scheme} (seed {seed}) failed ({rc})")
+                    raise RuntimeError(f"training {scheme} (seed {seed}) failed: train.py exited with status {rc}")
                 print(f"{scheme} seed {seed}: trained in {time.time() - t0:.0f} s")
                 (run / "scores.json").unlink(missing_ok=True)
             recorded.setdefault(name, {})[seed] = check_reusable(final, train_config(scheme, args, run, seed))
@@ -399,7 +418,7 @@ def run_ablation(args) -> int:
                 cfg = pipe.cfg.get("semantic")
                 extras[name] = {
                     "trainable (tiny)": sum(v.numel() for k, v in pipe.model.state_dict().items() if is_trained_key(k)),
-                    "semantic params at dev": parameter_count(SemanticConfig(**cfg), dev) if cfg else 0,
+                    "semantic params at dev": parameter_count(SemanticConfig.from_dict(cfg), dev) if cfg else 0,
                     "s/step": round(1 / sps, 3)}
     table = seed_table(rows["aligned"], extras)
     robust_cols = {f"{split}: {col}": (lambda f, sp: (lambda s: f(s[sp])))(HEADLINE[col], split)
@@ -441,7 +460,7 @@ def run_ablation(args) -> int:
 
 @command
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT / "data" / "synth-test"), help="held-out pairs (rgb/, sem/, ir/)")
     ap.add_argument("--ckpt", default=None, help="a train.py output")
     ap.add_argument("--base", action="store_true", help="evaluate the base model without semantic weights")
@@ -456,7 +475,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save", default=None, help="also write the predictions to this folder")
     ap.add_argument("--fid-model", default=None, help="TorchScript feature network for FID (user-supplied)")
     ap.add_argument("--protocol", default=None, choices=("thermalgen",),
-                    help="also score as ThermalGen's evaluation does (protocol.py; requirements-extras.txt)")
+                    help="also score as ThermalGen's evaluation does (tools/protocol.py; requirements-extras.txt)")
     ap.add_argument("--lpips-weights", default=None, help="--protocol: torchvision's alexnet-owt-7be5be79.pth")
     ap.add_argument("--fid-weights", default=None,
                     help="--protocol: torch-fidelity's weights-inception-2015-12-05-6726825d.pth")

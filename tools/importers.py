@@ -8,7 +8,7 @@ With labels (rgb/ sem/ ir/ + classes.json):
     FMB (Liu et al. 2023)      SRC/Visible, SRC/Infrared, SRC/Label (ids 0..14); point SRC at one split (train, test)
     MSRS (Tang et al. 2022)    SRC/<split>/vi, ir, Segmentation_labels (MFNet's 9 classes, ids 0..8)
     PST900 (Shivakumar 2020)   SRC/<split>/rgb, thermal (8-bit AGC), labels (ids 0..4)
-Without labels (rgb/ ir/; then `python labels.py OUT OUT --model DIR` writes sem/ and classes.json):
+Without labels (rgb/ ir/; then `python -m tools.labels OUT OUT --model DIR` writes sem/ and classes.json):
     M3FD (Liu et al. 2022)     SRC/Vis, SRC/Ir (no split)
     LLVIP (Jia et al. 2021)    SRC/visible/<split>, SRC/infrared/<split>
     FLIR aligned (Zhang 2020)  SRC/JPEGImages/FLIR_XXXXX_RGB.jpg + FLIR_XXXXX_PreviewData.jpeg, pairs listed in
@@ -19,8 +19,9 @@ stays 16-bit; a false-colour infrared image (channels that differ) is refused, s
 The output folder must be new or empty, and is written all at once: a bad pair anywhere leaves nothing there.
 Every problem with a file or folder raises data.DataError naming it.
 
-Commands (python importers.py -h):
-    NAME SRC OUT [--split S]   convert the set at SRC into a dataset folder OUT (NAME: one of IMPORTERS)
+Commands (python -m tools.importers -h):
+    python -m tools.importers NAME SRC OUT [--split S]   convert the set at SRC into a dataset folder OUT (NAME: one
+                                                         of IMPORTERS)
 """
 
 import argparse
@@ -121,7 +122,8 @@ def write_rgb_ir(out, name, rgb, ir):
 
 def import_pairs(where, pairs: dict, out, classes=None, desc="import", progress=False) -> int:
     """pairs {stem: (rgb path, ir path, label path or None)} -> OUT, all at once. With `classes`, every pair has a
-    label (ids of those classes) and OUT gets sem/ + classes.json; without, rgb/ and ir/ only (label with labels.py)."""
+    label (ids of those classes) and OUT gets sem/ + classes.json; without, rgb/ and ir/ only (label them with
+    tools.labels)."""
     with building_layout(out) as tmp:  # a bad pair anywhere leaves nothing at out
         for name in tqdm(sorted(pairs), desc=desc, disable=not progress):
             rgb_path, ir_path, label_path = pairs[name]
@@ -289,7 +291,7 @@ def import_flir(src, out, progress=False, split=None) -> int:
 
 IMPORTERS = {"mfnet": import_mfnet, "fmb": import_fmb, "msrs": import_msrs, "pst900": import_pst900,
              "m3fd": import_m3fd, "llvip": import_llvip, "flir": import_flir}
-UNLABELLED = ("m3fd", "llvip", "flir")  # RGB-IR pairs only: labels.py writes their semantic maps
+UNLABELLED = ("m3fd", "llvip", "flir")  # RGB-IR pairs only: tools.labels writes their semantic maps
 SPLIT_HELP = {"mfnet": "train | val | test: only the stems SRC/<split>.txt lists (default: every pair)",
               "msrs": "train | test (default train)", "pst900": "train | test (default train)",
               "llvip": "train | test (default train)",
@@ -297,10 +299,11 @@ SPLIT_HELP = {"mfnet": "train | val | test: only the stems SRC/<split>.txt lists
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.importers", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in IMPORTERS:
-        what = "rgb/ ir/ (no labels: label with labels.py)" if name in UNLABELLED else "rgb/ sem/ ir/ + classes.json"
+        what = ("rgb/ ir/ (no labels: label with python -m tools.labels)" if name in UNLABELLED
+                else "rgb/ sem/ ir/ + classes.json")
         p = sub.add_parser(name, help=f"convert {name.upper()} to {what}")
         p.add_argument("src")
         p.add_argument("out")
@@ -314,7 +317,7 @@ def main(argv=None):
         sys.exit(2)
     if args.cmd in UNLABELLED:
         print(f"imported {n} pairs into {args.out} (rgb/, ir/; no semantic maps yet). Label them next: "
-              f"python labels.py {args.out} {args.out} --model DIR")
+              f"python -m tools.labels {args.out} {args.out} --model DIR")
     else:
         print(f"imported {n} pairs into {args.out}")
 

@@ -2,7 +2,7 @@
 Semantic maps from a segmentation model: label the RGB images of a folder with a SegFormer, Mask2Former or OneFormer
 trained on Cityscapes or ADE20K (a local Hugging Face model folder), mapped onto a project class table.
 
-    python labels.py SRC OUT --model DIR [--mapping cityscapes|ade20k|FILE.json] [--hot-vehicles] [--overwrite]
+    python -m tools.labels SRC OUT --model DIR [--mapping cityscapes|ade20k|FILE.json] [--hot-vehicles] [--overwrite]
 
 SRC is a dataset folder (its rgb/ is labelled; an importer's rgb/ + ir/ output) or a plain folder of RGB images. OUT
 gets sem/<stem>.png (colour maps in the class palette, at each RGB image's own size) and classes.json; when OUT is
@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import write_atomic
+from checkpoint import command, write_atomic
 from data import (DataError, SemClass, classes_from_rows, list_images, load_classes, open_image, palette, rgb01,
                   save_classes)
 
@@ -122,7 +122,7 @@ class Mapping:
             shown = ", ".join(repr(x) for x in unknown[:10]) + (f" ... and {len(unknown) - 10} more"
                                                                  if len(unknown) > 10 else "")
             raise DataError(f"mapping {self.name}: {len(unknown)} of the model's labels are not in it: {shown}; pass "
-                            "--mapping FILE.json with a \"map\" entry for each (see labels.py -h)")
+                            "--mapping FILE.json with a \"map\" entry for each (see python -m tools.labels -h)")
         lut = np.zeros(max(id2label) + 1, np.int64)
         for index, label in id2label.items():
             lut[index] = ids[self.to_class[normalize_label(label)]]
@@ -176,7 +176,7 @@ def detect_mapping(id2label: dict[int, str]) -> str:
         if labels <= set(shipped_mapping(name).to_class):
             return name
     raise DataError(f"the model's labels ({', '.join(sorted(labels)[:8])}{' ...' if len(labels) > 8 else ''}) are "
-                    "neither Cityscapes' nor ADE20K's: pass --mapping FILE.json (see labels.py -h)")
+                    "neither Cityscapes' nor ADE20K's: pass --mapping FILE.json (see python -m tools.labels -h)")
 
 
 def load_mapping(spec: str, hot_vehicles: bool = False) -> Mapping:
@@ -197,7 +197,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise DataError("labels.py runs the segmentation model with transformers, which is not installed: "
+        raise DataError("tools.labels runs the segmentation model with transformers, which is not installed: "
                         "pip install transformers (requirements-test.txt pins the tested version)") from None
     return transformers
 
@@ -307,11 +307,11 @@ def label_folder(src, out, model_dir, mapping: str | None = None, hot_vehicles: 
 
 
 def main(argv=None) -> int:
-    from pipeline import command, resolve_device  # one-line errors (exit status 2); a --device that exists
+    from pipeline import resolve_device  # a --device that exists
 
     @command
     def run(argv):
-        parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+        parser = argparse.ArgumentParser(prog="python -m tools.labels", description=__doc__.split("\n\n")[0],
                                          formatter_class=argparse.RawDescriptionHelpFormatter,
                                          epilog=__doc__.split("\n\n", 2)[2])
         parser.add_argument("src", help="a dataset folder (its rgb/ is labelled) or a folder of RGB images")

@@ -1,6 +1,7 @@
 """
-measure.py: how one call is measured on this machine (FLOPs, seconds, the matmul rate, peak memory), and why.
-It knows nothing of FLUX or diffusers: bench.py decides what is measured and sets the two sides against each other.
+How one call is measured on this machine (FLOPs, seconds, the matmul rate, peak memory), and why.
+It knows nothing of FLUX or diffusers: tools/bench.py decides what is measured and sets the two sides against each
+other.
 
 - FLOPs: torch.utils.flop_counter.FlopCounterMode over one call. Its table has no entry for the CPU flash-attention
   kernels, so they are added here with its own SDPA formulas.

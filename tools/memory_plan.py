@@ -1,16 +1,16 @@
 """
-memory_plan.py: GPU memory of one training step of FLUX.1-dev / Kontext-dev (one layout) with scheme B, per stage,
+GPU memory of one training step of FLUX.1-dev / Kontext-dev (one layout) with scheme B, per stage,
 at 512x512 and 1024x1024 pixels, and the card each needs.
 
-    python memory_plan.py            # the plan, the which-GPU table and the targets, then one JSON line (~10 min)
-    python memory_plan.py --quick    # fp8 base + checkpointing only: the which-GPU table and the targets (~4 min)
-    python memory_plan.py --check    # the same code against real training steps of small models on this CPU
+    python -m tools.memory_plan          # the plan, the which-GPU table and the targets, then one JSON line (~10 min)
+    python -m tools.memory_plan --quick  # fp8 base + checkpointing only: the which-GPU table and the targets (~4 min)
+    python -m tools.memory_plan --check  # the same code against real training steps of small models on this CPU
 
 No GPU and no checkpoint are needed. How the plan is made:
 - the stage model is built as train.py builds it (pipeline.build_model's order: the base in bf16, or with its
-  Linear weights in fp8 through fp8.quantize_, float32 scales per row; the semantic module, then for joint and
-  finetune LoRA rank 16, both fp32; train.select_trainable marks what trains; train.make_optimizer's AdamW), on the
-  meta device: parameter, buffer, gradient and AdamW bytes are counted from its tensors;
+  Linear weights in fp8 through extras.fp8.quantize_, float32 scales per row; the semantic module, then for joint
+  and finetune LoRA rank 16, both fp32; select_trainable marks what the stage trains; make_optimizer: train.py's
+  AdamW), on the meta device: parameter, buffer, gradient and AdamW bytes are counted from its tensors;
 - then a whole training step as train.py runs it (flow.flow_loss under bf16 autocast, backward, gradient clipping,
   AdamW; the optimizer state allocated as after a first step) runs on tensors without data (torch's
   FakeTensorMode: shapes, dtypes, strides, no storage), and LiveTensorBytes counts every storage an operator returns
@@ -19,7 +19,7 @@ No GPU and no checkpoint are needed. How the plan is made:
   allocate inside themselves. Nothing is scaled from another size: dev's step is traced as it is (5 to 15 s per
   step on a CPU; the full plan traces 96).
 The trace follows what the code does: autocast's casts and its cache of trainable fp32 weights' casts, gradient
-checkpointing (Flux._run recomputes each block with its semantic module), the bf16 copies fp8 weights are
+checkpointing (Flux.run recomputes each block with its semantic module), the bf16 copies fp8 weights are
 dequantized to (and that autograd keeps for the backward), gradients as they accumulate, AdamW's temporaries.
 For a GPU it assumes:
 - CUDA autocast runs layer_norm in float32 (the CPU's does not): cuda_layer_norms_ makes the model's LayerNorms do
@@ -57,12 +57,12 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from extras import fp8
-import train
+from extras.schemes import attach
 from flow import flow_loss, make_condition, text_ids
-from flux_model import Flux, FluxParams, PRESETS
+from flux_model import PRESETS, Flux, FluxParams
 from lora import inject_lora
+from sem_cross_attn import DEFAULT_B, SemanticConfig
 from tools.measure import allocated_peak_bytes, tensor_bytes
-from sem_cross_attn import SemanticConfig, attach
 
 GIB = 2 ** 30
 GPUS_GB = (16, 24, 48, 80)
@@ -71,19 +71,24 @@ BASES = ("bf16", "fp8")
 RESOLUTIONS = {512: 32, 1024: 64}  # pixels -> side of the x_t token grid (x_cond: as many tokens again)
 N_TXT = 512  # T5 tokens of FLUX.1-dev / Kontext-dev
 FSDP_GPUS = (2, 4, 8)
-LORA_RANK, LORA_ALPHA = 16, 16.0  # train.py's defaults
+# What train.py does that a step's memory depends on, stated once here:
+LORA_RANK, LORA_ALPHA = 16, 16.0  # its LoRA (joint, finetune)
+SEM_DROP_JOINT = 0.1  # the joint stage's condition dropout: a per-sample semantic strength of 0 or 1
+
+
+FULL_B = "full width (separate)"
+LEAN_B = "decoupled, 64-dim tokens (default)"
 
 
 def b_configs(hidden: int, heads: int) -> dict[str, SemanticConfig]:
-    """Scheme B as the default trains it, its two lean decoupled forms and the narrowest separate one."""
-    return {"full width (default)": SemanticConfig(),
-            "decoupled, 64-dim tokens": SemanticConfig(attention="decoupled", token_dim=64),
+    """Scheme B's separate form at full width, the default (decoupled, 64-dim tokens: sem_cross_attn.DEFAULT_B), the
+    decoupled form with one shared key/value projection, and the narrowest separate form."""
+    separate = SemanticConfig(attention="separate", token_dim=0)
+    return {FULL_B: separate,
+            LEAN_B: dataclasses.replace(DEFAULT_B),
             "decoupled, shared K/V, 256-dim": SemanticConfig(attention="decoupled", token_dim=256, shared_kv=True),
-            "every:4, half width": SemanticConfig(blocks="every:4", inner_dim=hidden // 2, num_heads=heads // 2)}
-
-
-DEFAULT_B = "full width (default)"
-LEAN_B = "decoupled, 64-dim tokens"
+            "every:4, half width": dataclasses.replace(separate, blocks="every:4", inner_dim=hidden // 2,
+                                                       num_heads=heads // 2)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,8 +109,24 @@ def stage_model(params: FluxParams, stage: str, sem_cfg: SemanticConfig, base: s
         attach(model, sem_cfg, dtype=torch.float32)  # on meta its parameters are created in fp32 already
         if stage in ("joint", "finetune"):  # the finetune stage starts from joint's output: LoRA is there, frozen
             inject_lora(model, rank=lora_rank, alpha=LORA_ALPHA, dtype=torch.float32)
-    train.select_trainable(model, stage)
+    select_trainable(model, stage)
     return model
+
+
+def select_trainable(model: Flux, stage: str) -> list[nn.Parameter]:
+    """What each stage trains, as train.py chooses it (the base stays frozen): warmup the semantic module, joint the
+    semantic module and LoRA, finetune the semantic module's strength scales. Sets requires_grad; returns them."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: choose from {STAGES}")
+    strengths = {id(p) for p in model.semantic.strength_parameters()}
+    trains = {"warmup": lambda n, p: n.startswith("semantic."),
+              "joint": lambda n, p: n.startswith("semantic.") or ".lora_" in n,
+              "finetune": lambda n, p: id(p) in strengths}[stage]
+    model.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if trains(n, p)]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def fsdp_units(model: Flux) -> dict:
@@ -187,7 +208,7 @@ def training_batch(params: FluxParams, side: int, n_txt: int, stage: str, device
     cond = make_condition(torch.randn(batch, n, 64, device=device).to(bf16),
                           torch.randn(batch, n, 64, device=device).to(bf16), text, side, side)
     if stage == "joint":
-        cond.sem_strength = torch.rand(batch, device=device) >= train.SEM_DROP_JOINT
+        cond.sem_strength = torch.rand(batch, device=device) >= SEM_DROP_JOINT
     guidance = torch.full((batch,), 3.5, device=device) if params.guidance_embed else None
     return x0, noise, t, cond, guidance
 
@@ -201,13 +222,14 @@ def batch_bytes(batch: tuple) -> int:
 
 
 def make_optimizer(model: Flux, stage: str) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    """train.make_optimizer's AdamW over train.select_trainable's parameters, with the implementation torch picks
-    for CUDA tensors (foreach), whatever the device here; its state allocated as after a first step."""
-    trainable = train.select_trainable(model, stage)
-    opt = train.make_optimizer(train.TrainConfig(stage=stage, lr=1e-4), model, trainable)
-    for group in opt.param_groups:
-        group["foreach"] = True
-    params = [p for _, p in trainable]
+    """train.py's AdamW over the stage's trainable parameters, in its two parameter groups (the strength scales
+    apart: they get a larger learning rate), with the implementation torch picks for CUDA tensors (foreach, which
+    works group by group), whatever the device here; its state allocated as after a first step."""
+    params = select_trainable(model, stage)
+    strengths = {id(p) for p in model.semantic.strength_parameters()}
+    groups = [[p for p in params if id(p) not in strengths], [p for p in params if id(p) in strengths]]
+    opt = torch.optim.AdamW([{"params": g} for g in groups if g], lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                            foreach=True)
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -387,11 +409,11 @@ def cuda_layer_norms_(model: nn.Module) -> nn.Module:
 
 
 def _give_grid(model: Flux, side: int):
-    """The semantic module reads its token grid from the values of the ids (prepare); tensors without data have
-    none, so the grid is given: the vae encoder's tokens lie on the target's side x side grid."""
-    sem = model.semantic
-    encode = type(sem).encode.__get__(sem)
-    sem.encode = lambda s: (encode(s)[0], (side, side))
+    """The semantic module reads its token grid from the values of the ids (SemanticModule.prepare); tensors without
+    data have none, so the grid is given: the vae encoder's tokens lie on the target's side x side grid."""
+    encoder = model.semantic.encoder
+    encode = type(encoder).forward.__get__(encoder)
+    encoder.forward = lambda s: (encode(s)[0], (side, side))
 
 
 def plan_stage(params: FluxParams, stage: str, sem_cfg: SemanticConfig, base: str, sides=(32, 64),
@@ -576,13 +598,13 @@ def markdown_plan(rows: list[dict]) -> str:
 
 def markdown_gpus(rows: list[dict]) -> str:
     """Which card each scheme B configuration needs per stage and image size, fp8 base + checkpointing + cached
-    latents and prompt embeddings; FSDP2 over 2 / 4 / 8 GPUs for the default full-width B."""
+    latents and prompt embeddings; FSDP2 over 2 / 4 / 8 GPUs for the full-width separate B."""
     lines = ["| scheme B | trainable | stage | image | 1 GPU | FSDP2 x2 | x4 | x8 |",
              "|---|---:|---|---|---|---|---|---|"]
     for r in rows:
         if r["base"] != "fp8" or not r["checkpointing"]:
             continue
-        fsdp = [_cell(r["fsdp"][k]) if r["b"] == DEFAULT_B else "" for k in FSDP_GPUS]
+        fsdp = [_cell(r["fsdp"][k]) if r["b"] == FULL_B else "" for k in FSDP_GPUS]
         lines.append(f"| {r['b']} | {r['trainable']:,} | {r['stage']} | {r['resolution']}² | {_cell(r['total'])} | "
                      + " | ".join(fsdp) + " |")
     lines += ["", "GiB per GPU (card: 10% + 1 GiB to spare); fp8 base (Linear weights float8 with float32 row "
@@ -592,12 +614,12 @@ def markdown_gpus(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# the issue's targets: (what, scheme B, stages, image sizes, card GB, GPUs: 1 alone, else FSDP2 over that many)
+# the targets: (what, scheme B, stages, image sizes, card GB, GPUs: 1 alone, else FSDP2 over that many)
 TARGETS = ((f"{LEAN_B}: warmup and joint at 1024² on one 24 GB GPU", LEAN_B, ("warmup", "joint"), (1024,), 24, 1),
            (f"{LEAN_B}: warmup and joint at 512² on one 16 GB GPU", LEAN_B, ("warmup", "joint"), (512,), 16, 1),
-           (f"{DEFAULT_B}: warmup and joint with FSDP2 over 2 x 80 GB", DEFAULT_B, ("warmup", "joint"),
+           (f"{FULL_B}: warmup and joint with FSDP2 over 2 x 80 GB", FULL_B, ("warmup", "joint"),
             (512, 1024), 80, 2),
-           (f"{DEFAULT_B}: warmup and joint with FSDP2 over 8 x 24 GB", DEFAULT_B, ("warmup", "joint"),
+           (f"{FULL_B}: warmup and joint with FSDP2 over 8 x 24 GB", FULL_B, ("warmup", "joint"),
             (512, 1024), 24, 8))
 
 
@@ -682,7 +704,8 @@ def plan(quick: bool = False, jobs: int = 1) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="GPU memory per training stage of FLUX.1-dev with scheme B.")
+    parser = argparse.ArgumentParser(prog="python -m tools.memory_plan",
+                                     description="GPU memory per training stage of FLUX.1-dev with scheme B.")
     parser.add_argument("--check", action="store_true",
                         help="the planning code against real training steps of small models on this CPU")
     parser.add_argument("--quick", action="store_true",
@@ -690,7 +713,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="plan: processes tracing in parallel")
     args = parser.parse_args(argv)
     if args.check:
-        rows = check(models=list(CHECK_MODELS)[:1], b_names=[DEFAULT_B, LEAN_B]) if args.quick else check()
+        rows = check(models=list(CHECK_MODELS)[:1], b_names=[FULL_B, LEAN_B]) if args.quick else check()
         print(markdown_check(rows))
         result = {"check": rows}
     else:

@@ -12,7 +12,7 @@ Protocol (what every number in the README means):
   population (co)variances, and the SSIM map averaged over the region 5 pixels in from every border.
 - Semantic faithfulness uses the semantic map that conditioned the generation. A *region* is one
   4-connected component of one class with at least `min_pixels` (16) pixels. A region is *hot* when its
-  mean intensity is strictly above HOT_THRESHOLD (0.6; synth.py chooses its scene temperatures around it).
+  mean intensity is strictly above HOT_THRESHOLD (0.6; tools/synth.py chooses its scene temperatures around it).
   hallucination rate = (#regions cold in the ground truth but hot in the prediction) / (#regions cold in GT)
   miss rate          = (#regions hot in the ground truth but cold in the prediction) / (#regions hot in GT)
   Over a data set the counts are summed first and divided once (never a mean of per-image rates);
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-HOT_THRESHOLD = 0.6      # a region whose mean intensity is above this is a hot target (synth.py builds around it)
+HOT_THRESHOLD = 0.6      # a region whose mean intensity is above this is a hot target (tools/synth.py builds around it)
 MIN_REGION_PIXELS = 16   # smaller components are label noise / slivers, too small to call hot or cold reliably
 
 # -----------------------------------------------------------------------------
@@ -345,7 +345,8 @@ def _fmt_rate(num: int, den: int) -> str:
     return "n/a (0/0)" if den == 0 else f"{100.0 * num / den:.1f}% ({num}/{den})"
 
 
-def _fmt_value(v) -> str:
+def fmt_value(v) -> str:
+    """A table cell: nothing for None, an int with thousands separators, a float to 4 significant digits."""
     if isinstance(v, bool) or v is None:
         return "" if v is None else str(v)
     if isinstance(v, int):
@@ -372,7 +373,7 @@ def format_table(results: dict[str, dict], extra_columns: dict[str, dict[str, ob
                _fmt_rate(a["hallucinated"], a["gt_cold"]), _fmt_rate(a["missed"], a["gt_hot"])]
         if decoy:
             row.append(_fmt_rate(s["decoy"]["hallucinated"], s["decoy"]["gt_cold"]))
-        row += [_fmt_value(extra_columns.get(name, {}).get(k)) for k in extra_names]
+        row += [fmt_value(extra_columns.get(name, {}).get(k)) for k in extra_names]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

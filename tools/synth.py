@@ -11,9 +11,9 @@ RGB, label ids and temperature together (so the three always agree), then blurs 
 Files are written in data.py's dataset layout with its synthetic class table (data.DEFAULT_CLASSES); scene i of
 a data set depends only on (seed, i), so the same command always writes the same bytes.
 
-Commands (python synth.py -h):
-    python synth.py OUT [--count N] [--size S] [--seed K]   N scenes as OUT/{rgb,sem,ir}/NNNNNN.png + classes.json
-    python synth.py OUT --example --seed K                  one scene as OUT/{rgb,sem,ir}.png (see examples/)
+Commands (python -m tools.synth -h):
+    python -m tools.synth OUT [--count N] [--size S] [--seed K]   N scenes as OUT/{rgb,sem,ir}/NNNNNN.png + classes.json
+    python -m tools.synth OUT --example --seed K                  one scene as OUT/{rgb,sem,ir}.png (see examples/)
 """
 
 import argparse
@@ -202,7 +202,8 @@ def make_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
 # -----------------------------------------------------------------------------
 # Writing scenes to disk
 
-# The demo's sets (make_demo.sh, and train.py / train_ae.py / eval.py when no --data is given): (scenes, seed)
+# The demo's sets (tools/make_demo.sh, and train.py / tools.train_ae / tools.eval when no --data is given):
+# (scenes, seed)
 TRAIN_SET, TEST_SET = (512, 0), (64, 1)
 SET_SIZE = 128
 
@@ -212,7 +213,7 @@ def ensure_set(out, scenes_seed: tuple[int, int], progress: bool = False) -> Pat
     out = Path(out)
     if not out.is_dir():
         count, seed = scenes_seed
-        print(f"generating the synthetic set {out} ({count} scenes, seed {seed}; python synth.py)")
+        print(f"generating the synthetic set {out} ({count} scenes, seed {seed}; python -m tools.synth)")
         write_synth(out, count=count, size=SET_SIZE, seed=seed, progress=progress)
     return out
 
@@ -243,7 +244,7 @@ def write_example(out, seed, size=128):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.synth", description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("out", help="output folder")
     parser.add_argument("--count", type=int, default=200, help="number of scenes (ignored with --example)")
     parser.add_argument("--size", type=int, default=128, help="side in pixels, a multiple of 16")

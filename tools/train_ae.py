@@ -1,8 +1,8 @@
 """
 Train the tiny demo's own autoencoder: the analog of FLUX's pretrained ae.safetensors for the CPU demo.
 
-    python train_ae.py --data data/synth --steps 3000 --batch-size 12 --crop 32 --out weights/demo
-    python train_ae.py --data data/synth --steps 400 --batch-size 4 --crop 0 --lr 3e-4 --warmup-steps 20 \
+    python -m tools.train_ae --data data/synth --steps 3000 --batch-size 12 --crop 32 --out weights/demo
+    python -m tools.train_ae --data data/synth --steps 400 --batch-size 4 --crop 0 --lr 3e-4 --warmup-steps 20 \
         --init weights/demo/ae.safetensors --out weights/demo          # continue on whole images
 
 One step, on a batch of the three kinds of image the transformer will see (visible, semantic, infrared as 3
@@ -25,17 +25,17 @@ import torch
 import torch.nn.functional as F
 
 import data
-from pipeline import ROOT, Stopper, command, resolve_device
-from run_state import changed_settings, claim, load_state, resume_command, save_state
-from tools.synth import TRAIN_SET, ensure_set
+from checkpoint import changed_settings, claim, command, load_state, resume_command, save_state
+from pipeline import ROOT, Stopper, resolve_device
 from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
+from tools.synth import TRAIN_SET, ensure_set
 
 RESUME_NAME = "ae_resume.pt"
 NOT_THE_RUN = ("resume", "overwrite", "progress", "device", "log_every", "out")  # a resumed run may change these
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m tools.train_ae", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default="", help="dataset folder (rgb/, sem/, ir/); default: the synthetic set")
     ap.add_argument("--size", type=int, default=0, help="resize + centre-crop to SxS; 0 keeps the files' size")
@@ -85,7 +85,7 @@ def run_args(a: argparse.Namespace) -> dict:
 
 
 def load_resume(path: Path, ae: AutoEncoder, opt, g: torch.Generator, a: argparse.Namespace) -> int:
-    """A stopped run's state (run_state.save_state) back into the autoencoder, the optimizer and the generator;
+    """A stopped run's state (checkpoint.save_state) back into the autoencoder, the optimizer and the generator;
     returns the step. Other flags than the stopped run's are refused."""
     state = load_state(path, list(ae.state_dict()))
     if changed := changed_settings(state["settings"], run_args(a), NOT_THE_RUN):
@@ -155,7 +155,7 @@ def run(a: argparse.Namespace) -> int:
             if stopper.signal is not None and step + 1 < a.steps:  # a signal during the last step: just finish
                 save_state(resume_path, step + 1, ae.state_dict(), opt, g, run_args(a))
                 print(f"\nstopped by signal {stopper.signal} at step {step + 1}; resume with "
-                      f"`{resume_command('train_ae.py')}`")
+                      f"`{resume_command('-m tools.train_ae')}`")
                 return 128 + stopper.signal
         bar.close()
         finish(ae, images, a, device)  # a signal from here on waits: the remaining work is short

@@ -1,14 +1,17 @@
 """checkpoint.py: truncated/corrupt files are refused by name, strict loading lists every bad key, writes are
 atomic, and a fuzz test over the safetensors header/metadata parser finds no crash other than CheckpointError.
-Then every form of the FLUX transformer checkpoint users have (flux_loading.load_flux), each built in its exact
-layout from one set of random weights and loaded to the same model as the official file: prefixes, ComfyUI's
-all-in-one checkpoint, scaled fp8 (both ComfyUI forms), diffusers' sharded folder, its index, a snapshot, one file."""
+BFL's own FLUX file loads from the core alone, with hints that name the real problem (the other forms of the
+checkpoint: tests/extras/test_checkpoint_forms.py). A run folder is claimed by one live process, an earlier run's
+files are never touched without --resume or --overwrite, settings changes are named, the resume command is the one
+that was used, and the log keeps no line past the state a run continues from. Bad input is one line and exit 2."""
 
 import json
 import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +23,8 @@ import checkpoint
 from checkpoint import (CheckpointError, check_keys, read_header, read_metadata, read_safetensors, load_strict,
                         save_atomic, save_torch_atomic, load_torch_state, strip_prefix, read_sharded, header_keys,
                         split_prefix)
+from conftest import small_flux_params
+from flux_model import Flux
 
 
 def valid_file(tmp_path, name="a.safetensors"):
@@ -283,237 +288,132 @@ def test_fuzz_mutated_valid_files(tmp_path, data):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Every form of the FLUX transformer checkpoint (flux_loading.load_flux)
+# BFL's own FLUX file, from the core alone
 
-from tools import bench  # noqa: E402
-from extras import checkpoint_forms as flux_loading  # noqa: E402
-from extras import fp8  # noqa: E402
-from conftest import kontext_batch, small_flux_params  # noqa: E402
-from extras.checkpoint_forms import detect_preset, load_flux  # noqa: E402
-from flux_model import PRESETS, Flux  # noqa: E402
-from extras.fp8 import quantize  # noqa: E402
-
-FLUX = small_flux_params()  # hidden 64, 2 double + 2 single blocks, guidance (a dev-like model)
+def random_flux_file(path, params, seed=0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    sd = {k: v + 0.01 * torch.randn_like(v) for k, v in Flux(params).state_dict().items()}  # no zero tensor
+    save_file(sd, str(path))
+    return sd
 
 
-def flux_weights(params=FLUX, seed=0) -> dict[str, torch.Tensor]:
-    return bench.random_weights(params, seed)
+def test_the_official_file_loads_from_the_core_alone(tmp_path):
+    params = small_flux_params()
+    sd = random_flux_file(tmp_path / "flux1-dev.safetensors", params)
+    model = checkpoint.load_flux_official(tmp_path / "flux1-dev.safetensors", params, dtype=torch.float32)
+    got = model.state_dict()
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert not any(t.is_meta for t in got.values())
+    half = checkpoint.load_flux_official(tmp_path / "flux1-dev.safetensors", params)  # bf16 by default
+    assert all(t.dtype == torch.bfloat16 for t in half.state_dict().values())
+    assert checkpoint.flux_preset(header_keys(tmp_path / "flux1-dev.safetensors"), "f") == "dev"
+    with pytest.raises(ValueError, match="unknown preset 'deev'"):
+        checkpoint.load_flux_official(tmp_path / "flux1-dev.safetensors", "deev")
 
 
-def linear_names(params=FLUX) -> set[str]:
-    with torch.device("meta"):
-        return {n for n, m in Flux(params).named_modules() if isinstance(m, nn.Linear)}
+def test_the_official_loader_names_the_real_problem(tmp_path):
+    schnell = tmp_path / "flux1-schnell.safetensors"
+    random_flux_file(schnell, small_flux_params(guidance=False))
+    assert checkpoint.flux_preset(header_keys(schnell), schnell) == "schnell"
+    with pytest.raises(CheckpointError, match="(?s)guidance_in.in_layer.weight.*--preset schnell"):
+        checkpoint.load_flux_official(schnell, small_flux_params(), dtype=torch.float32)
+    dev = tmp_path / "flux1-dev.safetensors"
+    random_flux_file(dev, small_flux_params())
+    with pytest.raises(CheckpointError, match="--preset dev or kontext"):
+        checkpoint.load_flux_official(dev, small_flux_params(guidance=False), dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="(?s)mis-shaped.*hidden size is 64, the preset's 96"):
+        checkpoint.load_flux_official(dev, small_flux_params(hidden=96, heads=4, axes=(8, 8, 8)))
+    save_file({"decoder.conv_out.bias": torch.ones(3)}, str(tmp_path / "ae.safetensors"))
+    with pytest.raises(CheckpointError, match="an autoencoder"):
+        checkpoint.load_flux_official(tmp_path / "ae.safetensors", small_flux_params())
+    with pytest.raises(CheckpointError, match="not a FLUX transformer"):
+        checkpoint.flux_preset(header_keys(tmp_path / "ae.safetensors"), tmp_path / "ae.safetensors")
 
 
-def velocity(model, params=FLUX) -> torch.Tensor:
-    x = kontext_batch(params)
-    x.pop("semantic")
-    with torch.no_grad():
-        return model(**x)
+# ---------------------------------------------------------------------------------------------------------------
+# A train.py output's run config; one-line errors
 
-
-def assert_same_model(model, reference):
-    """The same tensors under the same official names, and so the same output."""
-    a, b = model.state_dict(), reference.state_dict()
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    assert torch.equal(velocity(model), velocity(reference))
-
-
-@pytest.fixture
-def official(tmp_path):
-    """(weights, the model loaded from the official single file, fp32)."""
-    sd = flux_weights()
-    save_file(sd, str(tmp_path / "official.safetensors"))
-    return sd, load_flux(tmp_path / "official.safetensors", FLUX, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("vae,text", [("vae.", "text_encoders."), ("first_stage_model.", "cond_stage_model.")])
-def test_a_comfy_all_in_one_checkpoint_loads_its_transformer_and_says_what_it_left_out(tmp_path, official, capsys,
-                                                                                        vae, text):
-    sd, reference = official
-    g = torch.Generator().manual_seed(3)
-    others = {f"{vae}decoder.conv_out.weight": torch.randn(3, 4, 3, 3, generator=g),
-              f"{vae}decoder.conv_out.bias": torch.randn(3, generator=g),
-              f"{text}clip_l.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g)}
-    path = tmp_path / "flux1-dev-fp16-all-in-one.safetensors"
-    save_file({**{"model.diffusion_model." + k: v for k, v in sd.items()}, **others}, str(path))
-    capsys.readouterr()
-    assert_same_model(load_flux(path, FLUX, dtype=torch.float32), reference)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and "all-in-one" in lines[0]
-    assert f"{len(sd)} tensors under model.diffusion_model." in lines[0]
-    assert f"{vae}* (2 tensors)" in lines[0] and f"{text}* (1 tensors)" in lines[0]
-    assert detect_preset(path) == "dev"
-    # strict still: a key outside the transformer prefix and outside the known parts is named
-    save_file({**{"model.diffusion_model." + k: v for k, v in sd.items()}, **others, "stray.weight": torch.ones(1)},
-              str(path))
-    with pytest.raises(CheckpointError, match="1 unexpected: stray.weight"):
-        load_flux(path, FLUX, dtype=torch.float32)
-
-
-def test_a_file_of_other_pipeline_parts_only_is_named(tmp_path):
-    save_file({"vae.decoder.conv_out.bias": torch.ones(3), "text_encoders.t5xxl.shared.weight": torch.ones(2, 2)},
-              str(tmp_path / "parts.safetensors"))
-    with pytest.raises(CheckpointError, match="other parts of a pipeline .*no transformer"):
-        load_flux(tmp_path / "parts.safetensors", FLUX, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
-def test_prefixed_single_files_load(tmp_path, official, prefix):
-    sd, reference = official
-    save_file({prefix + k: v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
-    assert_same_model(load_flux(tmp_path / "prefixed.safetensors", FLUX, dtype=torch.float32), reference)
-
-
-def scaled_fp8_file(path, sd: dict, form: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    """`sd` written as ComfyUI writes scaled fp8, every Linear in fp8 (the outer ones too) with:
-      scale_weight   `.scale_weight` fp32 scalar + a calibrated `.scale_input` + the `scaled_fp8` marker (dtype
-                     float8_e4m3fn, shape [0]), biases fp8 unscaled, norm scales bf16: the layout of
-                     comfyanonymous/flux_dev_scaled_fp8_test
-      comfy_quant    `.weight_scale` fp32 scalar + `.comfy_quant` (the JSON bytes) + `.input_scale` 1.0
-      rowwise        `.weight_scale` [out, 1] + `.comfy_quant` "float8_e4m3fn_rowwise"
-    Returns the official-layout dict those tensors stand for (fp8 * scale, the rest upcast), in fp32."""
-    out, meant = {}, {}
-    linears = linear_names()
-    quant = {"comfy_quant": "float8_e4m3fn", "rowwise": "float8_e4m3fn_rowwise"}.get(form)
-    for k, v in sd.items():
-        layer, _, kind = k.rpartition(".")
-        if layer in linears and kind == "weight":
-            q, s = quantize(v, "row" if form == "rowwise" else "tensor")
-            out[k], meant[k] = q, q.float() * (s[:, None] if s.ndim else s)
-            if form == "scale_weight":
-                out[f"{layer}.scale_weight"], out[f"{layer}.scale_input"] = s, torch.tensor(0.37)
-            else:
-                out[f"{layer}.weight_scale"] = s[:, None] if s.ndim else s
-                out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": quant}).encode()),
-                                                           dtype=torch.uint8)
-                if form == "comfy_quant":
-                    out[f"{layer}.input_scale"] = torch.tensor(1.0)
-        elif layer in linears:  # a bias: fp8, no scale
-            out[k] = v.to(torch.float8_e4m3fn)
-            meant[k] = out[k].float()
-        else:
-            out[k] = v.to(torch.bfloat16)
-            meant[k] = out[k].float()
-    if form == "scale_weight":
-        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    save_file({prefix + k: v for k, v in out.items()}, str(path))
-    return meant
-
-
-@pytest.mark.parametrize("form", ["scale_weight", "comfy_quant", "rowwise"])
-def test_comfy_scaled_fp8_loads_with_its_scales_applied(tmp_path, capsys, form):
-    """weight = fp8 weight * scale, upcast (base_dtype None) or kept in fp8 (base_dtype fp8): both equal the
-    official file of the weights it stands for. The input scales are ignored, and the info line says so."""
-    meant = scaled_fp8_file(tmp_path / "scaled.safetensors", flux_weights(), form,
-                            prefix="model.diffusion_model." if form == "scale_weight" else "")
-    save_file(meant, str(tmp_path / "meant.safetensors"))
-    reference = load_flux(tmp_path / "meant.safetensors", FLUX, dtype=torch.float32)
-    capsys.readouterr()
-    assert_same_model(load_flux(tmp_path / "scaled.safetensors", FLUX, dtype=torch.float32), reference)
-    line = capsys.readouterr().out
-    assert ("ComfyUI scaled fp8" if form == "scale_weight" else "comfy_quant") in line
-    assert ("input scales ignored" in line) == (form != "rowwise")
-    kept = load_flux(tmp_path / "scaled.safetensors", FLUX, dtype=torch.float32, base_dtype="fp8")
-    qkv = kept.double_blocks[0].img_attn.qkv
-    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == ((192,) if form == "rowwise" else ())
-    # the stored weights stand exactly for the reference's; the outputs agree to float rounding (a GEMM over a
-    # freshly upcast weight may take another blocking than over a loaded one when threads split it)
-    assert torch.equal(fp8.dequantize(qkv.weight, qkv.weight_scale, torch.float32),
-                       reference.double_blocks[0].img_attn.qkv.weight)
-    torch.testing.assert_close(velocity(kept), velocity(reference), rtol=1e-6, atol=1e-6)
-    assert detect_preset(tmp_path / "scaled.safetensors") == "dev"
-
-
-def test_quantized_files_this_loader_cannot_read_are_refused_naming_the_problem(tmp_path):
-    sd = flux_weights()
-    path = tmp_path / "q.safetensors"
-    meant = scaled_fp8_file(path, sd, "comfy_quant")
-    base = dict(read_safetensors(path))
-
-    def refused(changes: dict, match: str):
-        save_file({**base, **changes}, str(path))
+def test_run_config_is_read_from_the_metadata_or_refused_in_one_line(tmp_path):
+    save_atomic({"x": torch.zeros(1)}, tmp_path / "a.safetensors", {"config": json.dumps({"scheme": "xattn"})})
+    assert checkpoint.run_config(tmp_path / "a.safetensors") == {"scheme": "xattn"}
+    for meta, match in (({}, "no 'config' metadata"), ({"config": "{"}, "corrupt config"),
+                        ({"config": "[1]"}, "a list, not a JSON object")):
+        save_atomic({"x": torch.zeros(1)}, tmp_path / "b.safetensors", meta)
         with pytest.raises(CheckpointError, match=match):
-            load_flux(path, FLUX, dtype=torch.float32)
-
-    nvfp4 = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
-    refused({"img_in.comfy_quant": nvfp4}, r"stored as nvfp4 \(e\.g\. img_in\)")
-    refused({"img_in.weight_scale": torch.ones(64, 4)}, "only per-tensor and per-row scales")  # block-wise [out, in/16]
-    refused({"img_in.weight": meant["img_in.weight"].bfloat16()}, "a scale belongs to an fp8 weight")
-    refused({"double_blocks.0.img_attn.qkv.weight_scale_2": torch.ones(())},
-            "(?s)1 unexpected: double_blocks.0.img_attn.qkv.weight_scale_2.*quantization tensors of a format")
-    refused({"img_in.input_scale": torch.ones(3)}, "an input scale is one number")
+            checkpoint.run_config(tmp_path / "b.safetensors")
 
 
-def test_key_hints_never_suggest_the_preset_already_chosen():
-    """The hint said "use --preset dev" while loading as dev (a scaled file's guidance_in.*.scale_weight keys looked
-    like guidance_in). Over every official preset's keys loaded as every preset, with and without stray
-    quantization keys on guidance_in: a hint never names the chosen preset, and the guidance hints point the right
-    way."""
-    def keys(name):
-        with torch.device("meta"):
-            return {k: tuple(v.shape) for k, v in Flux(PRESETS[name]).state_dict().items()}
-    stray = {"guidance_in.in_layer.weight_scale_2": (), "guidance_in.in_layer.scale_weight": ()}
-    for chosen in ("dev", "schnell", "kontext"):
-        model = keys(chosen)
-        for file_preset in ("dev", "schnell", "kontext"):
-            for extra in ({}, stray):
-                found = {**keys(file_preset), **extra}
-                missing, unexpected = set(model) - set(found), set(found) - set(model)
-                hint = flux_loading._flux_hint(PRESETS[chosen])(missing, unexpected, [])
-                assert f"--preset {chosen}" not in hint, (chosen, file_preset, extra, hint)
-                if not extra and PRESETS[file_preset].guidance_embed != PRESETS[chosen].guidance_embed:
-                    assert ("--preset schnell" if file_preset == "schnell" else "--preset dev or kontext") in hint
-                    assert chosen in hint  # names the preset it compared with
-                if extra:
-                    assert "quantization tensors" in hint
+def test_command_turns_bad_input_into_one_line_and_exit_status_2(capsys):
+    def main(argv):
+        if argv == "value":
+            raise ValueError("bad flag")
+        if argv == "checkpoint":
+            raise CheckpointError("x.safetensors: truncated")
+        if argv == "os":
+            raise PermissionError(13, "Permission denied", "out")
+        if argv == "bug":
+            raise KeyError("a bug is not bad input")
+        return 3 if argv == "three" else None
+    run = checkpoint.command(main)
+    assert run.__name__ == "main" and run(None) == 0 and run("three") == 3
+    for argv, text in (("value", "bad flag"), ("checkpoint", "truncated"), ("os", "Permission denied")):
+        capsys.readouterr()
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and text in err and err.count("\n") == 1
+    with pytest.raises(KeyError):
+        run("bug")
 
 
-def diffusers_snapshot(tmp_path, sd, params=FLUX, shard: str | None = "100KB"):
-    """What a Hugging Face snapshot of FLUX.1-Kontext-dev holds under transformer/ (config.json, the shards and their
-    index), written by diffusers' own save_pretrained from our weights through diffusers' own converter."""
-    folder = tmp_path / "snapshot" / "transformer"
-    model = bench.build_diffusers(params, sd)
-    model.save_pretrained(folder, max_shard_size=shard) if shard else model.save_pretrained(folder)
-    return folder
+# ---------------------------------------------------------------------------------------------------------------
+# A run's output folder
+
+def test_claim_refuses_earlier_files_and_live_owners_and_overwrite_removes_them(tmp_path):
+    out = tmp_path / "run"
+    lock = checkpoint.claim(out, ("state.pt", "final.bin"), "final.bin", resume=False, overwrite=False)
+    assert lock.read_text().strip() == str(os.getpid())
+    (out / "state.pt").write_text("x")
+    with pytest.raises(ValueError, match="holds a stopped run.*--resume.*--overwrite"):
+        checkpoint.claim(out, ("state.pt", "final.bin"), "final.bin", resume=False, overwrite=False)
+    (out / "final.bin").write_text("y")
+    with pytest.raises(ValueError, match="holds a finished run"):
+        checkpoint.claim(out, ("state.pt", "final.bin"), "final.bin", resume=False, overwrite=False)
+    with pytest.raises(ValueError, match="contradict"):
+        checkpoint.claim(out, ("state.pt",), "final.bin", resume=True, overwrite=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{other.pid}\n")
+        with pytest.raises(ValueError, match=f"another run \\(pid {other.pid}\\)"):
+            checkpoint.claim(out, ("state.pt",), "final.bin", resume=True, overwrite=False)
+    finally:
+        other.kill()
+        other.wait()
+    checkpoint.claim(out, ("state.pt", "final.bin"), "final.bin", resume=False, overwrite=True)  # a dead owner
+    assert not (out / "state.pt").exists() and not (out / "final.bin").exists()
 
 
-@pytest.mark.parametrize("given", ["folder", "index", "snapshot", "one-file"])
-def test_a_diffusers_transformer_loads_converted_to_the_official_names(tmp_path, official, capsys, given):
-    sd, reference = official
-    folder = diffusers_snapshot(tmp_path, sd, shard=None if given == "one-file" else "100KB")
-    shards = sorted(folder.glob("*.safetensors"))
-    assert (len(shards) == 1) == (given == "one-file")
-    path = {"folder": folder, "index": folder / "diffusion_pytorch_model.safetensors.index.json",
-            "snapshot": folder.parent, "one-file": folder / "diffusion_pytorch_model.safetensors"}[given]
-    capsys.readouterr()
-    assert_same_model(load_flux(path, FLUX, dtype=torch.float32), reference)
-    assert "diffusers-format FluxTransformer2DModel" in capsys.readouterr().out
-    assert detect_preset(path) == "dev"
-    kept = load_flux(path, FLUX, dtype=torch.float32, base_dtype="fp8")  # bf16 / fp32 shards quantized at load
-    assert kept.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+def test_state_round_trip_and_changed_settings(tmp_path):
+    w = {"a": torch.randn(3)}
+    opt = torch.optim.AdamW([torch.nn.Parameter(w["a"].clone())])
+    g = torch.Generator().manual_seed(3)
+    checkpoint.save_state(tmp_path / "s.pt", 7, w, opt, g, {"lr": 1e-3, "steps": 10}, t_bins=[[0.0, 0]])
+    state = checkpoint.load_state(tmp_path / "s.pt", ["a"], extra=("t_bins",))
+    assert state["step"] == 7 and torch.equal(state["weights"]["a"], w["a"]) and state["settings"]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="other trainable weights"):
+        checkpoint.load_state(tmp_path / "s.pt", ["b"])
+    assert checkpoint.changed_settings({"lr": 1e-3, "steps": 10}, {"lr": 2e-3, "steps": 20}, ("steps",)) == \
+        ["--lr 0.001 -> 0.002"]
 
 
-def test_a_diffusers_transformer_of_another_preset_is_named_in_its_own_key_names(tmp_path):
-    sd = flux_weights(small_flux_params(guidance=False))
-    folder = diffusers_snapshot(tmp_path, sd, small_flux_params(guidance=False))
-    with pytest.raises(CheckpointError) as e:
-        load_flux(folder, FLUX, dtype=torch.float32)
-    msg = str(e.value)
-    assert "diffusers-format" in msg and "time_text_embed.guidance_embedder.linear_1.weight" in msg
-    assert "--preset schnell" in msg
-    assert detect_preset(folder) == "schnell"
+def test_the_resume_command_is_the_one_used(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--stage", "joint", "--resume"])
+    assert checkpoint.resume_command("train.py", 1) == "python train.py --stage joint --resume"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert checkpoint.resume_command("train.py", 4) == "torchrun --nproc_per_node 4 train.py --stage joint --resume"
 
 
-def test_a_snapshot_folder_of_several_files_names_the_file_to_give(tmp_path, official):
-    sd, _ = official
-    folder = diffusers_snapshot(tmp_path, sd)
-    root = folder.parent
-    save_file(sd, str(root / "flux1-kontext-dev.safetensors"))
-    save_file({"decoder.conv_out.bias": torch.ones(3)}, str(root / "ae.safetensors"))
-    with pytest.raises(CheckpointError, match=r"2 safetensors files \(ae.safetensors, flux1-kontext-dev.safetensors\)"
-                                              r".*the transformer's own file or its transformer/ folder"):
-        load_flux(root, FLUX, dtype=torch.float32)
-    load_flux(root / "flux1-kontext-dev.safetensors", FLUX, dtype=torch.float32)
+def test_trim_log_drops_lines_past_the_state(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
+    checkpoint.trim_log(log, 2)
+    assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == [1, 2]

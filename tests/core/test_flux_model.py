@@ -1,7 +1,6 @@
 """The transformer: parity with diffusers' FluxTransformer2DModel on the same checkpoint, official sizes and keys,
 packing/ids helpers, clear errors for wrong checkpoints, and the model's options, each checked for correctness on
-the CPU: the fast forms beside the plain formulas, gradient checkpointing, bf16, torch.compile, fused QKV and
-scaled-dot-product attention."""
+the CPU: gradient checkpointing, bf16, torch.compile, fused QKV and scaled-dot-product attention."""
 
 import math
 import subprocess
@@ -31,7 +30,7 @@ rel = bench.max_rel_diff  # max |a - b| / max |b|
 
 def with_semantic_module(model: Flux):
     """Scheme B attached with its strengths at 0.5: it acts, so its gradients and outputs are not trivially equal."""
-    sem_mod = attach(model, SemanticConfig(scheme="xattn"))
+    sem_mod = attach(model, SemanticConfig())
     with torch.no_grad():
         for p in sem_mod.strength_parameters():
             p.fill_(0.5)
@@ -181,114 +180,10 @@ def test_forward_rejects_missing_guidance_and_bad_ids(small_params):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fast forms beside the plain formulas (flux_model.FAST)
-
-
-def test_fast_forms_are_the_default_and_agree_with_the_plain_formulas(monkeypatch, small_params, kontext_inputs):
-    """The whole model, scheme B attached: FAST (the default) and the plain formulas give the same output and the
-    same gradients of every parameter, up to rounding."""
-    assert flux_model.FAST is True
-    torch.manual_seed(0)
-    params = small_params()
-    model = Flux(params)
-    with_semantic_module(model)
-    x = kontext_inputs(params)
-    with torch.no_grad():
-        fast = model(**x)
-    fast_grads = grads_of(model, x)
-    monkeypatch.setattr(flux_model, "FAST", False)
-    with torch.no_grad():
-        plain = model(**x)
-    plain_grads = grads_of(model, x)
-    assert rel(fast, plain) < 5e-6
-    assert fast_grads.keys() == plain_grads.keys() and any(n.startswith("semantic.") for n in fast_grads)
-    for n in fast_grads:
-        assert rel(fast_grads[n], plain_grads[n]) < 5e-6, n
-
-
-def test_fused_multiply_adds_are_the_plain_formulas(monkeypatch):
-    """modulate's and gated_residual's addcmul (FAST) are (1 + scale) * norm(x) + shift and x + gate * f(x)."""
-    torch.manual_seed(0)
-    x, fx = torch.randn(2, 7, 16, requires_grad=True), torch.randn(2, 7, 16, requires_grad=True)
-    mod = flux_model.ModulationOut(*(torch.randn(2, 1, 16, requires_grad=True) for _ in range(3)))
-    norm = nn.LayerNorm(16, elementwise_affine=False, eps=1e-6)
-    leaves, g = (x, fx, mod.shift, mod.scale, mod.gate), torch.randn(2, 7, 16)
-
-    def run():
-        out = flux_model.gated_residual(x, mod.gate, flux_model.modulate(x, norm, mod) * fx)
-        return out, *torch.autograd.grad(out, leaves, g)
-
-    fast = run()
-    monkeypatch.setattr(flux_model, "FAST", False)
-    for a, b in zip(fast, run()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-
-
-def test_rmsnorm_handwritten_backward_is_exact_and_keeps_only_its_input(monkeypatch):
-    """RMSNorm's fast form (a backward that recomputes the normalised x instead of keeping it) must give autograd's
-    gradients: gradcheck in float64, and the plain formula's autograd (FAST off) in fp32 and from bf16; and it must
-    keep only x (by storage) and the [..., 1] statistics, where the plain formula keeps a second x-sized tensor."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
-    scale = (1 + 0.2 * torch.randn(8, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(flux_model.RMSNormKeepingInput.apply, (x, scale))
-
-    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
-        x = torch.randn(2, 3, 5, 8).to(dtype).requires_grad_()
-        norm = flux_model.RMSNorm(8).to(dtype)
-        with torch.no_grad():
-            norm.scale.copy_(1 + 0.2 * torch.randn(8))
-        g = torch.randn(2, 3, 5, 8).to(dtype)
-        results = []
-        for fast in (True, False):
-            monkeypatch.setattr(flux_model, "FAST", fast)
-            out = norm(x)
-            results.append((out, torch.autograd.grad(out, (x, norm.scale), g)))
-        (ours, ours_g), (ref, ref_g) = results
-        assert ours.dtype == ref.dtype == dtype and torch.equal(ours, ref)  # the forwards are the same operations
-        for a, b in zip(ours_g, ref_g):
-            assert rel(a, b) < tol, dtype
-
-    def big_saved(fast: bool) -> set:
-        monkeypatch.setattr(flux_model, "FAST", fast)
-        kept = []
-        x = torch.randn(4, 16, 64, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-            flux_model.RMSNorm(64)(x)
-        return {t.untyped_storage().data_ptr() for t in kept if t.numel() == x.numel()} - {
-            x.untyped_storage().data_ptr()}
-
-    assert big_saved(fast=True) == set(), "the normalised x is kept as well as x"
-    assert len(big_saved(fast=False)) == 1  # what the fast form saves
-
-
-def test_rope_compile_branch_is_the_same_rotation(monkeypatch):
-    """Under torch.compile (and with FAST off) apply_rope takes the 2x2-matrix form (Inductor has no complex
-    numbers); eager takes the complex product. They must agree, forward and backward, in fp32 and from bf16."""
-    pe = EmbedND(32, 10_000, [8, 12, 12])(kontext_ids(2, 3, 5))
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(2, 3, 30, 32).to(dtype).requires_grad_()
-        g = torch.randn(2, 3, 30, 32).to(dtype)
-        eager = apply_rope(x, pe)
-        eager_grad = torch.autograd.grad(eager, x, g)[0]
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        matrix = apply_rope(x, pe)
-        matrix_grad = torch.autograd.grad(matrix, x, g)[0]
-        monkeypatch.undo()
-        assert eager.dtype == matrix.dtype == dtype
-        tol = 1e-6 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(eager.float(), matrix.float(), atol=tol, rtol=0)
-        torch.testing.assert_close(eager_grad.float(), matrix_grad.float(), atol=tol, rtol=0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Options that matter on a GPU, checked on the CPU
 
 
-SEMANTIC_FORMS = {"base": None, "with-semantic-module": SemanticConfig(scheme="xattn"),
-                  "decoupled": SemanticConfig(attention="decoupled", token_dim=32),
-                  "decoupled-shared": SemanticConfig(attention="decoupled", token_dim=32, shared_kv=True),
-                  "adapter": SemanticConfig(scheme="adapter"), "zeroconv": SemanticConfig(scheme="zeroconv")}
+SEMANTIC_FORMS = {"base": None, "scheme-b": SemanticConfig(token_dim=32)}  # extras' forms: tests/extras
 
 
 def acting_semantic(model: Flux, config: SemanticConfig):
@@ -297,12 +192,10 @@ def acting_semantic(model: Flux, config: SemanticConfig):
     return bench.acting(attach(model, config))
 
 
-@pytest.mark.parametrize("cache", [False, True], ids=["kontext", "condition-cache"])
 @pytest.mark.parametrize("form", list(SEMANTIC_FORMS))
-def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, form, cache):
+def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, form):
     """Checkpointing recomputes each block together with its semantic module (one unit): the gradients of every
-    parameter, the semantic module's included, equal the uncheckpointed ones; with the condition cache too, whose
-    condition pass trains through the cached keys and values."""
+    parameter, the semantic module's included, equal the uncheckpointed ones."""
     torch.manual_seed(0)
     semantic = SEMANTIC_FORMS[form] is not None
     params = small_params(guidance=semantic)
@@ -312,7 +205,6 @@ def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, for
         acting_semantic(model, SEMANTIC_FORMS[form])
     else:
         x.pop("semantic")
-    model.condition_cache = cache
     model.train()
     grads = []
     for ckpt in (False, True):
@@ -429,21 +321,12 @@ def test_sdpa_attention_matches_explicit_softmax_on_every_cpu_backend():
     ref = ref.transpose(1, 2).reshape(B, L, H * Dh)
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
         with sdpa_kernel(backend):
-            out = attention(q, k, v, pe)
+            out = attention(apply_rope(q, pe), apply_rope(k, pe), v)
         assert (out.double() - ref).norm() / ref.norm() < 1e-5, backend
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading: prefixes and clear errors
-
-def test_load_accepts_comfy_prefix(tmp_path, small_params):
-    params = small_params()
-    sd = bench.random_weights(params)
-    path = tmp_path / "prefixed.safetensors"
-    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(path))
-    model = load_flux(path, params, dtype=torch.float32)
-    assert torch.equal(model.img_in.weight, sd["img_in.weight"])
-
+# Loading: clear errors (the other checkpoint forms: tests/extras/test_checkpoint_forms.py)
 
 def test_schnell_file_loaded_as_dev_gets_a_hint(tmp_path, small_params):
     sd = bench.random_weights(small_params(guidance=False))
@@ -509,126 +392,9 @@ def test_checkpointing_keeps_no_semantic_activations_between_blocks(small_params
         for ckpt in (False, True):
             model = Flux(params).train()
             if attached:
-                attach(model, SemanticConfig(scheme="xattn"))
+                attach(model, SemanticConfig())
             model.gradient_checkpointing = ckpt
             sizes[attached, ckpt] = saved_bytes(model, attached)
     assert sizes[True, False] > sizes[False, False]  # uncheckpointed, the module keeps activations of its own
     module_inside = sizes[True, True] - sizes[False, True]
     assert module_inside < 0.1 * (sizes[True, False] - sizes[False, False]), sizes
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling: what does not change between steps computed once (exact reuse), and the condition cache
-
-
-def split_call(model: Flux, x: dict, timesteps: Tensor) -> Tensor:
-    """The sampler's form of a forward: Flux.fix on the condition (once per image), Flux.step on x_t."""
-    L = x["img"].shape[1] // 2
-    fixed = model.fix(x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"], semantic=x.get("semantic"),
-                      x_cond=x["img"][:, L:])
-    return model.step(x["img"][:, :L], timesteps, fixed)
-
-
-@pytest.mark.parametrize("cache", [False, True], ids=["kontext", "condition-cache"])
-@pytest.mark.parametrize("form", list(SEMANTIC_FORMS))
-def test_fix_once_then_step_equals_a_whole_forward_at_every_t(small_params, kontext_inputs, form, cache):
-    """One Flux.fix reused for several steps gives what a whole forward gives at each of them, on the x_t tokens
-    (its last block computing those only), for every semantic scheme and form, with the condition cache too."""
-    torch.manual_seed(0)
-    params = small_params()
-    model = Flux(params).eval()
-    x = kontext_inputs(params)
-    if SEMANTIC_FORMS[form] is None:
-        x.pop("semantic")
-    else:
-        acting_semantic(model, SEMANTIC_FORMS[form])
-    model.condition_cache = cache
-    L = x["img"].shape[1] // 2
-    with torch.no_grad():
-        fixed = model.fix(x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"], semantic=x.get("semantic"),
-                          x_cond=x["img"][:, L:])
-        assert (fixed.cond_kv is not None) == cache
-        for t in (0.9, 0.4, 0.0):
-            timesteps = torch.full((2,), t)
-            whole = model(**(x | {"timesteps": timesteps}))
-            assert whole.shape[1] == (L if cache else 2 * L)  # the condition cache: the x_t tokens' outputs only
-            torch.testing.assert_close(model.step(x["img"][:, :L], timesteps, fixed), whole[:, :L],
-                                       rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("form", ["with-semantic-module", "decoupled", "adapter", "zeroconv"])
-def test_semantic_keys_and_values_are_computed_once_per_image(small_params, kontext_inputs, form):
-    """Under one Flux.fix, every semantic projection (keys/values, the adapter's semantic self-attention, the zero
-    conv) runs once, however many steps follow; a new fix computes them again."""
-    params = small_params()
-    model = Flux(params).eval()
-    sem_mod = acting_semantic(model, SEMANTIC_FORMS[form])
-    x = kontext_inputs(params)
-    calls = {}
-    for name, m in sem_mod.named_modules():
-        if name.endswith(("to_kv", "zeroconv")):
-            m.register_forward_hook(lambda m, *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
-    L = x["img"].shape[1] // 2
-    with torch.no_grad():
-        fixed = model.fix(x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"], semantic=x["semantic"],
-                          x_cond=x["img"][:, L:])
-        for t in (0.9, 0.5, 0.1):
-            model.step(x["img"][:, :L], torch.full((2,), t), fixed)
-        assert calls and set(calls.values()) == {1}, calls
-        model(**x)  # a whole forward: a new context, computed again
-    assert set(calls.values()) == {2}
-
-
-def test_attend_with_cached_keys_is_joint_attention_with_the_condition_rows_masked():
-    """The condition cache's attention is Kontext's joint attention over [txt, x_t | x_cond] with one change: the
-    condition queries see only the condition keys. Written as that masked attention, the other rows are `attend`
-    with the cached keys, and the condition rows are the condition pass's self-attention."""
-    torch.manual_seed(0)
-    B, H, L, L_c, Dh = 2, 3, 7, 5, 8
-    q, k, v = (torch.randn(B, H, L + L_c, Dh) for _ in range(3))
-    mask = torch.ones(L + L_c, L + L_c, dtype=torch.bool)
-    mask[L:, :L] = False  # condition queries: condition keys only
-    joint = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L + L_c, H * Dh)
-    main = flux_model.attend(q[:, :, :L], k[:, :, :L], v[:, :, :L], cached=(k[:, :, L:], v[:, :, L:]))
-    cond = flux_model.attend(q[:, :, L:], k[:, :, L:], v[:, :, L:])
-    torch.testing.assert_close(torch.cat((main, cond), dim=1), joint, rtol=1e-5, atol=1e-6)
-
-
-def step_flops(fn) -> int:
-    with torch.no_grad():
-        return count_flops(fn)
-
-
-def test_condition_cache_does_half_the_work_of_a_kontext_step(small_params, kontext_inputs):
-    """Counted FLOPs of one denoising step at 8x8 tokens (+ 5 text tokens), scheme B attached: the Kontext step with
-    exact reuse saves the last block's work on the condition and text tokens; the condition cache runs the x_t and
-    text tokens only, about half; its condition pass costs less than one Kontext step, once per image."""
-    params = small_params()
-    model = Flux(params).eval()
-    acting_semantic(model, SemanticConfig(attention="decoupled", token_dim=32))
-    x = kontext_inputs(params, h=8, w=8)
-    L = x["img"].shape[1] // 2
-    args = (x["img_ids"], x["txt"], x["txt_ids"], x["y"], x["guidance"])
-    whole = step_flops(lambda: model(**x))
-    for cache in (False, True):
-        model.condition_cache = cache
-        with torch.no_grad():
-            fixed = model.fix(*args, semantic=x["semantic"], x_cond=x["img"][:, L:])
-        step = step_flops(lambda: model.step(x["img"][:, :L], x["timesteps"], fixed))
-        condition_pass = step_flops(lambda: model.fix(*args, semantic=x["semantic"], x_cond=x["img"][:, L:]))
-        if cache:
-            assert step < 0.56 * whole and condition_pass < 0.5 * whole, (step / whole, condition_pass / whole)
-        else:
-            assert 0.85 * whole < step < 0.97 * whole and condition_pass < 0.01 * whole, step / whole
-
-
-def test_condition_cache_needs_kontext_condition_tokens(small_params, kontext_inputs):
-    params = small_params()
-    model = Flux(params)
-    model.condition_cache = True
-    x = kontext_inputs(params)
-    x.pop("semantic")
-    x["img_ids"] = x["img_ids"].clone()
-    x["img_ids"][..., 0] = 0  # no token marked as a condition
-    with pytest.raises(ValueError, match="condition tokens last"):
-        model(**x)

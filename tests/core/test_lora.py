@@ -1,5 +1,6 @@
 """LoRA layer: identity at init, official keys kept, merge/unmerge, training touches only LoRA, and strict loading of
-a LoRA state dict. LoRA files (layouts, parity with diffusers' own loaders) are tests/test_lora_formats.py."""
+a LoRA state dict; a variant of the layer plugs in without lora.py knowing it. LoRA files (layouts, parity with
+diffusers' own loaders) are tests/extras/test_lora_formats.py, the LoRA over an fp8 base tests/extras/test_fp8.py."""
 
 import math
 
@@ -177,3 +178,51 @@ def test_strict_state_dict_loading_copies_exactly_and_refuses_merged_or_plain_mo
         load_lora_state_dict(model, lora_state_dict(src))
     with pytest.raises(ValueError, match="no LoRA layers"):
         load_lora_state_dict(base_model(), lora_state_dict(src))
+
+
+class ScaledLoRALinear(LoRALinear):
+    """A LoRA variant over ScaledLinear: its own base product, and it cannot merge."""
+    merge_refusal = "a gained base cannot take the update"
+
+    def base_forward(self, x):
+        return super().base_forward(x) * self.gain
+
+
+class ScaledLinear(nn.Linear):
+    """A base layer with a buffer of its own that names its LoRA variant (as extras.fp8.Fp8Linear does)."""
+    lora_class = ScaledLoRALinear
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("gain", torch.full((self.out_features,), 2.0))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+def test_a_variant_plugs_in_through_lora_class_base_forward_and_merge_refusal():
+    """from_linear builds the base's lora_class and carries its buffers; the variant's base product is used; merge_lora
+    refuses before any layer changes when one layer cannot merge, and merges a model of plain layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledLinear(8, 6), nn.Linear(6, 4))
+    x = torch.randn(3, 8)
+    before = model(x)
+    assert inject_lora(model, rank=2, targets=(r"\d",)) == ["0", "1"]
+    assert type(model[0]) is ScaledLoRALinear and type(model[1]) is LoRALinear
+    assert set(model[0].state_dict()) == {"weight", "bias", "gain", "lora_A.weight", "lora_B.weight"}
+    assert torch.equal(model(x), before)  # B = 0: the base, through the variant's own product
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"merge_lora: 1 LoRA layers \(e.g. 0\) cannot merge: a gained base"):
+        merge_lora(model)
+    assert not any(m.merged for m in lora_modules(model).values())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="a gained base"):
+        model[0].merge()
+    plain, h = nn.Sequential(model[1]), torch.randn(3, 6)
+    y = plain(h)
+    merge_lora(plain)
+    assert model[1].merged
+    torch.testing.assert_close(plain(h), y)

@@ -21,6 +21,23 @@ def test_trained_keys_are_semantic_and_lora_only():
     assert set(pipeline.SCHEMES) == {"xattn", "zeroconv", "adapter", "overlay", "none"}
 
 
+@pytest.mark.parametrize("semantic,form", [
+    ({"scheme": "xattn", "attention": "decoupled", "token_dim": 64}, "SemanticModule"),  # the default B: the core's
+    ({"scheme": "xattn"}, "SchemeModule"),  # a run config from before the decoupled form: the separate B (extras)
+    ({"scheme": "adapter", "attention": "separate", "token_dim": 0}, "SchemeModule")])
+def test_a_run_config_builds_its_semantic_module(env, semantic, form):
+    """build_model attaches the module the run config names (the default B from the core, another from
+    extras/schemes.py); sampling goes through the model itself unless the run used the condition cache."""
+    from sem_cross_attn import SemanticConfig
+    setup = pipeline.find_setup()
+    model = pipeline.build_model(setup, {"scheme": semantic["scheme"], "semantic": semantic}, "cpu", torch.float32)
+    assert type(model.semantic).__name__ == form
+    assert model.semantic.config == SemanticConfig.from_dict(semantic)
+    assert pipeline.build_model(setup, {"scheme": "overlay"}, "cpu", torch.float32).semantic is None
+    pipe = pipeline.load_pipeline(None, quiet=True)
+    assert not pipe.condition_cache and pipe.sampler() is pipe.model  # the cache: tests/extras/test_condition_cache
+
+
 def test_sampling_writes_the_right_size_whatever_the_batch(env):
     pipe = pipeline.load_pipeline(None, quiet=True)
     rgb = torch.zeros(2, 3, 48, 80)

@@ -1,7 +1,8 @@
-"""fp8.py: a frozen base stored in fp8 really holds 1 byte per Linear weight, computes exactly what its dequantized
-weights compute, stays within a measured error of the bf16 model, carries a LoRA that trains as over the dequantized
-base, round-trips its state dict bit for bit, and fp8 checkpoint files (Kijai / kohya plain fp8) load without being
-upcast. The ComfyUI scaled-fp8 files are in tests/test_checkpoint.py with the other checkpoint forms."""
+"""extras/fp8.py: a frozen base stored in fp8 really holds 1 byte per Linear weight, computes exactly what its
+dequantized weights compute, stays within a measured error of the bf16 model, carries a LoRA that trains as over the
+dequantized base, round-trips its state dict bit for bit, and fp8 checkpoint files (Kijai / kohya plain fp8) load
+without being upcast. The ComfyUI scaled-fp8 files are in tests/extras/test_checkpoint_forms.py with the other
+checkpoint forms."""
 
 import copy
 import math
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tools import bench
+from tools import bench, fp8_error
 from extras import fp8
 from checkpoint import save_atomic
 from conftest import kontext_batch, small_flux_params
@@ -109,8 +110,8 @@ def test_fp8_error_against_the_bf16_model_is_small_and_measured():
     Linear in fp8, 4.5% with the outer layers kept in bf16, against bf16's own 1.2% from fp32. A single Linear's is
     2.6% (e4m3's 3 mantissa bits); the random model amplifies it. The bound fails for a coarser rounding (e5m2's
     2 mantissa bits double the error) or a scale applied wrongly."""
-    full = fp8.measure_error(PRESETS["tiny"])
-    outer = fp8.measure_error(PRESETS["tiny"], skip=fp8.OUTER_LAYERS)
+    full = fp8_error.measure_error(PRESETS["tiny"])
+    outer = fp8_error.measure_error(PRESETS["tiny"], skip=fp8.OUTER_LAYERS)
     print(f"\nfp8 vs bf16 output, relative: {full['fp8_vs_bf16']:.2%} (every Linear), {outer['fp8_vs_bf16']:.2%} "
           f"(outer layers in bf16); bf16 vs fp32: {full['bf16_vs_fp32']:.2%}")
     assert full["fp8_vs_bf16"] < 0.10 and outer["fp8_vs_bf16"] < 0.06

@@ -1,6 +1,6 @@
-"""LoRA files: our layout round trip and strength, and parity with diffusers' own loaders (PEFT layout, kohya layout
-through diffusers' kohya converter, PEFT-trained files with a distinct A per q/k/v), the BFL <-> diffusers name
-table checked against diffusers' model, plus clear errors for foreign files."""
+"""extras/lora_formats.py: LoRA files: our layout round trip and strength, and parity with diffusers' own loaders (PEFT
+layout, kohya layout through diffusers' kohya converter, PEFT-trained files with a distinct A per q/k/v), the BFL <->
+diffusers name table checked against diffusers' model, plus clear errors for foreign files."""
 
 import inspect
 
@@ -14,7 +14,7 @@ from lora import DEFAULT_TARGETS, inject_lora, merge_lora, unmerge_lora, lora_mo
 from extras.lora_formats import diffusers_parts, save_lora, load_lora
 from checkpoint import CheckpointError, read_metadata, read_safetensors
 from flux_model import Flux
-from tests.test_lora import PARAMS, base_model, make_inputs, run, randomize_lora, base_weights
+from tests.core.test_lora import PARAMS, base_model, make_inputs, run, randomize_lora, base_weights
 
 
 def run_diffusers(ref, x) -> torch.Tensor:

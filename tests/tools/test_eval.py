@@ -1,4 +1,4 @@
-"""eval.py: one model scored end to end, and the ablation trains and scores every scheme it is given (scheme B's
+"""tools/eval.py: one model scored end to end, and the ablation trains and scores every scheme it is given (scheme B's
 cheaper options with their settings), refusing unknown names before any training."""
 
 import json
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import data
-from tools import eval as evaluation
 from checkpoint import read_metadata, read_safetensors, save_atomic
 from data import PairedDataset
 from flux_model import PRESETS
 from pipeline import generate, load_pipeline
+from tools import eval as evaluation
 
 
 def test_eval_two_pairs_end_to_end(run_train, env, tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_ablation_tiny_mode(env, tmp_path):
 
 def test_ablation_runs_scheme_b_options_with_their_settings(env, tmp_path, capsys):
     """--schemes xattn-double / xattn-half train scheme B with --sem-blocks double / half the width and heads, so
-    their quality can be set against what bench.py says they save; an unknown name is refused before training."""
+    their quality can be set against what tools.bench says they save; an unknown name is refused before training."""
     out = tmp_path / "abl-b"
     assert evaluation.main(ablation_args(env, out, "--schemes", "xattn-quarter")) == 2
     assert "unknown scheme" in capsys.readouterr().err

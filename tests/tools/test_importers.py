@@ -1,9 +1,8 @@
 """
-Tests for importers.py on fake MFNet / FMB folders: the pairs and class tables written, bit depth kept, every
+Tests for tools/importers.py on fake MFNet / FMB folders: the pairs and class tables written, bit depth kept, every
 refusal naming the file, and a failed import leaving nothing behind.
 """
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,26 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import data  # noqa: E402
-from tools import importers  # noqa: E402
-from data import DataError  # noqa: E402
-from test_data import make_root, save  # noqa: E402
+import data
+from data import DataError
+from tools import importers
+
+
+def save(arr_or_img, path, mode=None, **kw):
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img, mode)
+    img.save(path, **kw)
+    return Path(path)
+
+
+def make_root(root, names=("a",), hw=(32, 32)):
+    """A dataset folder of all-zero pairs."""
+    for d in data.FOLDERS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for n in names:
+        save(np.zeros((*hw, 3), np.uint8), root / "rgb" / f"{n}.png")
+        save(np.zeros(hw, np.uint8), root / "sem" / f"{n}.png")
+        save(np.zeros(hw, np.uint8), root / "ir" / f"{n}.png")
+    return root
 
 
 def fake_mfnet(src, names=("00001D", "00002N"), hw=(32, 48)):
@@ -131,7 +145,7 @@ def test_cli_imports_and_reports_errors_with_status_2(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MSRS, PST900 (labelled) and M3FD, LLVIP, FLIR aligned (RGB-IR pairs, labelled afterwards by labels.py), each on a
+# MSRS, PST900 (labelled) and M3FD, LLVIP, FLIR aligned (RGB-IR pairs, labelled afterwards by tools.labels), each on a
 # tiny fake folder in its release's layout
 
 def grey_as_rgb(rng, hw):
@@ -232,7 +246,7 @@ def test_rgb_ir_sets_write_rgb_and_ir_for_labels_py(tmp_path, capsys):
     fake_flir(tmp_path / "align")
     importers.main(["flir", str(tmp_path / "align"), str(tmp_path / "flir")])  # --split train: align_train.txt
     out = capsys.readouterr().out
-    assert f"python labels.py {tmp_path / 'flir'} {tmp_path / 'flir'} --model DIR" in out
+    assert f"python -m tools.labels {tmp_path / 'flir'} {tmp_path / 'flir'} --model DIR" in out
     assert sorted(p.name for p in (tmp_path / "flir" / "ir").iterdir()) == ["FLIR_00002.png", "FLIR_00005.png"]
     assert importers.import_flir(tmp_path / "align", tmp_path / "flir-test", split="test") == 1
     assert (tmp_path / "flir-test" / "rgb" / "FLIR_08863.png").is_file()

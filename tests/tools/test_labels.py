@@ -1,4 +1,4 @@
-"""labels.py on a tiny random SegFormer saved by transformers: the maps are the arg-max of the model's own upsampled
+"""tools/labels.py on a tiny random SegFormer saved by transformers: the maps are the arg-max of the model's own upsampled
 class scores mapped through the class table, at each image's size; the folder passes data.check; outputs are never
 replaced without --overwrite; a missing model or a missing transformers is one line. The shipped mappings cover
 their datasets' label sets."""
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from tools import labels
 from data import DataError
+from tools import labels
 
 # a few Cityscapes names, in another order than Cityscapes' train ids (so the mapping has to do something)
 ID2LABEL = {0: "road", 1: "sky", 2: "person", 3: "car", 4: "vegetation"}

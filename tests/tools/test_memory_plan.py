@@ -1,4 +1,4 @@
-"""memory_plan.py: the stage models' bytes come from their tensors, the op-by-op count of live bytes follows the
+"""tools/memory_plan.py: the stage models' bytes come from their tensors, the op-by-op count of live bytes follows the
 allocator, the plan of a small stage model is within 10% of the measured peak of its real training step on this CPU
 (torch.profiler's allocation events, not the resident set), and the tables, targets and command line."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from tools import measure
-from tools import memory_plan as mp
+from extras.schemes import parameter_count
 from flux_model import PRESETS
 from lora import DEFAULT_TARGETS
-from sem_cross_attn import parameter_count
+from tools import measure
+from tools import memory_plan as mp
 
 SMALL = mp.small_params(128, 2, 2, 2)
 DEV = PRESETS["dev"]
@@ -40,7 +40,7 @@ def test_stage_models_of_dev_are_counted_from_their_tensors():
         assert s["weights"] == 2 * base + 4 * s["trainable"]  # base bf16, semantic fp32
         assert s["grads"] == 4 * s["trainable"] and s["adamw"] == 2 * s["grads"]
     counts = {name: mp.state_bytes(m)["trainable"] for name, m in warm.items()}
-    assert 2.16e9 < counts[mp.DEFAULT_B] < 2.17e9 and 22.7e6 < counts[mp.LEAN_B] < 22.9e6
+    assert 2.16e9 < counts[mp.FULL_B] < 2.17e9 and 22.7e6 < counts[mp.LEAN_B] < 22.9e6
     assert 1.6e6 < counts["decoupled, shared K/V, 256-dim"] < 1.7e6
 
     # the fp8 base: every base Linear weight one byte with a float32 scale per output row, the rest bf16
@@ -62,7 +62,7 @@ def test_stage_models_of_dev_are_counted_from_their_tensors():
     fine = mp.state_bytes(mp.stage_model(DEV, "finetune", lean, "fp8"))
     assert fine["trainable"] == 57 and fine["weights"] == joint["weights"]  # one scale per block
     # FSDP2's largest unit: a double block (bf16 here: 2 bytes each) with its semantic module
-    assert mp.state_bytes(warm[mp.DEFAULT_B])["unit"] > 2 * sum(p.numel() for p in bf16.double_blocks[0].parameters())
+    assert mp.state_bytes(warm[mp.FULL_B])["unit"] > 2 * sum(p.numel() for p in bf16.double_blocks[0].parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_cuda_layer_norms_run_in_float32_under_autocast():
 # The plan against a real step
 
 
-@pytest.mark.parametrize("stage, b, base, ckpt", [("joint", mp.DEFAULT_B, "fp8", True),
+@pytest.mark.parametrize("stage, b, base, ckpt", [("joint", mp.FULL_B, "fp8", True),
                                                    ("warmup", mp.LEAN_B, "bf16", False)])
 def test_plan_of_a_small_stage_is_within_10_percent_of_its_measured_step(stage, b, base, ckpt):
     cfg = mp.b_configs(SMALL.hidden_size, SMALL.num_heads)[b]
@@ -131,7 +131,7 @@ def test_plan_of_a_small_stage_is_within_10_percent_of_its_measured_step(stage, 
 @pytest.fixture(scope="module")
 def small_plan():
     """dev_plan's rows for the small model (token grids of side 4 and 6 standing in for 512² and 1024²)."""
-    rows = mp.dev_plan([mp.DEFAULT_B, mp.LEAN_B], ("warmup", "joint"), mp.BASES, params=SMALL,
+    rows = mp.dev_plan([mp.FULL_B, mp.LEAN_B], ("warmup", "joint"), mp.BASES, params=SMALL,
                        resolutions={512: 4, 1024: 6}, progress=False)
     return {"model": "small", "rows": rows, "targets": mp.targets(rows)}
 
@@ -193,7 +193,7 @@ def test_cli_check_prints_the_comparison(monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# bench.py --stage-peaks: the same cases measured on a GPU
+# tools.bench --stage-peaks: the same cases measured on a GPU
 
 
 def test_bench_stage_peaks_refuses_without_cuda_in_one_line(capsys):
@@ -204,7 +204,7 @@ def test_bench_stage_peaks_refuses_without_cuda_in_one_line(capsys):
         bench.main(["--device", "cuda", "--stage-peaks"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bench.py --stage-peaks: no CUDA device here")
+    assert len(err) == 1 and err[0].startswith("tools.bench --stage-peaks: no CUDA device here")
 
 
 def test_bench_stage_peak_cases_are_built_on_the_meta_device():

@@ -1,13 +1,11 @@
 """
-Tests for metrics.py. scikit-image and scipy are the independent oracles (test-only dependencies):
+Tests for tools/metrics.py. scikit-image and scipy are the independent oracles (test-only dependencies):
 SSIM vs skimage.metrics.structural_similarity, connected components vs skimage.measure.label,
 FID vs the pytorch-fid formula with scipy.linalg.sqrtm. Rates are checked on scenes whose answer is known
 by construction.
 """
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,7 @@ from scipy import linalg
 from skimage.measure import label as sk_label
 from skimage.metrics import structural_similarity
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tools import metrics as M  # noqa: E402
+from tools import metrics as M
 
 
 def sk_ssim(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""protocol.py, ThermalGen's scores through torchmetrics: how its PSNR and SSIM relate to ours (pooled PSNR; the SSIM
+"""tools/protocol.py, ThermalGen's scores through torchmetrics: how its PSNR and SSIM relate to ours (pooled PSNR; the SSIM
 map averaged over the whole mirror-padded image, where ours leaves out a 5-px border), and LPIPS and FID run through
 the library's own code on small random networks equal a computation by hand. The real AlexNet / Inception weights
 (and a torchvision that loads with the CPU torch) cannot be had here; every missing piece is one line."""
@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools import metrics
-from tools import protocol
 from checkpoint import CheckpointError
+from tools import metrics, protocol
 
 tm = pytest.importorskip("torchmetrics", reason="torchmetrics is in requirements-test.txt")
 

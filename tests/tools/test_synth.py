@@ -1,5 +1,5 @@
 """
-Tests for synth.py: determinism (same seed, same bytes), the decoy property (RGB cannot tell a poster from a
+Tests for tools/synth.py: determinism (same seed, same bytes), the decoy property (RGB cannot tell a poster from a
 person or a parked car from a running one, the IR and the evaluation threshold can), valid scenes at full size,
 the committed examples, and the command line.
 """
@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import data  # noqa: E402
-from tools import metrics  # noqa: E402
-from tools import synth  # noqa: E402
+import data
+from tools import metrics, synth
 
 REPO = Path(__file__).resolve().parents[2]
 ID = {c.name: c.id for c in data.DEFAULT_CLASSES}
@@ -117,7 +115,7 @@ def test_full_size_scenes_are_valid_and_rendering_is_pure():
 
 def test_examples_are_reproducible_and_show_the_decoy(tmp_path):
     readme = (REPO / "examples" / "README.md").read_text()
-    cmd = re.search(r"python synth\.py examples --example --seed (\d+)", readme)
+    cmd = re.search(r"python -m tools\.synth examples --example --seed (\d+)", readme)
     assert cmd, "examples/README.md must give the command that remakes the examples"
     synth.main([str(tmp_path), "--example", "--seed", cmd.group(1)])
     for n in ("rgb.png", "sem.png", "ir.png"):
@@ -147,8 +145,8 @@ def test_cli_writes_what_write_synth_writes_and_refuses_bad_input(tmp_path, caps
 def test_killed_generation_leaves_no_set_and_the_rerun_writes_a_complete_one(tmp_path):
     """A first-run generation killed midway (as train.py does when data/synth is missing) must not look done."""
     out = tmp_path / "synth"
-    proc = subprocess.Popen([sys.executable, str(REPO / "synth.py"), str(out), "--count", "100000", "--size", "32"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "tools.synth", str(out), "--count", "100000", "--size", "32"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(3000):  # until a few scenes are on disk (a guard against hanging, not a timing check)
             if proc.poll() is not None or len(list(tmp_path.rglob("*.png"))) >= 6:

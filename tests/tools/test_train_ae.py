@@ -1,4 +1,4 @@
-"""train_ae.py: it writes a loadable autoencoder, keeps the Ctrl-C / SIGTERM promise (a resume state after the
+"""tools/train_ae.py: it writes a loadable autoencoder, keeps the Ctrl-C / SIGTERM promise (a resume state after the
 current step, and --resume continues bit for bit), and never silently loses or misuses a stopped run's state."""
 
 import os
@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import read_safetensors, save_state
 from tools import train_ae
-from run_state import save_state
-from checkpoint import read_safetensors
 from vae import load_ae
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,10 +33,10 @@ def test_sigterm_writes_ae_resume_state_and_resume_reproduces(env, tmp_path, cap
     full, killed = tmp_path / "full", tmp_path / "killed"
     steps = "200"
     assert train_ae.main(ae_args(env, full, "--steps", steps)) == 0
-    cmd = [sys.executable, str(ROOT / "train_ae.py"), *ae_args(env, killed, "--steps", steps)]
+    cmd = [sys.executable, "-m", "tools.train_ae", *ae_args(env, killed, "--steps", steps)]
     # same thread count as this process, so the float reductions (and so the weights) are bit-identical
-    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads()),
-                                                   "PYTHONUNBUFFERED": "1"},
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads()),
+                                                             "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     while not any("training the autoencoder" in line for line in seen):  # printed once the signal handler is in

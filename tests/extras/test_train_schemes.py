@@ -1,0 +1,44 @@
+"""train.py with the other schemes of the ablation (extras/schemes.py): scheme A (zeroconv) and C (adapter) warm up
+training only their semantic modules and start from their presets; the overlay baseline trains only LoRA."""
+
+import dataclasses
+import json
+
+import pytest
+
+import train
+from checkpoint import read_metadata, read_safetensors
+from pipeline import find_setup
+
+
+@pytest.mark.parametrize("scheme", ["zeroconv", "adapter"])
+def test_warmup_trains_only_semantic_modules(run_train, tmp_path, scheme):
+    out = tmp_path / "w"
+    assert run_train(out, "--stage", "warmup", "--scheme", scheme, "--steps", "3") == 0
+    sd = read_safetensors(out / "final.safetensors")
+    assert sd and all(k.startswith("semantic.") for k in sd)
+    cfg = json.loads(read_metadata(out / "final.safetensors")["config"])
+    assert cfg["scheme"] == scheme and cfg["base_preset"] == "tiny" and cfg["stage"] == "warmup"
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(len(r["loss_by_t"]) == 10 for r in log)
+
+
+@pytest.mark.parametrize("scheme", ["overlay"])
+def test_joint_baselines_train_only_lora(run_train, tmp_path, scheme):
+    out = tmp_path / scheme
+    assert run_train(out, "--stage", "joint", "--scheme", scheme, "--steps", "2", "--lora-rank", "2") == 0
+    sd = read_safetensors(out / "final.safetensors")
+    assert sd and all(".lora_" in k for k in sd)
+
+
+@pytest.mark.parametrize("scheme", ["zeroconv", "adapter"])
+def test_scheme_presets_fill_the_unset_semantic_flags(env, scheme):
+    """Schemes A and C start from extras.schemes.PRESETS (the separate attention on tokens of the hidden size); a
+    --sem-* flag given wins; the joint stage's condition dropout applies to them."""
+    from extras.schemes import PRESETS
+    setup = find_setup()
+    cfg = train.resolve(train.parse_args(["--stage", "joint", "--scheme", scheme]), setup)
+    assert (cfg.sem_attention, cfg.sem_token_dim, cfg.sem_drop) == ("separate", 0, 0.1)
+    assert train.semantic_config(cfg) == PRESETS[scheme]
+    cfg = train.resolve(train.parse_args(["--scheme", scheme, "--sem-blocks", "double"]), setup)
+    assert train.semantic_config(cfg) == dataclasses.replace(PRESETS[scheme], blocks="double")
