@@ -99,7 +99,7 @@ def stage_model(params: FluxParams, stage: str, sem_cfg: SemanticConfig, base: s
                 lora_rank: int = LORA_RANK) -> Flux:
     """The transformer of one training stage as train.py builds it, on the meta device (nothing allocated): the base
     frozen in bf16, or with its Linear weights in fp8 (float32 scale per row; biases and norms bf16); the semantic
-    module and (joint, finetune) LoRA in fp32; requires_grad as train.select_trainable sets it for the stage."""
+    module and (joint, finetune) LoRA in fp32; requires_grad as select_trainable sets it for the stage."""
     if base not in BASES:
         raise ValueError(f"base {base!r}: choose from {BASES}")
     with torch.device("meta"):
