@@ -1,8 +1,9 @@
 """
 Paired data for visible -> infrared generation: loading and checking (visible RGB, semantic map, infrared)
-triples. Public RGB-T sets are converted to this layout by importers.py, synthetic scenes come from synth.py.
+triples. Public RGB-T sets are converted to this layout by tools/importers.py, synthetic scenes come from
+tools/synth.py.
 
-Dataset layout (what PairedDataset reads, and what importers.py and synth.py write):
+Dataset layout (what PairedDataset reads, and what tools/importers.py and tools/synth.py write):
 
     root/rgb/<stem>.png    visible image
     root/sem/<stem>.png    semantic map: colours from the class palette, or an index image of label ids
@@ -94,7 +95,7 @@ def class_table(rows) -> tuple[SemClass, ...]:
     return tuple(SemClass(i, name, tuple(color), hot) for i, name, color, hot in rows)
 
 
-# Synthetic scenes (synth.py). poster / car_parked look exactly like person / car_running in RGB.
+# Synthetic scenes (tools/synth.py). poster / car_parked look exactly like person / car_running in RGB.
 DEFAULT_CLASSES = class_table([
     (0, "sky", (70, 130, 180), False),
     (1, "road", (128, 64, 128), False),
@@ -587,7 +588,7 @@ def check(root, size=None, progress=False, max_pixels=None) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Writing pairs (importers.py, synth.py)
+# Writing pairs (tools/importers.py, tools/synth.py)
 
 @contextmanager
 def building_layout(out):

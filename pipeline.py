@@ -14,6 +14,11 @@ What the commands run on: the base files, a model built from a run config, and I
 
 A train.py output carries its run config (scheme, semantic options, LoRA rank, base preset) in its safetensors
 metadata, so a model is rebuilt from the file alone.
+
+This is the one library module that picks extras (extras/), as a run config or a flag names them: the other
+schemes (extras.schemes.attach builds any scheme, the default B through the core's own), the condition cache
+(Pipeline.sampler), the base file's form and fp8 storage (extras.checkpoint_forms.load_flux). The other core modules
+import only the core.
 """
 
 import os
@@ -185,7 +190,8 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
                 base_dtype: str | None = None) -> Flux:
     """The base transformer in `dtype` + the modules the run config names (semantic scheme, then LoRA), before their
     weights load. `modules_dtype` (default `dtype`) is the new modules' dtype: training keeps them fp32.
-    `base_dtype` ("fp8" | "bf16" | "fp32", None: `dtype`): how the frozen base is stored (flux_loading.load_flux)."""
+    `base_dtype` ("fp8" | "bf16" | "fp32", None: `dtype`): how the frozen base is stored
+    (extras.checkpoint_forms.load_flux)."""
     scheme, rank = cfg.get("scheme", "none"), cfg.get("lora_rank") or 0
     if scheme not in SCHEMES or not isinstance(rank, int) or rank < 0:
         raise CheckpointError(f"run config with scheme {scheme!r} and LoRA rank {rank!r}: not a train.py config")
@@ -259,7 +265,8 @@ def default_ckpt(setup: Setup) -> Path | None:
 def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None, prompt: str = DEFAULT_PROMPT,
                   quiet: bool = False, base_dtype: str | None = None) -> Pipeline:
     """The base (+ the trained weights of `ckpt`, a train.py output), frozen, in eval mode, with its autoencoder.
-    base_dtype "fp8" keeps the base's linear weights in float8 (fp8.py); "bf16" / "fp32" set the model's dtype."""
+    base_dtype "fp8" keeps the base's linear weights in float8 (extras/fp8.py); "bf16" / "fp32" set the model's
+    dtype."""
     dtype = BASE_DTYPES.get(base_dtype) or dtype
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -300,9 +307,9 @@ def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
     return make_condition(x_cond, sem_in, text, H // 16, W // 16)
 
 
-# sampling-time semantic strength and guidance (sample.py, eval.py): the best point of the README's sweep on the demo
-# (highest PSNR with decoy hallucination <= 1.5%: strength 1.5, one pass; guidance 1.5 scores 0.08 dB more but
-# doubles the sampling time and hallucinates twice as many decoys)
+# sampling-time semantic strength and guidance (sample.py, tools/eval.py): the best point of the strength and guidance
+# sweeps on the demo (docs/sampling.md; highest PSNR with decoy hallucination <= 1.5%: strength 1.5, one pass;
+# guidance 1.5 scores 0.08 dB more but doubles the sampling time and hallucinates twice as many decoys)
 SEM_STRENGTH = 1.5
 SEM_GUIDANCE = 1.0
 

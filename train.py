@@ -809,6 +809,8 @@ def run(cfg: TrainConfig) -> int:
                                out / "samples" / f"step_{step:06d}.png", write=master)
             if master:
                 print(f"wrote {path}")
+        if world > 1:
+            dist.barrier()  # the ranks leave together: one that tears down while another still writes can abort
     finally:
         stopper.close()
         log.close()

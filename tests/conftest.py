@@ -86,3 +86,60 @@ def run_train(env):
     """`run_train(out, *flags)` -> train.main's exit code."""
     import train
     return lambda out, *args: train.main(train_args(env, out, *args))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks and files shared by the core's and the extras' tests
+
+
+def check_warmup_output(out: Path, scheme: str) -> None:
+    """A 3-step warmup's final.safetensors holds only semantic weights, its run config names the run, and its log has
+    one line per step with the loss in 10 t-bins."""
+    import json
+    from checkpoint import read_metadata, read_safetensors
+    sd = read_safetensors(out / "final.safetensors")
+    assert sd and all(k.startswith("semantic.") for k in sd)
+    cfg = json.loads(read_metadata(out / "final.safetensors")["config"])
+    assert cfg["scheme"] == scheme and cfg["base_preset"] == "tiny" and cfg["stage"] == "warmup"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(len(r["loss_by_t"]) == 10 for r in log)
+
+
+def check_recording(model, sem_mod, x: dict, names: list[str]) -> None:
+    """Recording is a forward hook: the output is the same, one heads-averaged [B, L_img, N] map (rows sum to 1) per
+    recorded block (`names`) and forward call; switching it on twice does not double the hooks; off removes them."""
+    fused = model(**x)
+    sem_mod.record_attention(True)
+    sem_mod.record_attention(True)
+    assert torch.equal(model(**x), fused)
+    model(**x)
+    assert sorted(sem_mod.record) == names
+    L_img, N = x["img"].shape[1], x["semantic"].shape[1]
+    for maps in sem_mod.record.values():
+        assert len(maps) == 2 and maps[0].shape == (2, L_img, N)
+        torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, L_img))
+    sem_mod.record_attention(False)
+    assert sem_mod.record is None
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert torch.equal(model(**x), fused)
+
+
+def save_image(arr_or_img, path, mode=None, **kw) -> Path:
+    """An array or a PIL image written to `path` (PIL's options in kw)."""
+    from PIL import Image
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img, mode)
+    img.save(path, **kw)
+    return Path(path)
+
+
+def make_dataset_root(root, names=("a",), hw=(32, 32)):
+    """A dataset folder of all-zero pairs."""
+    import numpy as np
+    import data
+    for d in data.FOLDERS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for n in names:
+        save_image(np.zeros((*hw, 3), np.uint8), root / "rgb" / f"{n}.png")
+        save_image(np.zeros(hw, np.uint8), root / "sem" / f"{n}.png")
+        save_image(np.zeros(hw, np.uint8), root / "ir" / f"{n}.png")
+    return root

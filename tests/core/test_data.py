@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import data  # noqa: E402
+import data
+from conftest import make_dataset_root as make_root, save_image as save  # noqa: E402
 from tools import importers  # noqa: E402
 from tools import synth  # noqa: E402
 from data import DataError, SemClass  # noqa: E402
@@ -28,10 +29,6 @@ ID = {c.name: c.id for c in data.DEFAULT_CLASSES}
 COLOR = {c.name: c.color for c in data.DEFAULT_CLASSES}
 
 
-def save(arr_or_img, path, mode=None, **kw):
-    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img, mode)
-    img.save(path, **kw)
-    return Path(path)
 
 
 def exif_bytes(orientation):
@@ -293,14 +290,6 @@ def test_classes_json_that_is_a_folder_or_a_broken_link_is_an_error(tmp_path):
 # -----------------------------------------------------------------------------
 # PairedDataset
 
-def make_root(root, names=("a",), hw=(32, 32)):
-    for d in data.FOLDERS:
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for n in names:
-        save(np.zeros((*hw, 3), np.uint8), root / "rgb" / f"{n}.png")
-        save(np.zeros(hw, np.uint8), root / "sem" / f"{n}.png")
-        save(np.zeros(hw, np.uint8), root / "ir" / f"{n}.png")
-    return root
 
 
 def test_dataset_item_keys_shapes_ranges(tmp_path):

@@ -11,17 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from safetensors.torch import save_file
 
 from tools import bench
-import flux_model
 from checkpoint import CheckpointError
 from conftest import small_flux_params
 from flow import image_ids, kontext_ids, text_ids
 from extras.checkpoint_forms import load_flux
 from flux_model import Flux, PRESETS, EmbedND, SelfAttention, apply_rope, attention, timestep_embedding
-from tools.measure import count_flops
 from sem_cross_attn import SemanticConfig, attach
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,6 +13,8 @@ from flow import image_ids, kontext_ids
 from flux_model import Flux, apply_rope
 from sem_cross_attn import (DEFAULT_B, SCHEMES, DecoupledSemanticAttention, SemanticConfig, SemanticContext,
                             SemanticModule, attach, attention_weights, overlay, semantic_input)
+from conftest import check_recording
+from tools.bench import acting  # every part of a semantic module acting
 
 
 @pytest.fixture
@@ -22,18 +24,6 @@ def params(small_params):
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def acting(module, seed=3):
-    """Scales 0.5 and every weight matrix moved (the zero value rows included), so the module changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.strength_parameters():
-            p.fill_(0.5)
-        for p in module.parameters():
-            if p.ndim > 1:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def test_default_config_is_the_decoupled_scheme_b():
@@ -178,20 +168,7 @@ def test_recording_keeps_the_output_and_off_removes_the_hooks(params, kontext_in
     model = Flux(params)
     sem_mod = acting(attach(model, DEFAULT_B))
     x = kontext_inputs(params)
-    fused = model(**x)
-    sem_mod.record_attention(True)
-    sem_mod.record_attention(True)
-    assert torch.equal(model(**x), fused)
-    model(**x)
-    assert sorted(sem_mod.record) == ["double.0", "double.1", "single.0", "single.1", "single.2"]
-    L_img, N = x["img"].shape[1], x["semantic"].shape[1]
-    for maps in sem_mod.record.values():
-        assert len(maps) == 2 and maps[0].shape == (2, L_img, N)
-        torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, L_img))
-    sem_mod.record_attention(False)
-    assert sem_mod.record is None
-    assert all(len(m._forward_hooks) == 0 for m in model.modules())
-    assert torch.equal(model(**x), fused)
+    check_recording(model, sem_mod, x, ["double.0", "double.1", "single.0", "single.1", "single.2"])
 
 
 def test_recorded_weights_are_the_fused_attention():

@@ -20,6 +20,7 @@ from conftest import train_args
 from data import PairedDataset
 from flux_model import PRESETS, Flux
 from pipeline import find_setup
+from conftest import check_warmup_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,12 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_warmup_trains_only_semantic_modules(run_train, tmp_path, scheme):
     out = tmp_path / "w"
     assert run_train(out, "--stage", "warmup", "--scheme", scheme, "--steps", "3") == 0
-    sd = read_safetensors(out / "final.safetensors")
-    assert sd and all(k.startswith("semantic.") for k in sd)
-    cfg = json.loads(read_metadata(out / "final.safetensors")["config"])
-    assert cfg["scheme"] == scheme and cfg["base_preset"] == "tiny" and cfg["stage"] == "warmup"
-    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3] and all(len(r["loss_by_t"]) == 10 for r in log)
+    check_warmup_output(out, scheme)
 
 
 def test_defaults_are_the_stage_and_scheme_values(env):

@@ -139,7 +139,6 @@ def test_kept_condition_pass_follows_its_inputs_and_semantic_guidance(small_para
     params = small_params()
     model, cond, x, ts = sampling_case(params)
     calls = counting(model)
-    L = x.shape[1]
     with torch.no_grad():
         every = flow.denoise(ConditionCache(model), x, cond, ts, guidance=3.5, sem_guidance=1.5)
         kept = ConditionCache(model, keep=True)

@@ -14,8 +14,9 @@ from conftest import small_flux_params
 from flow import image_ids, kontext_ids
 from flux_model import Flux
 from sem_cross_attn import DEFAULT_B, SCHEMES, SemanticConfig, SemanticModule, semantic_input
-from extras.schemes import (BASELINES, PRESETS, CNNEncoder, SchemeModule, SemanticAdapter, SemanticCrossAttention,
+from extras.schemes import (BASELINES, PRESETS, CNNEncoder, SchemeModule, SemanticCrossAttention,
                             SpatialContext, attach, chosen_blocks, parameter_count)
+from conftest import check_recording
 
 SEPARATE_B = SemanticConfig(attention="separate", token_dim=0)  # scheme B's separate form, tokens of the model's width
 
@@ -283,20 +284,7 @@ def test_recording_keeps_the_output_and_off_removes_the_hooks(scheme, params, ko
     for p in sem_mod.strength_parameters():
         p.data.fill_(0.5)
     x = kontext_inputs(params)
-    fused = model(**x)
-    sem_mod.record_attention(True)
-    sem_mod.record_attention(True)
-    assert torch.equal(model(**x), fused)
-    model(**x)
-    assert sorted(sem_mod.record) == ["double.0", "single.0", "single.2"]
-    L_img, N = x["img"].shape[1], x["semantic"].shape[1]
-    for maps in sem_mod.record.values():
-        assert len(maps) == 2 and maps[0].shape == (2, L_img, N)
-        torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, L_img))
-    sem_mod.record_attention(False)
-    assert sem_mod.record is None
-    assert all(len(m._forward_hooks) == 0 for m in model.modules())
-    assert torch.equal(model(**x), fused)
+    check_recording(model, sem_mod, x, ["double.0", "single.0", "single.2"])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

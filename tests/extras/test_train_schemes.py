@@ -2,25 +2,20 @@
 training only their semantic modules and start from their presets; the overlay baseline trains only LoRA."""
 
 import dataclasses
-import json
 
 import pytest
 
 import train
-from checkpoint import read_metadata, read_safetensors
+from checkpoint import read_safetensors
 from pipeline import find_setup
+from conftest import check_warmup_output
 
 
 @pytest.mark.parametrize("scheme", ["zeroconv", "adapter"])
 def test_warmup_trains_only_semantic_modules(run_train, tmp_path, scheme):
     out = tmp_path / "w"
     assert run_train(out, "--stage", "warmup", "--scheme", scheme, "--steps", "3") == 0
-    sd = read_safetensors(out / "final.safetensors")
-    assert sd and all(k.startswith("semantic.") for k in sd)
-    cfg = json.loads(read_metadata(out / "final.safetensors")["config"])
-    assert cfg["scheme"] == scheme and cfg["base_preset"] == "tiny" and cfg["stage"] == "warmup"
-    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3] and all(len(r["loss_by_t"]) == 10 for r in log)
+    check_warmup_output(out, scheme)
 
 
 @pytest.mark.parametrize("scheme", ["overlay"])

@@ -3,7 +3,6 @@ Tests for tools/importers.py on fake MFNet / FMB folders: the pairs and class ta
 refusal naming the file, and a failed import leaving nothing behind.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,25 +10,13 @@ import torch
 from PIL import Image
 
 import data
+from conftest import make_dataset_root as make_root, save_image as save
 from data import DataError
 from tools import importers
 
 
-def save(arr_or_img, path, mode=None, **kw):
-    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img, mode)
-    img.save(path, **kw)
-    return Path(path)
 
 
-def make_root(root, names=("a",), hw=(32, 32)):
-    """A dataset folder of all-zero pairs."""
-    for d in data.FOLDERS:
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for n in names:
-        save(np.zeros((*hw, 3), np.uint8), root / "rgb" / f"{n}.png")
-        save(np.zeros(hw, np.uint8), root / "sem" / f"{n}.png")
-        save(np.zeros(hw, np.uint8), root / "ir" / f"{n}.png")
-    return root
 
 
 def fake_mfnet(src, names=("00001D", "00002N"), hw=(32, 48)):
