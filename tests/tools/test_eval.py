@@ -25,6 +25,14 @@ def test_eval_two_pairs_end_to_end(run_train, env, tmp_path, capsys):
     assert len(list((tmp_path / "pred").glob("*.png"))) == 2
 
 
+@pytest.fixture
+def in_process(monkeypatch):
+    """The ablation's train.py runs called in this process, with the flags its subprocess gets (the subprocess
+    itself: test_ablation_tiny_mode), so each costs a run, not an interpreter start."""
+    import train
+    monkeypatch.setattr(evaluation, "train_run", lambda config: train.main(evaluation.train_command(config)[2:]))
+
+
 def ablation_args(env, out, *args):
     return ["--ablation", "--train-steps", "2", "--steps", "2", "--limit", "2", "--train-data", str(env / "synth"),
             "--data", str(env / "synth"), "--out", str(out), "--batch-size", "2", "--no-progress", "--seeds", "0",
@@ -41,7 +49,7 @@ def test_ablation_tiny_mode(env, tmp_path):
     assert res["protocol"]["train_steps"] == 2 and res["protocol"]["eval_steps"] == 2
 
 
-def test_ablation_runs_scheme_b_options_with_their_settings(env, tmp_path, capsys):
+def test_ablation_runs_scheme_b_options_with_their_settings(env, in_process, tmp_path, capsys):
     """--schemes xattn-double / xattn-half train scheme B with --sem-blocks double / half the width and heads, so
     their quality can be set against what tools.bench says they save; an unknown name is refused before training."""
     out = tmp_path / "abl-b"
@@ -58,7 +66,7 @@ def test_ablation_runs_scheme_b_options_with_their_settings(env, tmp_path, capsy
     assert "B, double blocks only" in table and "B, half width" in table
 
 
-def test_ablation_reuses_a_finished_run_only_if_trained_with_these_settings(env, tmp_path, capsys):
+def test_ablation_reuses_a_finished_run_only_if_trained_with_these_settings(env, in_process, tmp_path, capsys):
     """A finished scheme is scored again only when its recorded train_args equal this invocation's; a changed
     setting is refused by name (results.json would describe models that were never trained), --retrain trains it."""
     out = tmp_path / "abl"
@@ -157,7 +165,7 @@ def test_the_seed_table_gives_mean_and_sample_sd_over_seeds():
     assert "| B | 22.00 ± 2.00 |" in split  # a split's PSNR column is in dB, not a rate
 
 
-def test_ablation_trains_each_seed_and_jittered_schemes_with_their_settings(env, tmp_path):
+def test_ablation_trains_each_seed_and_jittered_schemes_with_their_settings(env, in_process, tmp_path):
     out = tmp_path / "abl"
     assert evaluation.main(ablation_args(env, out, "--schemes", "zeroconv+jitter", "--seeds", "0,1",
                                          "--train-steps", "1", "--jitter", "2", "--shifts", "2")) == 0
@@ -199,7 +207,7 @@ def test_the_thermalgen_protocol_fails_before_any_generation_when_a_piece_is_mis
     assert rc == 2 and len(err.strip().splitlines()) == 1 and ("torchvision" in err or "alexnet" in err.lower())
 
 
-def test_a_run_recorded_before_a_setting_existed_is_reused_with_that_settings_default(env, tmp_path):
+def test_a_run_recorded_before_a_setting_existed_is_reused_with_that_settings_default(env, in_process, tmp_path):
     """A field missing from a finished run's train_args was added to train.py later; the run behaved as its
     default, so it is reused (a field that differs from the default is still refused)."""
     out = tmp_path / "abl"
@@ -223,7 +231,7 @@ def evaluation_args(env, out):
                               progress=False, jitter=4)
 
 
-def test_score_only_trains_nothing_and_leaves_missing_seeds_out(env, tmp_path, capsys):
+def test_score_only_trains_nothing_and_leaves_missing_seeds_out(env, in_process, tmp_path, capsys):
     out = tmp_path / "abl"
     assert evaluation.main(ablation_args(env, out, "--schemes", "none", "--train-steps", "1")) == 0
     capsys.readouterr()
