@@ -155,7 +155,7 @@ class SemanticContext(Extra):
     kv: Tensor | None = None  # shared K/V (extras/schemes.py): every block's keys/values [B, N, 2D], computed once
 
     def image_attention(self, name: str, q: Tensor) -> Tensor | None:
-        block = self.module.blocks().get(name)  # None: no semantic attention in this block
+        block = self.module.block(name)  # None: no semantic attention in this block
         return None if block is None else block(q, self)  # [B, L_img, D]
 
 
@@ -229,6 +229,12 @@ class SemanticModule(nn.Module):
 
     def make_block(self, dim: int) -> nn.Module:
         return DecoupledSemanticAttention(self.token_dim, dim, self.heads)
+
+    def block(self, name: str) -> nn.Module | None:
+        """The module of the transformer's block `name` ("double.3", "single.0"), or None where it has none."""
+        kind, i = name.split(".")
+        blocks = self.double_blocks if kind == "double" else self.single_blocks
+        return blocks[i] if i in blocks else None
 
     def blocks(self) -> dict[str, nn.Module]:
         """The per-block modules by the transformer's block names ("double.3", "single.0")."""

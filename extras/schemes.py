@@ -175,7 +175,7 @@ class SpatialContext(SemanticContext):
         return None
 
     def after_block(self, name: str, img: Tensor) -> Tensor:
-        block = self.module.blocks().get(name)
+        block = self.module.block(name)
         return img if block is None else block(img, self)
 
 

@@ -143,3 +143,38 @@ def make_dataset_root(root, names=("a",), hw=(32, 32)):
         save_image(np.zeros(hw, np.uint8), root / "sem" / f"{n}.png")
         save_image(np.zeros(hw, np.uint8), root / "ir" / f"{n}.png")
     return root
+
+
+def check_strength_per_sample(model, x: dict, sem, base) -> None:
+    """With the semantic module acting: strength 0 is the base model `base`; a per-sample strength [1, 0] gives
+    sample 0 the full update and sample 1 the base; a strength of another batch size is refused."""
+    full = model(**x, semantic=sem)
+    assert not torch.allclose(full, base)
+    assert torch.equal(model(**x, semantic=sem, semantic_strength=0.0), base)
+    mixed = model(**x, semantic=sem, semantic_strength=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(mixed[0], full[0])
+    torch.testing.assert_close(mixed[1], base[1])
+    with pytest.raises(ValueError, match="one per sample"):
+        model(**x, semantic=sem, semantic_strength=torch.ones(3))
+
+
+def check_checkpointing_same_gradients(model, loss) -> dict:
+    """loss() backpropagated with and without model.gradient_checkpointing: the same gradient for every parameter,
+    and every parameter gets one. Returns the gradients (without checkpointing) by name."""
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() == {n for n, _ in model.named_parameters()}
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    return grads[0]
+
+
+def check_lora_only_output(out: Path) -> None:
+    """A joint run of a baseline (no semantic module) wrote LoRA weights only."""
+    from checkpoint import read_safetensors
+    sd = read_safetensors(out / "final.safetensors")
+    assert sd and all(".lora_" in k for k in sd)

@@ -17,7 +17,7 @@ from torch import Tensor
 from extras.fp8 import BASE_DTYPES, OUTER_LAYERS, quantize_
 from flow import kontext_ids, text_ids
 from flux_model import PRESETS, Flux
-from tools import bench
+from tools.sizes import CONFIGS
 from tools.measure import tensor_bytes
 
 
@@ -76,7 +76,7 @@ def main(argv=None):
     if args.config == "tiny":
         params, grid, n_txt = PRESETS["tiny"], (8, 8), 8
     else:
-        cfg = bench.CONFIGS["medium"]
+        cfg = CONFIGS["medium"]
         params, grid, n_txt = cfg.params(), cfg.grid, cfg.n_txt
     result = measure_error(params, args.per, OUTER_LAYERS if args.outer_full else (), grid, n_txt, args.seed,
                            BASE_DTYPES[args.compute])

@@ -13,7 +13,7 @@ from flow import image_ids, kontext_ids
 from flux_model import Flux, apply_rope
 from sem_cross_attn import (DEFAULT_B, SCHEMES, DecoupledSemanticAttention, SemanticConfig, SemanticContext,
                             SemanticModule, attach, attention_weights, overlay, semantic_input)
-from conftest import check_recording
+from conftest import check_recording, check_strength_per_sample
 from tools.bench import acting  # every part of a semantic module acting
 
 
@@ -221,14 +221,7 @@ def test_semantic_strength_scales_the_update_per_sample(params, kontext_inputs):
     sem = x.pop("semantic")
     base = model(**x)
     acting(attach(model, DEFAULT_B))
-    full = model(**x, semantic=sem)
-    assert not torch.allclose(full, base)
-    assert torch.equal(model(**x, semantic=sem, semantic_strength=0.0), base)
-    mixed = model(**x, semantic=sem, semantic_strength=torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(mixed[0], full[0])
-    torch.testing.assert_close(mixed[1], base[1])
-    with pytest.raises(ValueError, match="one per sample"):
-        model(**x, semantic=sem, semantic_strength=torch.ones(3))
+    check_strength_per_sample(model, x, sem, base)
 
 
 def test_config_from_an_old_run_means_the_separate_form():

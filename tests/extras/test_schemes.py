@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from tools import bench
-from conftest import small_flux_params
+from conftest import (check_checkpointing_same_gradients, check_recording, check_strength_per_sample,
+                      small_flux_params)
 from flow import image_ids, kontext_ids
 from flux_model import Flux
 from sem_cross_attn import DEFAULT_B, SCHEMES, SemanticConfig, SemanticModule, semantic_input
 from extras.schemes import (BASELINES, PRESETS, CNNEncoder, SchemeModule, SemanticCrossAttention,
                             SpatialContext, attach, chosen_blocks, parameter_count)
-from conftest import check_recording
 
 SEPARATE_B = SemanticConfig(attention="separate", token_dim=0)  # scheme B's separate form, tokens of the model's width
 
@@ -329,14 +329,7 @@ def test_semantic_strength_scales_the_update_per_sample(scheme, params, kontext_
         for p in mod.parameters():
             if not p.abs().sum():
                 p.normal_(0, 0.5)
-    full = model(**x, semantic=sem)
-    assert not torch.allclose(full, base)
-    assert torch.equal(model(**x, semantic=sem, semantic_strength=0.0), base)
-    mixed = model(**x, semantic=sem, semantic_strength=torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(mixed[0], full[0])
-    torch.testing.assert_close(mixed[1], base[1])
-    with pytest.raises(ValueError, match="one per sample"):
-        model(**x, semantic=sem, semantic_strength=torch.ones(3))
+    check_strength_per_sample(model, x, sem, base)
 
 
 def test_zeroconv_adds_to_the_condition_tokens_only(params, kontext_inputs):
@@ -373,15 +366,7 @@ def test_gradient_checkpointing_same_gradients(small_params, kontext_inputs, for
     x["semantic"] = semantic_for(FORMS[form], x)
     bench.acting(attach(model, FORMS[form]))
     model.train()
-    grads = []
-    for ckpt in (False, True):
-        model.gradient_checkpointing = ckpt
-        model.zero_grad(set_to_none=True)
-        model(**x).square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() == {n for n, _ in model.named_parameters()}
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    check_checkpointing_same_gradients(model, lambda: model(**x).square().mean())
 
 
 def test_bad_inputs_get_clear_errors(params, kontext_inputs):

@@ -6,9 +6,8 @@ import dataclasses
 import pytest
 
 import train
-from checkpoint import read_safetensors
 from pipeline import find_setup
-from conftest import check_warmup_output
+from conftest import check_warmup_output, check_lora_only_output
 
 
 @pytest.mark.parametrize("scheme", ["zeroconv", "adapter"])
@@ -22,8 +21,7 @@ def test_warmup_trains_only_semantic_modules(run_train, tmp_path, scheme):
 def test_joint_baselines_train_only_lora(run_train, tmp_path, scheme):
     out = tmp_path / scheme
     assert run_train(out, "--stage", "joint", "--scheme", scheme, "--steps", "2", "--lora-rank", "2") == 0
-    sd = read_safetensors(out / "final.safetensors")
-    assert sd and all(".lora_" in k for k in sd)
+    check_lora_only_output(out)
 
 
 @pytest.mark.parametrize("scheme", ["zeroconv", "adapter"])

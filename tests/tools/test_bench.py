@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tools import bench, measure
+from tools.sizes import CONFIGS
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_tiny_benchmark_runs_and_reports_every_field(one_thread, capsys):
 
 
 def test_same_work_check_catches_a_different_weight(one_thread):
-    cfg = bench.CONFIGS["tiny"]
+    cfg = CONFIGS["tiny"]
     args = bench.parse_args(["--config", "tiny"])
     sd = bench.random_weights(cfg.params())
     x = bench.make_inputs(cfg, "cpu")
@@ -105,7 +106,7 @@ def test_same_work_check_catches_a_different_weight(one_thread):
 def test_diffusers_fused_projections_option_gives_the_same_output(one_thread):
     """diffusers' own GPU option (fuse_qkv_projections) must not change what it computes, or the benchmark
     against it would compare different work when it is on."""
-    cfg = bench.CONFIGS["tiny"]
+    cfg = CONFIGS["tiny"]
     sd = bench.random_weights(cfg.params())
     ref = bench.build_diffusers(cfg.params(), sd)
     x = bench.make_inputs(cfg, "cpu")
