@@ -24,6 +24,9 @@ import os
 import pickle
 import re
 import struct
+import secrets
+import shlex
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -75,8 +78,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); is this a .ckpt/.pt pickle renamed? "
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
+        raise CheckpointError(f"{path}: corrupt safetensors header ({_detail(e)}); is this a .ckpt/.pt pickle renamed? "
                               "Only safetensors are read.") from None
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
@@ -165,7 +168,7 @@ def shard_files(path: str | os.PathLike) -> tuple[list[Path], dict[str, str] | N
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map must map tensor names to shard file names")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
     shards = sorted(set(weight_map.values()))
     outside = [s for s in shards if Path(s).name != s]
@@ -279,29 +282,43 @@ def _write_failure(path: Path, e: BaseException) -> CheckpointError:
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """write(tmp) to `path.tmp`, fsync, then rename: a kill mid-write leaves the old file intact.
+    """write(tmp) to a temporary file of its own beside `path` (`.<name>.<random>.tmp`: two writers of one path never
+    share it), fsync, then rename: a kill mid-write leaves the old file intact, and a reader sees the old file or the
+    whole new one.
 
     The file gets the mode a plain open() gives (umask, a folder's default ACL), not its writer's: safetensors writes
     0600, which would hide a run on a shared machine from the group. A failed write (full disk, unwritable folder)
     removes the temporary file and raises CheckpointError naming `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)  # a stale one from a killed run keeps the mode it was made with
-        open(tmp, "wb").close()
-        mode = tmp.stat().st_mode & 0o777
+        tmp = temporary_beside(path)
+        mode = tmp.stat().st_mode & 0o777  # safetensors would write 0600, hiding a run from the group
         write(str(tmp))
         os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError, SafetensorError)):
             raise _write_failure(path, e) from None
         raise
+
+
+def temporary_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A new, empty file of this call's own beside `path` (the same folder: the rename onto `path` is atomic),
+    created as open() creates files (umask, the folder's default ACL)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name beside {path.name}")
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
@@ -421,6 +438,22 @@ def load_flux_official(path, params: FluxParams | str = "dev", device="cpu", dty
 # A train.py output's run config
 
 
+def trained_file(path) -> Path:
+    """What --ckpt / --init name: a train.py output, or a run folder (its final.safetensors). A resume state or a
+    folder without final weights is a one-line CheckpointError pointing at the file to pass."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "final.safetensors").is_file():
+            return path / "final.safetensors"
+        latest = path / "latest.safetensors"
+        stopped = f" (a stopped run: its last weights are {latest})" if latest.is_file() else ""
+        raise CheckpointError(f"{path}: a folder without final.safetensors{stopped}")
+    if path.name.endswith(".pt"):
+        raise CheckpointError(f"{path}: a resume state (read by --resume), not weights; pass "
+                              f"{path.parent / 'final.safetensors'}, or latest.safetensors of a stopped run")
+    return path
+
+
 def run_config(path) -> dict:
     """The config a train.py output carries in its metadata (scheme, semantic options, LoRA, base)."""
     meta = read_metadata(path)
@@ -429,8 +462,8 @@ def run_config(path) -> dict:
                               "extras/lora_formats.py)")
     try:
         cfg = json.loads(meta["config"])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: corrupt config metadata ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt config metadata ({_detail(e)})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: corrupt config metadata (a {type(cfg).__name__}, not a JSON object)")
     return cfg
@@ -442,6 +475,7 @@ def run_config(path) -> dict:
 #
 #     claim(out, files, ...)   refuse a folder a live run writes to (OUT/run.lock holds its pid), or one that holds
 #                              an earlier run's files, unless --resume continues it or --overwrite starts over
+#     set_aside, settle, restore   --overwrite: the earlier run goes only once the new one has a checkpoint
 #     save_state / load_state  weights, optimiser, generator, step and the run's settings: tensors, numbers and
 #                              strings only, read back with torch.load(weights_only=True)
 #     changed_settings         what a --resume would change about the run (refused by the trainers)
@@ -461,34 +495,97 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def claim(out: Path, files: tuple[str, ...], finished: str, resume: bool, overwrite: bool,
-          master: bool = True) -> Path | None:
+def claim(out: Path, files: tuple[str, ...], finished: str, resume: bool, overwrite: bool, master: bool = True,
+          keep: tuple = ()) -> Path | None:
     """Before any work: refuse `out` if another live process holds its lock, or if it holds any of `files` (an earlier
-    run's; `finished` is the one a completed run writes) and neither `resume` nor `overwrite` is asked; with
-    `overwrite` those files are removed. The master takes the lock (an unwritable folder fails here, as an OSError);
-    returns the lock file, None on other ranks."""
+    run's; `finished` is the one a completed run writes) and neither `resume` nor `overwrite` is asked. `keep`: files
+    the new run reads (its --init); --overwrite is refused when one of them is among the files it would replace.
+    Nothing is removed here: set_aside moves the earlier run's files away once the new run is checked and ready.
+    The master takes the lock (an unwritable folder fails here, as an OSError) and puts back what a killed
+    --overwrite had set aside (recover); returns the lock file, None on other ranks."""
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the stopped run, or start over")
     lock = out / LOCK
-    if master and lock.is_file():
-        owner = lock.read_text().strip()
-        if owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner)):
-            raise ValueError(f"{out}: another run (pid {owner}) is writing here; wait for it to end or use another "
-                             "--out")
+    if master:
+        check_owner(out)
     earlier = [n for n in files if (out / n).exists()]
     if earlier and not (resume or overwrite):
         what = "a finished run" if (out / finished).exists() else "a stopped run"
         raise ValueError(f"{out} holds {what} ({', '.join(earlier)}): continue it with --resume, or pass --overwrite "
-                         "to start over")
+                         "to start over (the earlier run is removed only once the new one has written its first "
+                         "checkpoint)")
+    read = {Path(k).resolve() for k in keep if k}
+    if overwrite and (held := [n for n in earlier if (out / n).resolve() in read]):
+        raise ValueError(f"{out / held[0]} is the file this run starts from (--init) and --overwrite would replace "
+                         f"it: copy it elsewhere first, or give the new run another --out")
     if not master:
         return None
     out.mkdir(parents=True, exist_ok=True)
     lock.write_text(f"{os.getpid()}\n")
-    if overwrite:
-        for n in earlier:
-            (out / n).unlink()
+    recover(out, files)
     return lock
+
+
+def check_owner(out: Path) -> None:
+    """Refuse `out` while another live process holds its lock (OUT/run.lock holds the owner's pid)."""
+    lock = out / LOCK
+    owner = lock.read_text().strip() if lock.is_file() else ""
+    if owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner)):
+        raise ValueError(f"{out}: another run (pid {owner}) is writing here; wait for it to end or use another --out")
+
+
+# --overwrite in three moves: set_aside (the new run is checked and about to write), then settle (its first
+# checkpoint is written: the earlier run goes) or, if it ends before that, restore (the earlier run comes back)
+REPLACED = ".replaced"
+
+
+def set_aside(out: Path, files: tuple[str, ...]) -> Path | None:
+    """Move the earlier run's `files` from `out` into OUT/.replaced (renames, nothing copied); returns that folder,
+    None when there was nothing to move."""
+    out, aside = Path(out), Path(out) / REPLACED
+    earlier = [n for n in files if (out / n).exists()]
+    if not earlier:
+        return None
+    aside.mkdir(exist_ok=True)
+    for n in earlier:
+        os.replace(out / n, aside / n)
+    return aside
+
+
+def settle(aside: Path | None) -> None:
+    """The new run has written its first checkpoint: the earlier run it replaces is removed."""
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore(aside: Path | None, files: tuple[str, ...]) -> None:
+    """The new run ended before its first checkpoint: its files go, the earlier run's come back."""
+    if aside is None or not aside.is_dir():
+        return
+    out = aside.parent
+    for n in files:
+        if (aside / n).exists() or (out / n).exists():
+            (out / n).unlink(missing_ok=True)
+    for f in aside.iterdir():
+        os.replace(f, out / f.name)
+    aside.rmdir()
+
+
+def recover(out: Path, files: tuple[str, ...]) -> None:
+    """What a killed --overwrite left (OUT/.replaced): the earlier run comes back if the new one never wrote a
+    checkpoint (no OUT/resume state among `files`), else it goes; one note either way."""
+    aside = Path(out) / REPLACED
+    if not aside.is_dir():
+        return
+    written = [n for n in files if n.endswith(".pt") and (Path(out) / n).exists()]
+    if written:
+        settle(aside)
+        print(f"note: removed {aside}, the run an interrupted --overwrite replaced (the new run had written {written[0]})")
+    else:
+        restore(aside, files)
+        print(f"note: an --overwrite in {out} was interrupted before its first checkpoint: the earlier run's files are "
+              "back in place")
 
 
 def save_state(path: Path, step: int, weights: dict, opt: torch.optim.Optimizer, g: torch.Generator,
@@ -509,7 +606,10 @@ def load_state(path: Path, weight_names, extra: tuple[str, ...] = ()) -> dict:
                               "with --overwrite")
     if sorted(state["weights"]) != sorted(weight_names):
         raise ValueError(f"{path} was written by a run with other trainable weights (another stage or scheme)")
-    state["settings"] = json.loads(state["settings"])
+    try:
+        state["settings"] = json.loads(state["settings"])
+    except (TypeError, ValueError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt run settings in the resume state; start over with --overwrite") from None
     return state
 
 
@@ -524,19 +624,31 @@ def changed_settings(was: dict, now: dict, may_change: tuple[str, ...]) -> list[
 
 
 def resume_command(script: str, world: int = 1) -> str:
-    """The command that continues this run (torchrun's when it runs under torchrun)."""
-    args = " ".join(a for a in sys.argv[1:] if a not in ("--resume", "--overwrite"))
-    launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
-    return f"{launcher} {script} {args} --resume"
+    """The command that continues this run (torchrun's when it runs under torchrun), quoted for a POSIX shell."""
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    launcher = ["torchrun", "--nproc_per_node", str(os.environ.get("LOCAL_WORLD_SIZE", world))] if world > 1 else \
+        ["python"]
+    return shlex.join([*launcher, *script.split(), *args, "--resume"])
 
 
 def trim_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written after the resume state a run continues from), atomically."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, path)
+    """Drop log lines past `step` (written after the resume state a run continues from), atomically. A line that is
+    not a log record (the partial last line of a full disk or a power loss) is dropped with a note."""
+    if not path.is_file():
+        return
+    rows, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            at = record["step"]
+        except (ValueError, RecursionError, KeyError, TypeError):
+            dropped += bool(line.strip())
+            continue
+        if isinstance(at, int) and at <= step:
+            rows.append(line)
+    if dropped:
+        print(f"note: {path}: dropped {dropped} unreadable line(s) (a write cut short)")
+    write_atomic(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

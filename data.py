@@ -35,8 +35,8 @@ How image modes are read (PIL modes; every loader first applies the EXIF orienta
         error (JPEG artefacts and anti-aliased edges are the usual cause: keep semantic maps lossless).
         Palette images (P, PA) are colour maps when the colours of their used indices are all class colours
         (a lossless re-save of a colour map, e.g. by optipng), else index images (palette index = label id);
-        one that fits both readings with different ids is an error. The returned colour is always
-        re-rendered from the ids with the class palette.
+        one that fits both readings with different ids (a label-id image with the VOC palette) is an error.
+        The returned colour is always re-rendered from the ids with the class palette.
     32-bit float images (F) are refused: their scale is unknown.
 Images over MAX_PIXELS (width x height, checked from the header before any pixel is decoded) are refused;
 set FLUX_IR_MAX_PIXELS=N, or pass max_pixels=N (data.py check --max-pixels N), to allow larger ones.
@@ -47,6 +47,7 @@ Commands (python data.py -h):
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -62,6 +63,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin  # noqa: F401
 from tqdm import tqdm
+
+from checkpoint import pid_alive
 
 FOLDERS = ("rgb", "sem", "ir")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -141,8 +144,8 @@ def load_classes(path=None) -> tuple[SemClass, ...]:
         raise DataError(f"{path}: is a folder; a class table is a JSON file")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read class table ({type(e).__name__}: {e})") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise DataError(f"{path}: cannot read class table ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list):
         raise DataError(f'{path}: expected {{"classes": [{{"id", "name", "color", "hot"}}, ...]}}')
     return classes_from_rows(doc["classes"], str(path))
@@ -322,13 +325,15 @@ def _color_code(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def semantic_ids(img, path, classes) -> np.ndarray:
-    """Index or colour semantic image -> int64 [H, W] of label ids, every one of them a class id."""
+def semantic_ids(img, path, classes, index_palette: bool = False) -> np.ndarray:
+    """Index or colour semantic image -> int64 [H, W] of label ids, every one of them a class id. index_palette: a
+    palette (P) image is an index image (palette index = label id), as the published RGB-T sets store their labels,
+    whatever colours its palette holds (tools/importers.py)."""
     _refuse_float(img, path)
     if _is_int_grey(img):
         ids = _grey16(img, path)
     elif img.mode in ("P", "PA"):
-        ids = _palette_ids(img, path, classes)
+        ids = np.asarray(img.getchannel(0)).astype(np.int64) if index_palette else _palette_ids(img, path, classes)
     elif img.mode in ("L", "1", "LA", "La"):
         ids = np.asarray(img.getchannel(0)).astype(np.int64)
     else:
@@ -348,15 +353,24 @@ def semantic_ids(img, path, classes) -> np.ndarray:
 def _palette_ids(img, path, classes) -> np.ndarray:
     """P / PA image -> int64 [H, W]: ids from the colours when the used indices' palette colours are all class
     colours (a colour map, e.g. a lossless palette re-save of an RGB map), else the palette indices (an index image,
-    checked against the class ids by the caller)."""
+    checked against the class ids by the caller). A map that fits both readings with different ids (a label-id
+    image saved with a standard palette such as VOC's, whose colours happen to be class colours) is refused: which
+    one was meant cannot be told from the file."""
     index = np.asarray(img.getchannel(0)).astype(np.int64)
     used = np.flatnonzero(np.bincount(index.ravel(), minlength=256)).tolist()
     pal, by_colour = img.getpalette("RGB") or [], {c.color: c for c in classes}
     named = [by_colour.get(tuple(pal[3 * i:3 * i + 3])) for i in used]  # the class each used colour is, or None
     if None in named:
         return index
+    by_colour_ids = [c.id for c in named]
+    ids = {c.id for c in classes}
+    if all(i in ids for i in used) and by_colour_ids != used:
+        differ = [(i, c) for i, c in zip(used, named) if i != c.id][:3]
+        listed = ", ".join(f"index {i} is class {i} by id but {c.name} (id {c.id}) by colour" for i, c in differ)
+        raise DataError(f"{path}: a palette image that reads as label ids and as class colours, with different "
+                        f"classes ({listed}); save it as a grey label-id image (mode L) or as an RGB colour map")
     lut = np.zeros(256, np.int64)
-    lut[used] = [c.id for c in named]
+    lut[used] = by_colour_ids
     return lut[index]
 
 
@@ -415,17 +429,26 @@ def rgb_to_ir(rgb: torch.Tensor) -> torch.Tensor:
 # Folders of pairs
 
 def list_images(folder) -> dict[str, Path]:
-    """stem -> path for the image files in a folder. Hidden files and other extensions are ignored."""
+    """stem -> path for the image files in a folder. Hidden files and other extensions are ignored; a link whose
+    target is gone is an error naming every such link."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
-    files = {}
+    files, broken = {}, []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTS or not p.is_file():
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if p.is_symlink() and not p.exists():
+            broken.append(f"{p.name} -> {os.readlink(p)}")
+            continue
+        if not p.is_file():
             continue
         if p.stem in files:
             raise DataError(f"{folder}: two files share the stem {p.stem!r}: {files[p.stem].name} and {p.name}")
         files[p.stem] = p
+    if broken:
+        raise DataError(f"{folder}: {len(broken)} link(s) whose target is missing: {', '.join(broken[:5])}"
+                        + (f" ... and {len(broken) - 5} more" if len(broken) > 5 else ""))
     return files
 
 
@@ -447,23 +470,33 @@ def match_stems(where, files: dict[str, dict[str, Path]]) -> list[str]:
 
 
 def _center_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """[C, H, W] -> [C, size, size]: shorter side resized to `size`, then the centre cropped."""
+    """[C, H, W] -> [C, size, size]: shorter side resized to `size`, then the centre cropped (resize_pair)."""
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     if (nh, nw) != (h, w):
-        # antialias: no aliasing when shrinking rgb/ir. Semantic ids use NEAREST, which must never mix labels.
         x = F.interpolate(x[None].float(), size=(nh, nw), mode=mode, antialias=mode == "bicubic")[0]
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[:, top:top + size, left:left + size]
 
 
+def resize_pair(size: int | None, classes, rgb: torch.Tensor, ids: torch.Tensor, ir: torch.Tensor | None = None):
+    """The one preprocessing of training, evaluation and sampling: size=S resizes the shorter side to S and crops the
+    centre SxS (rgb [3, H, W] and ir [1, H, W] bicubic with antialias, clamped back into their ranges, since bicubic
+    overshoots; label ids [H, W] nearest-exact, which never mixes labels); None keeps them. Returns (rgb, colour
+    [3, S, S] rendered from the ids, ids, ir)."""
+    if size:
+        rgb = _center_square(rgb, size, "bicubic").clamp(-1, 1)
+        ids = _center_square(ids[None].float(), size, "nearest-exact")[0].long()  # exact for ids < 2^24
+        ir = None if ir is None else _center_square(ir, size, "bicubic").clamp(0, 1)
+    return rgb, render_semantic(ids, classes), ids, ir
+
+
 def load_pair(rgb_path, sem_path, classes, size: int | None, max_pixels=None):
     """One user's (visible, semantic map) pair -> (rgb [3, H, W], sem colour [3, H, W], ids [H, W] long).
 
-    The two must have the same size. size=None needs sides that are multiples of 16; size=S resizes the
-    shorter side to S and centre-crops SxS (bicubic for rgb, nearest for the semantic map and ids).
-    max_pixels: the image size limit (None: see pixel_limit()).
+    The two must have the same size. size=None needs sides that are multiples of 16; size=S resizes and
+    centre-crops as training does (resize_pair). max_pixels: the image size limit (None: see pixel_limit()).
     """
     rgb = load_rgb(rgb_path, max_pixels)
     ids, sem = load_semantic(sem_path, classes, max_pixels)
@@ -471,9 +504,7 @@ def load_pair(rgb_path, sem_path, classes, size: int | None, max_pixels=None):
         raise DataError(f"{rgb_path} is {rgb.shape[2]}x{rgb.shape[1]} but {sem_path} is "
                         f"{sem.shape[2]}x{sem.shape[1]}: the semantic map must match the image")
     if size:
-        rgb = _center_square(rgb, size, "bicubic")
-        sem = _center_square(sem, size, "nearest")
-        ids = _center_square(ids[None].float(), size, "nearest")[0].long()
+        rgb, sem, ids, _ = resize_pair(size, classes, rgb, ids)
     elif rgb.shape[1] % MULTIPLE or rgb.shape[2] % MULTIPLE:
         raise DataError(f"{rgb_path}: {rgb.shape[2]}x{rgb.shape[1]} is not a multiple of {MULTIPLE} on each side; "
                         "pass --size S to resize and centre-crop")
@@ -546,11 +577,43 @@ class PairedDataset(torch.utils.data.Dataset):
         if len(set(shapes.values())) > 1:  # the header check can miss an orientation stored after the pixels
             raise DataError(f"{self.root}: pair {name!r} decodes to different sizes (HxW): {shapes}")
         if self.size is not None:
-            rgb = _center_square(rgb, self.size, "bicubic").clamp(-1, 1)  # bicubic overshoots the range
-            ir = _center_square(ir, self.size, "bicubic").clamp(0, 1)
-            ids = _center_square(ids[None].float(), self.size, "nearest-exact")[0].long()  # exact for ids < 2^24
-            sem = render_semantic(ids, self.classes)
+            rgb, sem, ids, ir = resize_pair(self.size, self.classes, rgb, ids, ir)
         return {"name": name, "rgb": rgb, "sem": sem, "sem_ids": ids, "ir": ir}
+
+    def validate(self, progress: bool = False, one_size: bool = False) -> None:
+        """Decode every semantic map through the class palette (the headers and sizes were checked on construction)
+        and, with `one_size` and no size=S, ask every pair to have the same size (a training set's cached tokens are
+        one tensor): one DataError naming every problem, before any work is done with the set."""
+        failures = []
+        sizes = sorted(set(self.sizes)) if one_size and self.size is None else []
+        if len(sizes) > 1:
+            failures.append(f"pairs of {len(sizes)} sizes (" + ", ".join(
+                f"{w}x{h}: {self.sizes.count((w, h))}" for w, h in sizes[:5]) + "); pass --size S to use one size")
+        for name in tqdm(self.names, desc="checking semantic maps", disable=not progress):
+            try:
+                semantic_ids(open_image(self.files["sem"][name], self.max_pixels), self.files["sem"][name],
+                             self.classes)
+            except DataError as e:
+                failures.append(str(e))
+        if failures:
+            raise DataError(f"{self.root}: {len(failures)} problem(s) with its {len(self)} pairs:\n"
+                            + "\n".join(failures[:20]) + (f"\n... and {len(failures) - 20} more" if len(failures) > 20
+                                                          else ""))
+
+    def fingerprint(self, progress: bool = False) -> str:
+        """A hash of what the set serves: every file's bytes (not its name, size or time: two swapped files of one size
+        and time differ), the class table and the size. The files are read once per dataset object."""
+        if getattr(self, "_content", None) is None:
+            h = hashlib.sha256()
+            for name in tqdm(self.names, desc="hashing the dataset", disable=not progress):
+                for d in FOLDERS:
+                    h.update(f"{d}/{name}\0".encode())
+                    with open(self.files[d][name], "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            h.update(chunk)
+            self._content = h.hexdigest()
+        served = json.dumps([self._content, self.size, [c.__dict__ for c in self.classes]])
+        return hashlib.sha256(served.encode()).hexdigest()[:20]
 
 
 def check(root, size=None, progress=False, max_pixels=None) -> str:
@@ -594,22 +657,30 @@ def check(root, size=None, progress=False, max_pixels=None) -> str:
 def building_layout(out):
     """Write a dataset folder all at once: yields a temporary folder beside `out` holding rgb/ sem/ ir/, renamed
     to `out` when the block completes. An error or a kill leaves `out` as it was (the next run clears a killed
-    run's leftovers), so a half-written set is never taken for a complete one. `out` must be new or empty."""
+    run's leftovers), so a half-written set is never taken for a complete one. `out` must be new or empty; a link
+    to an empty folder is written through (the set lands in the linked folder). The temporary folder is named
+    after this process (.<name>.partial-<pid>): a second process writing the same `out` is refused, naming it."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: not empty; write into a new folder so old pairs are not mixed in")
-    full = Path(os.path.abspath(out))
-    partial = full.with_name(f".{full.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    full = Path(os.path.realpath(out))  # a link to an empty folder: its target
+    partial = full.with_name(f".{full.name}.partial-{os.getpid()}")
     try:
         for d in FOLDERS:
-            (partial / d).mkdir(parents=True)
+            (partial / d).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out}: cannot create the dataset folder ({e.strerror or e})") from e
     try:
+        for other in full.parent.glob(f".{full.name}.partial-*"):  # after making ours: two at once see each other
+            pid = other.name.rsplit("-", 1)[-1]
+            if other == partial or not pid.isdigit():
+                continue
+            if pid_alive(int(pid)):
+                raise DataError(f"{out}: another process (pid {pid}) is writing this dataset now; wait for it to end")
+            shutil.rmtree(other, ignore_errors=True)  # a killed run's leftovers
         yield partial
-        if out.is_dir():
-            out.rmdir()  # the empty folder the user made: replaced by the finished one
+        if full.is_dir():
+            full.rmdir()  # the empty folder the user made: replaced by the finished one
         partial.rename(full)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -8,14 +8,13 @@ needs neither the VAE encoder nor the images.
         "sem_ids"                       [N, H, W] class ids
     cache/latents/tokens-<key>-a<alpha>-jitter<J>x<V>s<seed>.safetensors   (train.py --sem-jitter J)
         "sem" [V, N, L, 64], "sem_pixels" [V, N, 3, H, W]   V misaligned copies of every semantic map
-The key covers every file's name, size and mtime, the autoencoder file, the crop size and the class palette, so a
-changed dataset or palette is encoded afresh.
+The key covers every file's content (data.PairedDataset.fingerprint), the autoencoder file, the crop size and the
+class palette, so a changed dataset or palette is encoded afresh. A cache file that cannot be read back whole, or
+holds a value that is not finite, is removed and encoded again (one note says so).
 """
 
 import hashlib
-import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import data
-from checkpoint import read_safetensors, save_atomic
+from checkpoint import CheckpointError, read_safetensors, save_atomic
 from flow import pack
 from sem_cross_attn import SemanticConfig, overlay
 from vae import AutoEncoder
@@ -35,15 +34,10 @@ def cache_dir() -> Path:
 
 
 def cache_key(ds: data.PairedDataset, ae_path: Path) -> str:
-    h = hashlib.sha256()
-    for name in ds.names:
-        for d in data.FOLDERS:
-            st = ds.files[d][name].stat()
-            h.update(f"{d}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    """The dataset's content (with its size and palette) and the autoencoder file (by path, size and time: it is
+    one large file that only a training run rewrites)."""
     st = Path(ae_path).stat()
-    h.update(f"{ae_path}:{st.st_size}:{st.st_mtime_ns}:{ds.size}".encode())
-    h.update(json.dumps([asdict(c) for c in ds.classes]).encode())  # the palette the semantic maps were read with
-    return h.hexdigest()[:20]
+    return hashlib.sha256(f"{ds.fingerprint()}:{ae_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
 
 
 def tokens_path(ds, ae_path: Path, overlay_alpha: float) -> Path:
@@ -57,9 +51,10 @@ def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, overlay_alpha: float, dev
     (uint8, for the cnn encoder) and ids [N, H, W]. Computed once per (dataset, autoencoder, size), then read from
     disk."""
     path = tokens_path(ds, ae_path, overlay_alpha)
-    if path.is_file():
-        return read_safetensors(path)
+    if cached := read_cache(path, master):
+        return cached
     if master:
+        ds.validate(progress, one_size=True)  # every map's colours and one size, all bad files named, before encoding
         from tqdm import tqdm
         out = {k: [] for k in ("ir", "rgb", "sem", "overlay", "sem_pixels", "sem_ids")}
         for i in tqdm(range(len(ds)), desc="encoding latents", disable=not progress):
@@ -73,15 +68,32 @@ def encode_dataset(ds, ae: AutoEncoder, ae_path: Path, overlay_alpha: float, dev
                 out[k].append(zk)
             out["sem_pixels"].append(((item["sem"] + 1) * 127.5).round().to(torch.uint8))
             out["sem_ids"].append(item["sem_ids"].to(torch.int32))
-        shapes = {tuple(t.shape) for t in out["sem_ids"]}
-        if len(shapes) > 1:
-            raise ValueError(f"{ds.root}: images of different sizes {sorted(shapes)[:3]}; pass --size S to train on "
-                             "one size")
         latents = {k: torch.stack(v) for k, v in out.items()}
         save_atomic(latents, path, {"dataset": str(ds.root), "count": str(len(ds))})
     if dist.is_initialized():
         dist.barrier()
     return read_safetensors(path)
+
+
+def read_cache(path: Path, master: bool = True) -> dict | None:
+    """A cache file's tensors; None when there is none, or (the master removes it, with a note) when it is truncated,
+    corrupt or holds a value that is not finite: the caller encodes it again."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = read_safetensors(path)
+        problem = next((f"{k} is not finite" for k, t in tensors.items()
+                        if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    except CheckpointError as e:
+        tensors, problem = None, str(e).removeprefix(f"{path}: ").split(";")[0]  # the file's problem, not its fix
+    if problem is None:
+        return tensors
+    if master:
+        print(f"note: the latent cache {path} cannot be used ({problem}); removing it and encoding again")
+        path.unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return None
 
 
 JITTER_DOWNS = (1, 2, 4)  # the coarsening factors of the augmentation (data.misalign's `down`)
@@ -103,8 +115,8 @@ def encode_jittered(latents: dict, classes, ae: AutoEncoder, key_path: Path, jit
     palette and encoded like the originals: {"sem": [V, N, L, 64], "sem_pixels": [V, N, 3, H, W] uint8}. Cached
     beside the dataset's tokens (`key_path`), keyed by jitter, variants and seed."""
     path = key_path.with_name(f"{key_path.stem}-jitter{jitter}x{variants}s{seed}.safetensors")
-    if path.is_file():
-        return read_safetensors(path)
+    if cached := read_cache(path, master):
+        return cached
     if master:
         from tqdm import tqdm
         ids = latents["sem_ids"].long()  # [N, H, W]

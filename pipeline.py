@@ -21,6 +21,7 @@ schemes (extras.schemes.attach builds any scheme, the default B through the core
 import only the core.
 """
 
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, check_state_dict, read_safetensors, run_config
+from checkpoint import CheckpointError, check_state_dict, read_header, read_safetensors, run_config
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
 from extras.checkpoint_forms import detect_preset, load_flux
 from extras.fp8 import BASE_DTYPES
@@ -52,16 +53,19 @@ def is_trained_key(name: str) -> bool:
 
 
 class Stopper:
-    """SIGINT/SIGTERM ask the loop to write a resume state and exit after the current step."""
+    """SIGINT/SIGTERM while a command sets up (at_once, the default) stop it at once: a KeyboardInterrupt, which the
+    command turns into one line. Once its loop runs (at_once = False) they ask the loop to write a resume state and
+    exit after the current step; a second one leaves at once."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.at_once = None, True
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: leave now
+        leave = self.at_once or self.signal is not None
+        self.signal = self.signal or signum
+        if leave:
             raise KeyboardInterrupt
-        self.signal = signum
 
     def close(self):
         for s, h in self.previous.items():
@@ -210,11 +214,11 @@ def build_model(setup: Setup, cfg: dict, device, dtype, modules_dtype: torch.dty
     return model
 
 
-def load_trained(model: Flux, path, cfg: dict, lora_optional: bool = False) -> None:
-    """A train.py output's weights, strictly: every trained key of the model (semantic module, LoRA) must be in the
-    file, nothing else may be, and shapes must agree. A base-stage output is the whole transformer.
-    `lora_optional`: the file may lack the LoRA (a warmup output starting a joint run: its LoRA starts at zero)."""
-    sd = read_safetensors(path, device=model.img_in.weight.device)  # load_state_dict casts to each parameter's dtype
+def check_trained(model: Flux, sd: dict, path, cfg: dict, lora_optional: bool = False) -> None:
+    """A train.py output's tensors (or their shapes on the meta device) against the model built from its run config:
+    every trained key of the model (semantic module, LoRA) must be in the file, nothing else may be, and shapes must
+    agree. A base-stage output is the whole transformer. `lora_optional`: the file may lack the LoRA (a warmup
+    output starting a joint run: its LoRA starts at zero)."""
     if cfg.get("stage") == "base":
         optional = lambda k: False  # noqa: E731
     elif lora_optional:
@@ -224,7 +228,60 @@ def load_trained(model: Flux, path, cfg: dict, lora_optional: bool = False) -> N
     hint = lambda *_: (f"was it trained with another --scheme, preset or LoRA rank? (this model: scheme "  # noqa: E731
                        f"{cfg.get('scheme')}, LoRA rank {cfg.get('lora_rank', 0)})")
     check_state_dict(model, sd, f"{path}", hint=hint, allow_missing=optional)
+
+
+def load_trained(model: Flux, path, cfg: dict, lora_optional: bool = False) -> None:
+    """A train.py output's weights into the model built from its run config, strictly (check_trained)."""
+    sd = read_safetensors(path, device=model.img_in.weight.device)  # load_state_dict casts to each parameter's dtype
+    check_trained(model, sd, path, cfg, lora_optional)
     model.load_state_dict(sd, strict=False)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# the run config's fields that shape or steer a model: (is the value acceptable, what it must be)
+RUN_CONFIG_FIELDS = {
+    "scheme": (lambda v: v in SCHEMES, f"one of {', '.join(SCHEMES)}"),
+    "stage": (lambda v: isinstance(v, str), "a stage name"),
+    "base_preset": (lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}"),
+    "lora_rank": (lambda v: v is None or _whole(v) and v >= 0, "a whole number >= 0"),
+    "lora_alpha": (lambda v: v is None or _number(v) and v > 0, "a positive number"),
+    "condition_cache": (lambda v: isinstance(v, bool), "true or false"),
+    "guidance": (lambda v: v is None or _number(v), "a finite number"),
+    "overlay_alpha": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "prompt": (lambda v: isinstance(v, str), "a string"),
+    "semantic": (lambda v: isinstance(v, dict), "an object of semantic options"),
+}
+
+
+def check_run_config(cfg: dict, path, setup: Setup) -> None:
+    """A train.py output's run config, before anything is built: every field that shapes the model of the right type
+    and range, the semantic options valid for the base, and every trained tensor's shape in the file's header equal
+    to the model the config describes (built on the meta device: nothing is allocated). A crafted or damaged file is
+    one CheckpointError naming the field or the tensors, never a huge allocation or a traceback."""
+    for field, (ok, what) in RUN_CONFIG_FIELDS.items():
+        if field in cfg and not ok(cfg[field]):
+            raise CheckpointError(f"{path}: its run config has {field}={cfg[field]!r}; expected {what}")
+    scheme, rank = cfg.get("scheme", "none"), cfg.get("lora_rank") or 0
+    with torch.device("meta"):
+        model = Flux(PRESETS[setup.preset])
+        if scheme in SCHEME_PRESETS:
+            try:
+                attach(model, SemanticConfig.from_dict(cfg["semantic"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: its run config's semantic options are not valid for the "
+                                      f"{setup.preset!r} base ({type(e).__name__}: {e})") from None
+        if rank:
+            from lora import inject_lora
+            inject_lora(model, rank=rank, alpha=cfg.get("lora_alpha"))
+    header = read_header(path)[0]
+    check_trained(model, {k: torch.empty(e["shape"], device="meta") for k, e in header.items()}, path, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +336,8 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
     if cfg.get("base_preset") not in (None, setup.preset):
         raise CheckpointError(f"{ckpt} was trained on the {cfg['base_preset']!r} base, but this run uses "
                               f"{setup.preset!r} ({setup.describe()})")
+    if ckpt:
+        check_run_config(cfg, ckpt, setup)
     model = build_model(setup, cfg, device, dtype, base_dtype=base_dtype)
     if ckpt:
         load_trained(model, ckpt, cfg)

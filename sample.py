@@ -20,7 +20,7 @@ from pathlib import Path
 
 import data
 from extras.fp8 import BASE_DTYPES
-from checkpoint import command, run_config
+from checkpoint import command, run_config, trained_file
 from pipeline import (SEM_GUIDANCE, SEM_STRENGTH, attention_maps, check_attention_maps, default_ckpt, find_setup,
                       generate, load_pipeline, resolve_device, run_classes)
 from viz import attention_figure, check_image_out, save_image, to_pil_gray
@@ -30,6 +30,8 @@ MAX_SEED = 2 ** 63 - 1
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors naming the flag, before anything loads."""
+    if args.base and args.ckpt:
+        raise ValueError("--base samples the base model without trained weights and --ckpt names them: pick one")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: must be at least 1")
     if args.size is not None and (args.size <= 0 or args.size % data.MULTIPLE):
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("rgb", help="visible image")
     ap.add_argument("sem", help="semantic map (colour image in the class palette, or label-id image)")
     ap.add_argument("-o", "--out", default="ir.png", help="output infrared image (8-bit; .png, .jpg, .bmp or .tif)")
-    ap.add_argument("--ckpt", default=None, help="train.py output (default: runs/warmup, else the demo weights)")
+    ap.add_argument("--ckpt", default=None, help="train.py output, or its run folder (default: runs/warmup, else the "
+                                                 "demo weights)")
     ap.add_argument("--base", action="store_true", help="sample the base model without semantic weights")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=None, help="guidance input (dev/Kontext bases)")
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sem-guidance", type=float, default=SEM_GUIDANCE,
                     help="semantic classifier-free guidance w: v = v_without + w (v_with - v_without); "
                          "w != 1 doubles the sampling time")
-    ap.add_argument("--size", type=int, default=None, help="resize shorter side to S and centre-crop to SxS")
+    ap.add_argument("--size", type=int, default=None,
+                    help="resize shorter side to S and centre-crop to SxS, as training does")
     ap.add_argument("--classes", default=None,
                     help="classes.json of the semantic palette (default: the checkpoint's, else synthetic)")
     ap.add_argument("--attn", default=None, help="also write a picture of the semantic cross-attention maps")
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
     check_args(args)
     device = resolve_device(args.device)
     setup = find_setup()
-    ckpt = None if args.base else (args.ckpt or default_ckpt(setup))
+    ckpt = None if args.base else (trained_file(args.ckpt) if args.ckpt else default_ckpt(setup))
     classes, source = semantic_classes(args, ckpt)
     rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
     pipe = load_pipeline(ckpt, device, setup=setup, base_dtype=args.base_dtype)

@@ -40,14 +40,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 import data
-from checkpoint import (changed_settings, claim, command, load_state, resume_command, run_config, save_atomic,
-                        save_state, trim_log)
+from checkpoint import (changed_settings, claim, command, load_state, resume_command, restore, run_config,
+                        save_atomic, save_state, set_aside, settle, trained_file, trim_log)
 from extras.fp8 import BASE_DTYPES
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_model import PRESETS, Flux
 from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
-from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model, find_setup,
-                      is_trained_key, load_trained, resolve_device, text_condition)
+from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model,
+                      check_run_config, find_setup, is_trained_key, load_trained, resolve_device, text_condition)
 from sem_cross_attn import ATTENTION_FORMS, DEFAULT_B, SCHEMES as MODULE_SCHEMES, SemanticConfig
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
@@ -218,14 +218,16 @@ def semantic_config(cfg: TrainConfig) -> SemanticConfig:
 
 def resolve(cfg: TrainConfig, setup: Setup) -> TrainConfig:
     """A copy of `cfg` with every None filled in: the stage's steps, learning rate (the tiny demo's own) and
-    condition dropout, the output folder, the scheme's semantic settings. --base-dtype stays None: the run's dtype."""
+    condition dropout, the output folder, the scheme's semantic settings; --init as the file it names (a run folder:
+    its final.safetensors). --base-dtype stays None: the run's dtype."""
     stage = STAGES[cfg.stage]
     defaults = {"steps": stage.steps, "lr": stage.demo_lr if setup.kind == "demo" else stage.lr,
                 "sem_drop": stage.sem_drop if cfg.scheme in MODULE_SCHEMES else 0.0,
                 "out": str(ROOT / "runs" / cfg.stage)}
     semantic = semantic_config(cfg)
+    init = str(trained_file(cfg.init)) if cfg.init else ""  # a run folder: its final.safetensors
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
-                               **{flag: getattr(semantic, k) for k, flag in SEMANTIC_FLAGS.items()})
+                               **{flag: getattr(semantic, k) for k, flag in SEMANTIC_FLAGS.items()}, init=init)
 
 
 def settings(cfg: TrainConfig) -> dict:
@@ -312,6 +314,7 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
             raise ValueError("--stage finetune adjusts a trained model: pass --init runs/joint/final.safetensors")
         return None
     got = run_config(cfg.init)
+    check_run_config(got, cfg.init, setup)  # types, ranges and the file's shapes, before anything is built
     init_from = STAGES[cfg.stage].init_from
     if got.get("stage") not in init_from:
         raise ValueError(f"--init {cfg.init} is a {got.get('stage')!r} output; --stage {cfg.stage} starts from "
@@ -324,6 +327,10 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
     for key in ("scheme", "base_preset", "semantic"):
         if got.get(key) != want.get(key):
             raise ValueError(f"--init {cfg.init} has {key}={got.get(key)!r} but this run has {want.get(key)!r}")
+    if cfg.stage != "base" and got.get("condition_cache", False) != cfg.condition_cache:
+        trained = "with" if got.get("condition_cache", False) else "without"
+        raise ValueError(f"--init {cfg.init} was trained {trained} --condition-cache, another model than this run's: "
+                         f"{'pass' if trained == 'with' else 'drop'} --condition-cache")
     if got.get("lora_rank") and want.get("lora_rank"):
         for key, flag in (("lora_rank", "--lora-rank"), ("lora_alpha", "--lora-alpha")):
             if got.get(key) != want[key]:
@@ -558,29 +565,55 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "log_every", "sample_eve
                      "device", "compile", "gradient_checkpointing", "fsdp", "steps")
 
 
-def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, t_bins, cfg: TrainConfig,
+def dataset_record(ds: data.PairedDataset) -> dict:
+    """What a resumed run must find again: the content of the pairs (data.PairedDataset.fingerprint), their count
+    and the class palette."""
+    return {"fingerprint": ds.fingerprint(), "pairs": len(ds), "classes": [asdict(c) for c in ds.classes],
+            "root": str(ds.root)}
+
+
+def dataset_changes(was: dict, now: dict) -> str:
+    """How the dataset differs from the one a run started on, in words ("" if it does not)."""
+    if was.get("fingerprint") == now["fingerprint"]:
+        return ""
+    what = []
+    if was.get("pairs") != now["pairs"]:
+        what.append(f"{was.get('pairs')} -> {now['pairs']} pairs")
+    if json.dumps(was.get("classes")) != json.dumps(now["classes"]):  # as recorded: colours as lists
+        what.append("the class palette (classes.json) differs")
+    return "; ".join(what) or "the content of its files changed"
+
+
+def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, t_bins, cfg: TrainConfig, dataset: dict,
                 write: bool = True, fsdp: bool = False):
-    """The trainable weights, optimiser, generator, step, loss bins and the run's settings (checkpoint.save_state).
+    """The trainable weights, optimiser, generator, step, loss bins, the run's settings and its dataset (a
+    dataset_record) (checkpoint.save_state).
     Under --fsdp every rank calls it (the shards are gathered into full tensors) and only `write` writes."""
     weights, opt_state = gathered(dict(trainable), fsdp), opt
     if fsdp:
         from extras.fsdp import GatheredOptimizer, full_optimizer_state
         opt_state = GatheredOptimizer(full_optimizer_state(opt))
     if write:
-        save_state(path, step, weights, opt_state, g, settings(cfg), t_bins=t_bins)
+        save_state(path, step, weights, opt_state, g, settings(cfg), t_bins=t_bins, dataset=json.dumps(dataset))
 
 
-def load_resume(out: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig, fsdp: bool = False,
+def load_resume(out: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig, dataset: dict, fsdp: bool = False,
                 master: bool = True) -> tuple[int, list, dict]:
     """save_resume's state (out/resume.pt) back into the trainable weights, the optimiser and the generator: (step,
-    loss bins, the overrides allowed: a longer --steps, recorded). A change of any other setting is refused. The
-    log loses its lines past that step (written after the state: no duplicate steps)."""
+    loss bins, the overrides allowed: a longer --steps, recorded). A change of any other setting, or of the dataset
+    (`dataset`, a dataset_record), is refused. The log loses its lines past that step (written after the state: no
+    duplicate steps)."""
     path = out / "resume.pt"
     state = load_state(path, [n for n, _ in trainable], extra=("t_bins",))
     was, now = state["settings"], settings(cfg)
     if changed := changed_settings(was, now, RESUME_MAY_CHANGE):
         raise ValueError(f"--resume with other settings than {path} was written with: {', '.join(changed)}; resume "
                          "with the run's own settings, or start a new run (--overwrite or another --out)")
+    if "dataset" not in state:
+        print(f"note: {path} does not record its dataset (written by an older version): the data is not compared")
+    elif changes := dataset_changes(json.loads(state["dataset"]), dataset):
+        raise ValueError(f"--resume: the dataset {dataset['root']} changed since this run started ({changes}); resume "
+                         "on the same data, or start a new run (--overwrite or another --out)")
     overrides = {}
     if now["steps"] != was["steps"]:
         if now["steps"] < state["step"]:
@@ -610,6 +643,19 @@ def gives_finite_loss(net, batch: tuple, use_cuda: bool) -> bool:
     x0, noise, t, cond, guidance = batch
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=use_cuda):
         return bool(torch.isfinite(flow_loss(net, x0, noise, t, cond, guidance)).all())
+
+
+def interrupted(stopper: Stopper, step: int | None, world: int, master: bool) -> int:
+    """A signal before the loop (nothing of this run is kept), or a second one in it (the last checkpoint is kept):
+    one line, no traceback; the exit status 128 + signal."""
+    if master:
+        if stopper.at_once:
+            print(f"\nstopped by signal {stopper.signal} before training began: this run wrote nothing; run the "
+                  "command again to start it", file=sys.stderr)
+        else:
+            print(f"\nstopped at once by a second signal at step {step}: continue from the last checkpoint with "
+                  f"`{resume_command('train.py', world)}`", file=sys.stderr)
+    return 128 + (stopper.signal or signal.SIGINT)
 
 
 def stopped(stopper: Stopper, step: int, world: int, master: bool) -> int:
@@ -722,42 +768,49 @@ def run(cfg: TrainConfig) -> int:
     want = stage_config(cfg, setup)  # the run config every output carries
     check_config(cfg, setup, want)
     out = Path(cfg.out)
-    lock = claim(out, run_files(), "final.safetensors", cfg.resume, cfg.overwrite, master)
+    lock = claim(out, run_files(), "final.safetensors", cfg.resume, cfg.overwrite, master, keep=(cfg.init,))
     use_cuda = device.type == "cuda"
     # base weights (fp8: its linear weights in float8, the rest in this); trainable weights stay fp32
     dtype = BASE_DTYPES.get(cfg.base_dtype) or (torch.bfloat16 if use_cuda else torch.float32)
-
-    # ---- latents (VAE encoder used once, then freed), the prompt, the model, what trains, the optimiser
-    ds = dataset_for(cfg, setup, master)
-    want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
-    latents, ae = encode_latents(cfg, setup, ds, device, dtype, master)
-    text = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)  # (txt, txt_ids, y), batch 1
-    model = build(cfg, setup, want, device, dtype)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    trainable = select_trainable(model, cfg.stage)
-    if not trainable:
-        raise ValueError(f"nothing to train in stage {cfg.stage} with scheme {cfg.scheme}")
-    n_train = sum(p.numel() for _, p in trainable)
-    if master:
-        describe(cfg, model, n_train, len(trainable), latents, world)
-    if fsdp:
-        trainable = shard(model, device)
-    opt = make_optimizer(cfg, model, trainable)
-    ddp = world > 1 and not fsdp
-    net, fwd = forward_module(model, cfg, device, ddp)
-
-    # ---- state: one generator for data order, t and noise (identical on every rank), the step, the log
-    g = torch.Generator().manual_seed(cfg.seed)
-    step, t_bins, overrides = load_resume(out, trainable, opt, g, cfg, fsdp, master) if cfg.resume else (0, None, {})
-    meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,  # what every output carries
-            "train_args": json.dumps(settings(cfg))}
-    if overrides:
-        meta["resume_overrides"] = json.dumps(overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    log, stopper, good = Log(out / "log.jsonl" if master else None, step, t_bins), Stopper(), None
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}", disable=not (master and cfg.progress))
-    fwd.train()
+    # from here on the lock is held: every way out releases it, and --overwrite's earlier run is put back unless the
+    # new run has written a checkpoint; a signal before the loop stops the command at once (Stopper)
+    stopper, aside, step, log = Stopper(), None, None, None
     try:
+        # ---- latents (VAE encoder used once, then freed), the prompt, the model, what trains, the optimiser
+        ds = dataset_for(cfg, setup, master)
+        want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
+        latents, ae = encode_latents(cfg, setup, ds, device, dtype, master)
+        text = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)  # (txt, txt_ids, y), B 1
+        model = build(cfg, setup, want, device, dtype)
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        trainable = select_trainable(model, cfg.stage)
+        if not trainable:
+            raise ValueError(f"nothing to train in stage {cfg.stage} with scheme {cfg.scheme}")
+        n_train = sum(p.numel() for _, p in trainable)
+        if master:
+            describe(cfg, model, n_train, len(trainable), latents, world)
+        if fsdp:
+            trainable = shard(model, device)
+        opt = make_optimizer(cfg, model, trainable)
+        ddp = world > 1 and not fsdp
+        net, fwd = forward_module(model, cfg, device, ddp)
+
+        # ---- state: one generator for data order, t and noise (identical on every rank), the step, the log
+        g = torch.Generator().manual_seed(cfg.seed)
+        dataset = dataset_record(ds)  # a resumed run must see the same pairs and palette
+        step, t_bins, overrides = (load_resume(out, trainable, opt, g, cfg, dataset, fsdp, master) if cfg.resume
+                                   else (0, None, {}))
+        meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,  # what every output carries
+                "train_args": json.dumps(settings(cfg))}
+        if overrides:
+            meta["resume_overrides"] = json.dumps(overrides)
+        if master and cfg.overwrite:
+            aside = set_aside(out, run_files())  # the earlier run: removed at this run's first checkpoint
+        log, good = Log(out / "log.jsonl" if master else None, step, t_bins), None
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}",
+                   disable=not (master and cfg.progress))
+        stopper.at_once = False  # from here a signal stops the loop after the step, with a resume state
+        fwd.train()
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
@@ -792,8 +845,10 @@ def run(cfg: TrainConfig) -> int:
                     return diverged(f"the weights after step {step} give a non-finite loss", good)
                 if takes_part:
                     write_weights(out / "latest.safetensors", model, cfg.stage, meta, master, fsdp)
-                    save_resume(out / "resume.pt", trainable, opt, step, g, log.bins, cfg, master, fsdp)
+                    save_resume(out / "resume.pt", trainable, opt, step, g, log.bins, cfg, dataset, master, fsdp)
                     good = out / "latest.safetensors"
+                settle(aside)  # this run has a checkpoint: the run it replaces goes
+                aside = None
             if stop:
                 return stopped(stopper, step, world, master)
         bar.close()
@@ -811,9 +866,13 @@ def run(cfg: TrainConfig) -> int:
                 print(f"wrote {path}")
         if world > 1:
             dist.barrier()  # the ranks leave together: one that tears down while another still writes can abort
+    except KeyboardInterrupt:  # a signal before the loop, or a second one in it
+        return interrupted(stopper, step, world, master)
     finally:
         stopper.close()
-        log.close()
+        if log is not None:
+            log.close()
+        restore(aside, run_files())  # the new run ended before its first checkpoint: the earlier run comes back
         if lock is not None:
             lock.unlink(missing_ok=True)
         if world > 1:

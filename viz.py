@@ -64,14 +64,19 @@ def check_image_out(path, flag: str = "-o") -> str:
     if path.suffix.lower() not in data.IMAGE_EXTS or fmt is None:
         raise ValueError(f"{flag} {path}: unknown image extension {path.suffix!r} (use one of "
                          f"{', '.join(data.IMAGE_EXTS)})")
-    folder = path.absolute().parent
+    check_can_make(path.absolute().parent, f"{flag} {path}")
+    return fmt
+
+
+def check_can_make(folder: Path, what: str) -> None:
+    """`folder` exists or can be made: the nearest folder of it that exists is writable. Nothing is created; a
+    problem is a ValueError starting with `what` (the flag and its value)."""
     while not folder.exists():  # the nearest existing folder is where the missing ones will be made
         folder = folder.parent
     if not folder.is_dir():
-        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+        raise ValueError(f"{what}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
-    return fmt
+        raise ValueError(f"{what}: the folder {folder} is not writable")
 
 
 def save_image(img: Image.Image, path, flag: str = "-o") -> None:

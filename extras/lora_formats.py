@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from checkpoint import (CheckpointError, check_keys, command, read_metadata, read_safetensors, run_config, save_atomic,
-                        strip_prefix)
+                        strip_prefix, trained_file)
 from lora import base_linears, load_lora_state_dict, lora_modules, mismatch_hint, wrap_linear
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,17 +399,11 @@ OFFICIAL_BASES = {"kontext": ("black-forest-labs/FLUX.1-Kontext-dev", "flux-1-ko
                   "schnell": ("black-forest-labs/FLUX.1-schnell", "flux-1-schnell")}
 
 
-def _final_path(run) -> Path:
-    """A run folder or its final.safetensors -> the file."""
-    path = Path(run)
-    return path / "final.safetensors" if path.is_dir() else path
-
-
 def run_lora(final_path) -> tuple[dict[str, tuple[Tensor, Tensor, float]], dict]:
     """(entries {BFL module name: (A, B, alpha)}, run config) of a train.py output. Entries are empty for a run
     without a trained LoRA: a warmup (no LoRA keys), a finetune of a warmup (LoRA keys whose B is all zero: the
     identity, never trained), a base-stage output (a whole transformer)."""
-    path = _final_path(final_path)
+    path = trained_file(final_path)
     cfg = run_config(path)
     if cfg.get("stage") == "base":
         return {}, cfg
@@ -456,7 +450,7 @@ def export_metadata(cfg: dict, meta: dict, path: Path, rank: int, alpha: float) 
 def export_run(final_path, out_dir=None) -> list[Path]:
     """Write a train.py output's backbone LoRA as lora_kohya.safetensors and lora_diffusers.safetensors into out_dir
     (default: beside final.safetensors); returns their paths. A run without a trained LoRA is a ValueError."""
-    path = _final_path(final_path)
+    path = trained_file(final_path)
     entries, cfg = run_lora(path)
     if cfg.get("stage") == "base":
         raise ValueError(f"{path}: a base-stage output is a whole transformer, not a LoRA: it loads as a checkpoint")

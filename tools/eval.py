@@ -11,8 +11,13 @@ steps (default 20), seed --seed + index, the run's own guidance; the prediction 
 in [0, 1]: PSNR, SSIM, per-class intensity error, and over the regions of the semantic map the hallucination rate
 (cold in the ground truth, hot in the prediction) and the miss rate (hot in the ground truth, cold in the
 prediction). Decoy classes (default: poster, car_parked, which look exactly like hot classes in RGB) get their own
-hallucination rate. FID needs a user-supplied feature network (--fid-model, a TorchScript file; nothing downloads).
-A NaN or infinite prediction stops the evaluation with an error naming the pair: it is never scored.
+hallucination rate. FID needs a user-supplied feature network (--fid-model, a TorchScript file; nothing downloads),
+loaded before the model and run on the same predictions. A NaN or infinite prediction stops the evaluation with an
+error naming the pair: it is never scored. Every option is checked before the first sample, and the scores computed
+are printed even when a later step (the protocol, FID, the ceiling) fails.
+
+The test set is read with its own classes.json, else the classes the checkpoint was trained with (its run config),
+else the synthetic ones; a test set whose classes.json differs from the checkpoint's classes is refused.
 
 The ablation trains each conditioning scheme with the same data, --train-steps, seed and LoRA (stage `joint`: LoRA on
 the backbone + the scheme's semantic modules; `none` is LoRA alone on RGB, `overlay` LoRA alone on RGB blended with
@@ -37,14 +42,14 @@ import torch
 from torch import Tensor
 
 import data
-from checkpoint import command, differing, read_metadata
+from checkpoint import command, differing, read_metadata, run_config, trained_file
 from extras.fp8 import BASE_DTYPES
 from extras.schemes import parameter_count
 from flux_model import PRESETS
 from pipeline import (ROOT, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, find_setup, generate, is_trained_key,
-                      load_pipeline)
+                      load_pipeline, run_classes)
 from sem_cross_attn import SemanticConfig
-from viz import attention_figure, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
+from viz import attention_figure, check_can_make, check_image_out, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
 from tools import metrics
 from tools.synth import TEST_SET, TRAIN_SET, ensure_set
 
@@ -133,14 +138,16 @@ def predict(pipe, ds, how: Sampling, limit: int | None, batch_size: int = 8, pro
 
 
 def evaluate(pipe, ds, how: Sampling = Sampling(), limit=None, decoys=None, save_dir: Path | None = None,
-             progress=True, protocol=None) -> dict:
+             progress=True, protocol=None, fid=None) -> dict:
     """Score a pipeline on a dataset: metrics.summarize over every pair (+ the slice of the decoy classes
     `decoys`; None: DECOY_NAMES where the dataset has them), regions on the true labels. `protocol`
-    (protocol.ThermalGenProtocol) is also given every pair."""
+    (protocol.ThermalGenProtocol) and `fid` (FidFeatures) are also given every pair."""
     def pairs():
         for _, item, pred in predict(pipe, ds, how, limit, progress=progress):
             if protocol is not None:
                 protocol.update(pred[None], item["ir"][None])
+            if fid is not None:
+                fid.update(item, pred)
             yield item, pred
     return score(ds, pairs(), decoys, save_dir)
 
@@ -178,16 +185,47 @@ def ceiling(pipe, ds, limit=None, decoys=None, progress=True) -> dict:
     return score(ds, pairs, decoys)
 
 
-def fid_score(pipe, ds, model_path, how: Sampling, limit) -> float:
-    """FID between generated and real IR with a user-supplied TorchScript feature network (e.g. Inception-v3)."""
-    net = torch.jit.load(str(model_path), map_location="cpu").eval()
-    real, fake = [], []
-    for _, item, pred in predict(pipe, ds, how, limit, progress=False):
-        real.append(item["ir"])
-        fake.append(pred)
-    fr = metrics.fid_features_from_model(net, torch.stack(real))
-    ff = metrics.fid_features_from_model(net, torch.stack(fake))
-    return metrics.fid(fr, ff)
+def load_fid_model(path) -> torch.nn.Module:
+    """The --fid-model feature network (TorchScript, e.g. Inception-v3), loaded before anything is sampled; a file
+    that is missing or not TorchScript is a one-line ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--fid-model {path}: no such file (a TorchScript feature network, e.g. Inception-v3)")
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError, torch.jit.Error) as e:
+        reason = str(e).strip().split("\n")[0].split(". ")[0]
+        raise ValueError(f"--fid-model {path}: not a TorchScript file ({reason}); save the network with "
+                         "torch.jit.script(net).save(path) or torch.jit.trace") from None
+
+
+class FidFeatures:
+    """FID between generated and real IR from the evaluation's own predictions: the --fid-model network's features
+    of each pair, taken as the pair is scored (nothing is sampled twice). A network that fails on an image stops
+    collecting and keeps the error for compute(), so the other scores still come out."""
+
+    def __init__(self, net, path):
+        self.net, self.path = net, path
+        self.real, self.fake, self.error = [], [], None
+
+    def update(self, item: dict, pred: Tensor):
+        """One pair: the ground truth item["ir"] and the prediction, each [1, H, W] in [0, 1]."""
+        if self.error is not None:
+            return
+        try:
+            self.real.append(metrics.fid_features_from_model(self.net, item["ir"][None]))
+            self.fake.append(metrics.fid_features_from_model(self.net, pred[None]))
+        except (RuntimeError, ValueError, TypeError, torch.jit.Error) as e:  # a TorchScript failure's cause is
+            reason = str(e).strip().split("\n")[-1]                             # its message's last line
+            self.error = f"--fid-model {self.path}: the network failed on pair {item['name']} ({reason}); no FID"
+
+    def compute(self) -> float:
+        """The FID over every pair seen; a ValueError if the network failed or fewer than 2 pairs were seen."""
+        if self.error is not None:
+            raise ValueError(self.error)
+        if len(self.real) < 2:
+            raise ValueError(f"--fid-model: FID needs at least 2 pairs, this evaluation has {len(self.real)}")
+        return metrics.fid(torch.cat(self.real), torch.cat(self.fake))
 
 
 def summary_line(name: str, s: dict, extra: dict | None = None) -> dict:
@@ -462,7 +500,7 @@ def run_ablation(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT / "data" / "synth-test"), help="held-out pairs (rgb/, sem/, ir/)")
-    ap.add_argument("--ckpt", default=None, help="a train.py output")
+    ap.add_argument("--ckpt", default=None, help="a train.py output, or its run folder (its final.safetensors)")
     ap.add_argument("--base", action="store_true", help="evaluate the base model without semantic weights")
     ap.add_argument("--steps", type=int, default=20, help="sampling (Euler) steps per image")
     ap.add_argument("--limit", type=int, default=None, help="only the first K pairs")
@@ -472,8 +510,10 @@ def main(argv=None) -> int:
                     help="how the base is stored: fp8 (1 byte per linear weight) | bf16 | fp32")
     ap.add_argument("--decoys", default=None, help="cold classes that look like hot ones, comma-separated "
                     f"(default: {','.join(DECOY_NAMES)} where the dataset has them)")
-    ap.add_argument("--save", default=None, help="also write the predictions to this folder")
-    ap.add_argument("--fid-model", default=None, help="TorchScript feature network for FID (user-supplied)")
+    ap.add_argument("--save", default=None,
+                    help="also write the predictions to this folder (--sweep: the figure's file name)")
+    ap.add_argument("--fid-model", default=None,
+                    help="TorchScript feature network for FID (user-supplied), run on the evaluation's predictions")
     ap.add_argument("--protocol", default=None, choices=("thermalgen",),
                     help="also score as ThermalGen's evaluation does (tools/protocol.py; requirements-extras.txt)")
     ap.add_argument("--lpips-weights", default=None, help="--protocol: torchvision's alexnet-owt-7be5be79.pth")
@@ -520,8 +560,13 @@ def main(argv=None) -> int:
         raise ValueError("--sem-shift must be 0 or more and --sem-coarse at least 1")
     if args.retrain and args.score_only:
         raise ValueError("--retrain and --score-only contradict each other")
+    if args.ckpt and args.base:
+        raise ValueError("--ckpt and --base: pick one (--ckpt scores a train.py output, --base the base model "
+                         "without semantic weights)")
     if args.ablation:
         return run_ablation(args)
+    if args.ckpt:
+        args.ckpt = str(trained_file(args.ckpt))  # a run folder -> its final.safetensors; a resume.pt is refused
     return run_sweep(args) if args.sweep else run_eval(args)
 
 
@@ -530,31 +575,71 @@ def decoy_names(args) -> list[str] | None:
     return None if args.decoys is None else [n.strip() for n in args.decoys.split(",") if n.strip()]
 
 
+def class_rows(classes) -> list[tuple]:
+    """A class table as comparable rows (id, name, colour, hot)."""
+    return [(c.id, c.name, tuple(c.color), c.hot) for c in classes]
+
+
+def eval_classes(root, ckpt) -> tuple[data.SemClass, ...]:
+    """The classes a test set is read with: its classes.json, else the ones the checkpoint was trained with (its run
+    config), else data.DEFAULT_CLASSES. A test set whose classes.json differs from the checkpoint's recorded classes
+    is refused, naming both and the first difference: its scores would compare unrelated labels."""
+    found = Path(root) / "classes.json"
+    own = data.load_classes(found) if found.exists() or found.is_symlink() else None
+    recorded = run_classes(run_config(ckpt), ckpt) if ckpt else None
+    if own is not None and recorded is not None and class_rows(own) != class_rows(recorded):
+        a, b = class_rows(own), class_rows(recorded)
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        first = (f"the test set has {len(a)} classes, the checkpoint {len(b)}" if k is None else
+                 f"first difference: {a[k]} in the test set, {b[k]} in the checkpoint")
+        raise ValueError(f"{found} and the classes {ckpt} was trained with differ ({first}); score a checkpoint on "
+                         "a test set labelled with its own classes")
+    return own or recorded or data.DEFAULT_CLASSES
+
+
+def check_save_folder(path, flag: str = "--save") -> None:
+    """Before any sampling: `path` can be the predictions folder (an existing folder, or one that can be made in a
+    writable folder). Nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file; the predictions are written into a folder")
+    check_can_make(path.absolute(), f"{flag} {path}")
+
+
 def run_eval(args) -> int:
+    """One model (--ckpt, or --base) scored on --data: a table and a JSON line. Every option is checked, and the
+    --fid-model network loaded, before the model loads; what was computed is printed even if a later step (the
+    protocol, FID, the ceiling) fails, and that failure is then raised."""
     if not args.ckpt and not args.base:
         raise ValueError("pass --ckpt PATH (a train.py output) or --base")
-    ds = data.PairedDataset(args.data, size=args.size)
+    if args.save:
+        check_save_folder(args.save)
+    fid = FidFeatures(load_fid_model(args.fid_model), args.fid_model) if args.fid_model else None
+    ds = data.PairedDataset(args.data, size=args.size, classes=eval_classes(args.data, args.ckpt))
     decoys = decoy_names(args)
     decoy_ids(ds.classes, decoys)  # a misspelt name is refused before the model loads
     protocol = None
     if args.protocol:  # built first: a missing package or weight file fails before any generation
         from tools.protocol import ThermalGenProtocol
         protocol = ThermalGenProtocol(lpips_weights=args.lpips_weights, fid_weights=args.fid_weights)
-    pipe = load_pipeline(None if args.base else args.ckpt, base_dtype=args.base_dtype)
+    pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype)
     how = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
     summ = evaluate(pipe, ds, how, limit=args.limit, decoys=decoys, save_dir=Path(args.save) if args.save else None,
-                    progress=args.progress, protocol=protocol)
-    extra = {"ckpt": args.ckpt or "base"} | asdict(how)
-    if protocol is not None:
-        extra["thermalgen"] = protocol.compute()
-    if args.fid_model:
-        extra["fid"] = fid_score(pipe, ds, args.fid_model, how, args.limit)
-    rows = {args.ckpt or "base": summ}
-    if args.ceiling:
-        rows = {CEILING: ceiling(pipe, ds, args.limit, decoys, args.progress)} | rows
-        print(json.dumps(jsonable(summary_line("ceiling", rows[CEILING]))))
-    print(metrics.format_table(rows, decoy=True))
-    print(json.dumps(jsonable(summary_line(args.ckpt or "base", summ, extra))))
+                    progress=args.progress, protocol=protocol, fid=fid)
+    name = args.ckpt or "base"
+    extra = {"ckpt": name} | asdict(how)
+    rows = {name: summ}
+    try:
+        if protocol is not None:
+            extra["thermalgen"] = protocol.compute()
+        if fid is not None:
+            extra["fid"] = fid.compute()
+        if args.ceiling:
+            rows = {CEILING: ceiling(pipe, ds, args.limit, decoys, args.progress)} | rows
+            print(json.dumps(jsonable(summary_line("ceiling", rows[CEILING]))))
+    finally:  # the scores already computed are printed whatever happened after them
+        print(metrics.format_table(rows, decoy=True))
+        print(json.dumps(jsonable(summary_line(name, summ, extra))))
     return 0
 
 
@@ -569,24 +654,36 @@ def run_sweep(args) -> int:
         raise ValueError(f"--values {args.values!r}: a comma-separated list of numbers") from None
     if not values or any(not (math.isfinite(v) and v >= 0) for v in values):
         raise ValueError(f"--values {args.values!r}: finite numbers >= 0")
-    ds = data.PairedDataset(args.data, size=args.size)
+    out = Path(args.save or f"sweep-{args.sweep}.png")
+    check_image_out(out, "--save")  # the figure's name, checked before any sampling
+    ds = data.PairedDataset(args.data, size=args.size, classes=eval_classes(args.data, args.ckpt))
     decoys = decoy_names(args)
     decoy_ids(ds.classes, decoys)
+    net = load_fid_model(args.fid_model) if args.fid_model else None
     pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype)
     field = {"strength": "sem_strength", "guidance": "sem_guidance"}[args.sweep]
     base = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
-    rows, lines = {}, []
+    rows, lines, failed = {}, [], None
     for v in values:
         t0 = time.time()
-        summ = evaluate(pipe, ds, replace(base, **{field: v}), limit=args.limit, decoys=decoys, progress=args.progress)
+        fid = FidFeatures(net, args.fid_model) if net is not None else None
+        summ = evaluate(pipe, ds, replace(base, **{field: v}), limit=args.limit, decoys=decoys, progress=args.progress,
+                        fid=fid)
         rows[f"{args.sweep} {v:g}"] = summ
-        lines.append(summary_line(f"{args.sweep} {v:g}", summ, {field: v, "seconds": round(time.time() - t0, 1)}))
+        extra = {field: v, "seconds": round(time.time() - t0, 1)}
+        if fid is not None:
+            try:
+                extra["fid"] = fid.compute()
+            except ValueError as e:  # reported after the table: the other scores stand
+                failed = failed or e
+        lines.append(summary_line(f"{args.sweep} {v:g}", summ, extra))
         print(json.dumps(jsonable(lines[-1])))
     print(metrics.format_table(rows, decoy=True))
-    out = Path(args.save or f"sweep-{args.sweep}.png")
     sweep_figure(values, list(rows.values()), f"semantic {args.sweep}", out)
     Path(out).with_suffix(".json").write_text(json.dumps(jsonable(lines), indent=1))
     print(f"wrote {out} and {Path(out).with_suffix('.json')}")
+    if failed is not None:
+        raise failed
     return 0
 
 

@@ -13,6 +13,7 @@ Without labels (rgb/ ir/; then `python -m tools.labels OUT OUT --model DIR` writ
     LLVIP (Jia et al. 2021)    SRC/visible/<split>, SRC/infrared/<split>
     FLIR aligned (Zhang 2020)  SRC/JPEGImages/FLIR_XXXXX_RGB.jpg + FLIR_XXXXX_PreviewData.jpeg, pairs listed in
                                SRC/align_train.txt (--split train) or SRC/align_validation.txt (--split test)
+Label files are label-id images: a palette PNG's index is the label id, whatever colours its palette holds.
 <split> is --split train (default) or test. Infrared stored as 3-channel grey becomes one channel; 16-bit infrared
 stays 16-bit; a false-colour infrared image (channels that differ) is refused, since its palette cannot be inverted.
 
@@ -120,6 +121,13 @@ def write_rgb_ir(out, name, rgb, ir):
     Image.fromarray(np.ascontiguousarray(ir)).save(out / "ir" / f"{name}.png")
 
 
+def label_ids(path, classes) -> np.ndarray:
+    """A published set's label file -> int64 [H, W] label ids. These are label-id images; a palette (P) PNG's index
+    is the id whatever colours its palette holds (a VOC palette's colours can equal class colours: VOC index 3 is
+    MFNet's car_stop colour, so reading by colour would turn bikes into stopped cars)."""
+    return semantic_ids(open_image(path), path, classes, index_palette=True)
+
+
 def import_pairs(where, pairs: dict, out, classes=None, desc="import", progress=False) -> int:
     """pairs {stem: (rgb path, ir path, label path or None)} -> OUT, all at once. With `classes`, every pair has a
     label (ids of those classes) and OUT gets sem/ + classes.json; without, rgb/ and ir/ only (label them with
@@ -132,7 +140,7 @@ def import_pairs(where, pairs: dict, out, classes=None, desc="import", progress=
                 _same_size(where, name, {"rgb": rgb, "ir": ir})
                 write_rgb_ir(tmp, name, rgb, ir)
                 continue
-            ids = semantic_ids(open_image(label_path), label_path, classes)                      # [H, W]
+            ids = label_ids(label_path, classes)                                                  # [H, W]
             _same_size(where, name, {"rgb": rgb, "ir": ir, "label": ids})
             write_pair(tmp, name, rgb, ids, ir, classes)
         if classes is not None:
@@ -185,7 +193,7 @@ def import_mfnet(src, out, progress=False, split=None) -> int:
                 raise DataError(f"{img_path}: mode {img.mode}; MFNet images are 4-channel RGB-T PNGs "
                                 "(thermal = 4th channel)")
             rgbt = np.asarray(img)                                                   # [H, W, 4] uint8
-            ids = semantic_ids(open_image(label_path), label_path, MFNET_CLASSES)    # [H, W]
+            ids = label_ids(label_path, MFNET_CLASSES)                               # [H, W]
             if ids.shape != rgbt.shape[:2]:
                 raise DataError(f"{src}: pair {name!r}: image {rgbt.shape[1]}x{rgbt.shape[0]} "
                                 f"but label {ids.shape[1]}x{ids.shape[0]}")
@@ -203,8 +211,9 @@ def _listed(split_file: Path, names: list[str]) -> list[str]:
 
 
 def _split_keys(split_file: Path) -> list[str]:
+    """The keys a split file lists, one per line (a byte-order mark, as Windows editors write, is not a key's)."""
     try:
-        keys = [line.strip() for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        keys = [line.strip() for line in split_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{split_file}: cannot read the split file ({type(e).__name__}: {e})") from None
     if not keys:

@@ -26,7 +26,8 @@ Hot classes: person and rider (ADE20K: person, animal). Vehicles are cold unless
 tell a running engine from a parked car, so the labeller cannot either.
 
 transformers is imported only here (requirements-test.txt pins the tested version); weights are read from
-safetensors only, nothing is downloaded. Every problem is one line: data.DataError naming the file or folder.
+safetensors only, nothing is downloaded, and a model that needs its own Python code (an auto_map in its config) is
+refused. Every problem is one line: data.DataError naming the file or folder.
 """
 
 import argparse
@@ -202,11 +203,28 @@ def _transformers():
     return transformers
 
 
+def _refuse_custom_code(folder: Path):
+    """A model whose config.json (or preprocessor_config.json) has an auto_map runs Python code shipped in its folder:
+    refused, as pickles are, before transformers sees it (which would ask on a terminal whether to run it)."""
+    for name in ("config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise DataError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+        if isinstance(doc, dict) and "auto_map" in doc:
+            raise DataError(f"{path}: the model needs its own Python code (auto_map); refused, as pickles are; use a "
+                            "model that transformers implements (SegFormer, Mask2Former, OneFormer)")
+
+
 def _check_model_dir(folder: Path):
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; --model is a local Hugging Face model folder ({MODEL_FILES})")
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder}: no config.json: not a Hugging Face model folder ({MODEL_FILES})")
+    _refuse_custom_code(folder)
     if not any(folder.glob("*.safetensors")):
         raise DataError(f"{folder}: no *.safetensors weights; only safetensors are read (a pytorch_model.bin is a "
                         "pickle, which can run code: convert it where you trust it)")
@@ -225,15 +243,16 @@ class Segmenter:
         _check_model_dir(folder)
         self.device = torch.device(device)
         try:
-            config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+            local = {"local_files_only": True, "trust_remote_code": False}  # never the folder's own code
+            config = tf.AutoConfig.from_pretrained(folder, **local)
             self.kind = config.model_type
             if self.kind == "oneformer":  # its processor also tokenizes the task prompt ("the task is semantic")
-                self.processor = tf.AutoProcessor.from_pretrained(folder, local_files_only=True)
+                self.processor = tf.AutoProcessor.from_pretrained(folder, **local)
             else:
-                self.processor = tf.AutoImageProcessor.from_pretrained(folder, local_files_only=True, use_fast=False)
+                self.processor = tf.AutoImageProcessor.from_pretrained(folder, use_fast=False, **local)
             auto = (tf.AutoModelForUniversalSegmentation if self.kind in UNIVERSAL
                     else tf.AutoModelForSemanticSegmentation)
-            self.model = auto.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+            self.model = auto.from_pretrained(folder, use_safetensors=True, **local)
         except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # a missing backbone package too
             first = str(e).strip().split("\n")[0]
             raise DataError(f"{folder}: transformers cannot load it as a segmentation model ({first})") from None

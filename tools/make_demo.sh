@@ -19,9 +19,10 @@ start=$(date +%s)
 [ -d data/synth-test ] || python -m tools.synth data/synth-test --count 64 --size 128 --seed 1
 # the autoencoder: first on cheap 32px crops, then on whole images (GroupNorm statistics of a crop are not a whole
 # image's, so the last steps must see whole images)
-python -m tools.train_ae --data data/synth --steps "$AE_STEPS" --batch-size 12 --crop 32 --out "$FLUX_IR_WEIGHTS/demo"
+python -m tools.train_ae --data data/synth --steps "$AE_STEPS" --batch-size 12 --crop 32 --out runs/demo-ae \
+    --overwrite
 python -m tools.train_ae --data data/synth --steps "$AE_FULL_STEPS" --batch-size 4 --crop 0 --lr 3e-4 \
-    --warmup-steps 20 --init "$FLUX_IR_WEIGHTS/demo/ae.safetensors" --out "$FLUX_IR_WEIGHTS/demo"
+    --warmup-steps 20 --init runs/demo-ae/ae.safetensors --out "$FLUX_IR_WEIGHTS/demo" --overwrite
 # the base: RGB -> IR only (the analog of the pretrained model), then a second cosine cycle from its output
 python train.py --stage base --scheme none $CC --data data/synth --steps "$BASE_STEPS" --batch-size 16 --out runs/demo-base --overwrite
 python train.py --stage base --scheme none $CC --data data/synth --steps "$BASE_MORE_STEPS" --batch-size 16 --lr 4e-4 --overwrite \

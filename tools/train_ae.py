@@ -1,9 +1,9 @@
 """
 Train the tiny demo's own autoencoder: the analog of FLUX's pretrained ae.safetensors for the CPU demo.
 
-    python -m tools.train_ae --data data/synth --steps 3000 --batch-size 12 --crop 32 --out weights/demo
+    python -m tools.train_ae --data data/synth --steps 3000 --batch-size 12 --crop 32 --out runs/ae-crops
     python -m tools.train_ae --data data/synth --steps 400 --batch-size 4 --crop 0 --lr 3e-4 --warmup-steps 20 \
-        --init weights/demo/ae.safetensors --out weights/demo          # continue on whole images
+        --init runs/ae-crops/ae.safetensors --out weights/demo --overwrite    # continue on whole images
 
 One step, on a batch of the three kinds of image the transformer will see (visible, semantic, infrared as 3
 channels), random crops of --crop pixels (a conv net: the size does not matter, the cost does):
@@ -13,6 +13,8 @@ At the end FLUX's latent shift and scale are re-estimated so this autoencoder's 
 
 Ctrl-C / SIGTERM writes OUT/ae_resume.pt (weights, optimizer, step, generator) after the current step and exits
 with 128 + the signal; the same command with --resume continues bit for bit. The state is removed when the run ends.
+An OUT that holds a finished or stopped run is refused without --overwrite (as train.py does); with it, the earlier
+run's files are removed only once this run has written its own (checkpoint.set_aside), never when --init is one.
 """
 
 import argparse
@@ -25,12 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import changed_settings, claim, command, load_state, resume_command, save_state
+from checkpoint import (changed_settings, claim, command, load_state, restore, resume_command, save_state,
+                        set_aside, settle)
 from pipeline import ROOT, Stopper, resolve_device
 from vae import AE_PRESETS, AutoEncoder, load_ae, save_ae
 from tools.synth import TRAIN_SET, ensure_set
 
 RESUME_NAME = "ae_resume.pt"
+RUN_FILES = (RESUME_NAME, "ae.safetensors")  # what a stopped or finished run leaves in OUT
 NOT_THE_RUN = ("resume", "overwrite", "progress", "device", "log_every", "out")  # a resumed run may change these
 
 
@@ -53,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--resume", action="store_true", help=f"continue a stopped run from OUT/{RESUME_NAME}")
-    ap.add_argument("--overwrite", action="store_true", help=f"start afresh over a stopped run's OUT/{RESUME_NAME}")
+    ap.add_argument("--overwrite", action="store_true",
+                    help=f"start afresh over a stopped or finished run in OUT ({', '.join(RUN_FILES)})")
     return ap.parse_args(argv)
 
 
@@ -117,20 +122,23 @@ def run(a: argparse.Namespace) -> int:
     resume_path = out / RESUME_NAME
     if a.resume and not resume_path.is_file():
         raise ValueError(f"--resume: no {resume_path} (was the stopped run started with --out {a.out}?)")
-    lock = claim(out, (RESUME_NAME,), "ae.safetensors", a.resume, a.overwrite)  # a stopped run is never lost
-    device = resolve_device(a.device)
-    images = load_images(a)  # [3N, 3, H, W]
-    g = torch.Generator().manual_seed(a.seed)
-    torch.manual_seed(a.seed)
-    ae = (load_ae(a.init, device=device) if a.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
-    opt = torch.optim.AdamW(ae.parameters(), lr=a.lr, weight_decay=0.0)
-    start = load_resume(resume_path, ae, opt, g, a) if a.resume else 0
-    if a.resume:
-        print(f"resumed from {resume_path} at step {start}")
-    ae.requires_grad_(True)
-    from tqdm import tqdm
-    stopper = Stopper()
+    lock = claim(out, RUN_FILES, "ae.safetensors", a.resume, a.overwrite, keep=(a.init,))
+    stopper, aside = Stopper(), None  # a signal before the loop stops the command at once
     try:
+        device = resolve_device(a.device)
+        images = load_images(a)  # [3N, 3, H, W]
+        g = torch.Generator().manual_seed(a.seed)
+        torch.manual_seed(a.seed)
+        ae = (load_ae(a.init, device=device) if a.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
+        opt = torch.optim.AdamW(ae.parameters(), lr=a.lr, weight_decay=0.0)
+        start = load_resume(resume_path, ae, opt, g, a) if a.resume else 0
+        if a.resume:
+            print(f"resumed from {resume_path} at step {start}")
+        ae.requires_grad_(True)
+        from tqdm import tqdm
+        if a.overwrite:
+            aside = set_aside(out, RUN_FILES)  # the earlier run: removed once this one has written its own
+        stopper.at_once = False
         print(f"training the autoencoder on {len(images)} images, steps {start}..{a.steps}")
         bar = tqdm(range(start, a.steps), desc="ae", initial=start, total=a.steps, disable=not a.progress)
         for step in bar:
@@ -154,14 +162,23 @@ def run(a: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if stopper.signal is not None and step + 1 < a.steps:  # a signal during the last step: just finish
                 save_state(resume_path, step + 1, ae.state_dict(), opt, g, run_args(a))
+                settle(aside)
+                aside = None
                 print(f"\nstopped by signal {stopper.signal} at step {step + 1}; resume with "
                       f"`{resume_command('-m tools.train_ae')}`")
                 return 128 + stopper.signal
         bar.close()
         finish(ae, images, a, device)  # a signal from here on waits: the remaining work is short
+        settle(aside)
+        aside = None
         resume_path.unlink(missing_ok=True)  # the run is complete
+    except KeyboardInterrupt:  # a signal before the loop, or a second one in it
+        when = "before training began: this run wrote nothing" if stopper.at_once else "at once by a second signal"
+        print(f"\nstopped by signal {stopper.signal} {when}", file=sys.stderr)
+        return 128 + (stopper.signal or 2)
     finally:
         stopper.close()
+        restore(aside, RUN_FILES)  # ended before writing anything: the earlier run comes back
         lock.unlink(missing_ok=True)
     return 0
 

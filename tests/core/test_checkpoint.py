@@ -12,6 +12,7 @@ import re
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -368,7 +369,7 @@ def test_command_turns_bad_input_into_one_line_and_exit_status_2(capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # A run's output folder
 
-def test_claim_refuses_earlier_files_and_live_owners_and_overwrite_removes_them(tmp_path):
+def test_claim_refuses_earlier_files_and_live_owners_and_overwrite_removes_nothing(tmp_path):
     out = tmp_path / "run"
     lock = checkpoint.claim(out, ("state.pt", "final.bin"), "final.bin", resume=False, overwrite=False)
     assert lock.read_text().strip() == str(os.getpid())
@@ -389,7 +390,65 @@ def test_claim_refuses_earlier_files_and_live_owners_and_overwrite_removes_them(
         other.kill()
         other.wait()
     checkpoint.claim(out, ("state.pt", "final.bin"), "final.bin", resume=False, overwrite=True)  # a dead owner
-    assert not (out / "state.pt").exists() and not (out / "final.bin").exists()
+    assert (out / "state.pt").read_text() == "x" and (out / "final.bin").read_text() == "y"  # set_aside moves them
+
+
+def test_overwrite_refuses_to_replace_the_init_file(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "final.bin").write_text("y")
+    with pytest.raises(ValueError, match="--init.*--overwrite would replace"):
+        checkpoint.claim(out, ("final.bin",), "final.bin", resume=False, overwrite=True,
+                         keep=(str(tmp_path / "run" / ".." / "run" / "final.bin"),))
+    assert (out / "final.bin").read_text() == "y" and not (out / checkpoint.LOCK).exists()
+
+
+def test_an_overwritten_run_comes_back_unless_the_new_run_wrote_a_checkpoint(tmp_path):
+    files = ("state.pt", "final.bin", "log.jsonl")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.pt").write_text("old state")
+    (out / "log.jsonl").write_text("old log\n")
+    aside = checkpoint.set_aside(out, files)
+    assert not (out / "state.pt").exists() and not (out / "log.jsonl").exists()
+    (out / "log.jsonl").write_text("new log\n")  # the new run's first lines, then it fails
+    checkpoint.restore(aside, files)
+    assert (out / "state.pt").read_text() == "old state" and (out / "log.jsonl").read_text() == "old log\n"
+    assert not aside.exists()
+    aside = checkpoint.set_aside(out, files)
+    (out / "state.pt").write_text("new state")  # the new run's first checkpoint
+    checkpoint.settle(aside)
+    checkpoint.restore(aside, files)  # nothing left to restore
+    assert (out / "state.pt").read_text() == "new state" and not (out / "log.jsonl").exists()
+
+
+def test_a_killed_overwrite_is_recovered_by_the_next_claim(tmp_path, capsys):
+    files = ("state.pt", "final.bin")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "final.bin").write_text("old weights")
+    checkpoint.set_aside(out, files)  # then a kill -9 before any checkpoint
+    checkpoint.claim(out, files, "final.bin", resume=False, overwrite=True)
+    assert (out / "final.bin").read_text() == "old weights" and not (out / checkpoint.REPLACED).exists()
+    assert "back in place" in capsys.readouterr().out
+    checkpoint.set_aside(out, files)
+    (out / "state.pt").write_text("new state")  # killed after the new run's first checkpoint
+    checkpoint.claim(out, files, "final.bin", resume=True, overwrite=False)
+    assert not (out / "final.bin").exists() and (out / "state.pt").read_text() == "new state"
+    assert not (out / checkpoint.REPLACED).exists()
+
+
+def test_two_writers_of_one_path_use_their_own_temporary_files(tmp_path):
+    target = tmp_path / "out.bin"
+    seen = []
+
+    def first(tmp):  # while the first writes, a second writer writes the same path to completion
+        seen.append(tmp)
+        checkpoint.write_atomic(target, lambda t2: (seen.append(t2), Path(t2).write_bytes(b"second")))
+        Path(tmp).write_bytes(b"first")
+    checkpoint.write_atomic(target, first)
+    assert seen[0] != seen[1] and target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary file left
 
 
 def test_state_round_trip_and_changed_settings(tmp_path):
@@ -410,6 +469,8 @@ def test_the_resume_command_is_the_one_used(monkeypatch):
     assert checkpoint.resume_command("train.py", 1) == "python train.py --stage joint --resume"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert checkpoint.resume_command("train.py", 4) == "torchrun --nproc_per_node 4 train.py --stage joint --resume"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out", "my runs/j 1", "--overwrite"])  # quoted for the shell
+    assert checkpoint.resume_command("train.py", 1) == "python train.py --out 'my runs/j 1' --resume"
 
 
 def test_trim_log_drops_lines_past_the_state(tmp_path):
@@ -417,3 +478,11 @@ def test_trim_log_drops_lines_past_the_state(tmp_path):
     log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
     checkpoint.trim_log(log, 2)
     assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == [1, 2]
+
+
+def test_trim_log_drops_a_partial_last_line(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"step": 1}) + "\n" + '{"step": 2, "lo')  # a full disk cut the last line short
+    checkpoint.trim_log(log, 5)
+    assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == [1]
+    assert "dropped 1 unreadable line" in capsys.readouterr().out

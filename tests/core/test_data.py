@@ -4,8 +4,10 @@ tests: on random files only DataError escapes, and valid folders are read. (The 
 test_synth.py, the importers in test_importers.py; here synthetic scenes only serve as ready-made dataset folders.)
 """
 
+import os
 import re
 import struct
+import subprocess
 import sys
 import tempfile
 import zlib
@@ -133,15 +135,27 @@ def palette_image(index, colours):
     return p
 
 
+def test_palette_map_that_fits_both_readings_is_refused(tmp_path):
+    ids = np.array([[0, 4, 5], [6, 7, 1]], np.uint8)
+    lut = data.palette(data.DEFAULT_CLASSES)
+    # A lossless palette re-save of a colour map (PIL's quantize, as optipng does) whose indices (0..5) are class ids
+    # too: by colour and by index it names different classes, and the file cannot say which was meant
+    q = save(Image.fromarray(lut[ids]).quantize(), tmp_path / "q.png")
+    assert Image.open(q).mode == "P" and not np.array_equal(np.asarray(Image.open(q)), ids)
+    with pytest.raises(data.DataError, match="reads as label ids and as class colours"):
+        data.load_semantic(q, data.DEFAULT_CLASSES)
+    # MFNet's labels with the VOC palette: index 3 (bike) has VOC's colour (128, 128, 0), MFNet's car_stop colour
+    mfnet = data.class_table([(0, "unlabeled", (0, 0, 0), False), (3, "bike", (0, 128, 192), True),
+                              (5, "car_stop", (128, 128, 0), False)])
+    voc = save(palette_image(np.array([[0, 3]], np.uint8), {0: (0, 0, 0), 3: (128, 128, 0)}), tmp_path / "voc.png")
+    with pytest.raises(data.DataError, match="index 3 is class 3 by id but car_stop"):
+        data.load_semantic(voc, mfnet)
+    assert data.semantic_ids(Image.open(voc), voc, mfnet, index_palette=True).tolist() == [[0, 3]]
+
+
 def test_palette_semantic_map_in_class_colours_is_a_colour_map(tmp_path):
     ids = np.array([[0, 4, 5], [6, 7, 1]], np.uint8)
     lut = data.palette(data.DEFAULT_CLASSES)
-    # A lossless palette re-save of a colour map (PIL's quantize, as optipng does): read through the colours, also
-    # when its indices (0..5) happen to be valid class ids too
-    q = save(Image.fromarray(lut[ids]).quantize(), tmp_path / "q.png")
-    assert Image.open(q).mode == "P" and np.asarray(Image.open(q)).max() < 6
-    assert not np.array_equal(np.asarray(Image.open(q)), ids)  # the indices alone would give other classes
-    assert data.load_semantic(q, data.DEFAULT_CLASSES)[0].tolist() == ids.tolist()
     # Palette colours that are class colours at indices that are not ids (ids 0..7, indices 20..27)
     p = save(palette_image(ids + 20, {i + 20: c for i, c in enumerate(lut.tolist())}), tmp_path / "p.png")
     assert data.load_semantic(p, data.DEFAULT_CLASSES)[0].tolist() == ids.tolist()
@@ -573,3 +587,80 @@ def test_misalign_moves_the_labels_and_coarsens_them_to_cells():
     coarse = data.misalign(ids, down=4)
     assert coarse.unique().numel() == 4 and torch.equal(coarse[:4, :4], torch.full((4, 4), int(ids[2, 2])))
     assert torch.equal(data.misalign(ids), ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing silently wrong, nothing lost
+
+def test_dangling_links_are_named_not_dropped(tmp_path):
+    root = make_root(tmp_path / "d", names=("a", "b"))
+    for d in data.FOLDERS:  # every file of stem c is a link whose target is gone
+        (root / d / "c.png").symlink_to(tmp_path / "gone" / f"{d}.png")
+    with pytest.raises(DataError, match=r"1 link\(s\) whose target is missing: c.png -> .*gone"):
+        data.PairedDataset(root)
+
+
+def test_sampling_resizes_a_pair_as_training_does(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 8, (40, 56)).astype(np.uint8)
+    root = make_root(tmp_path / "d", names=())
+    save(rng.integers(0, 256, (40, 56, 3)).astype(np.uint8), root / "rgb" / "a.png")
+    save(ids, root / "sem" / "a.png")
+    save(rng.integers(0, 256, (40, 56)).astype(np.uint8), root / "ir" / "a.png")
+    item = data.PairedDataset(root, size=32)[0]
+    rgb, sem, got_ids = data.load_pair(root / "rgb" / "a.png", root / "sem" / "a.png", data.DEFAULT_CLASSES, 32)
+    assert torch.equal(rgb, item["rgb"]) and torch.equal(sem, item["sem"]) and torch.equal(got_ids, item["sem_ids"])
+    assert rgb.min() >= -1 and rgb.max() <= 1  # bicubic overshoot clamped
+
+
+def test_validate_names_every_bad_semantic_map_and_the_sizes(tmp_path):
+    root = make_root(tmp_path / "d", names=("a", "b", "c", "d"))
+    for n in ("b", "d"):
+        save(np.full((32, 32, 3), 7, np.uint8), root / "sem" / f"{n}.png")  # a colour in no class
+    make_root(root, names=("e",), hw=(16, 16))  # and one pair of another size
+    with pytest.raises(DataError, match=r"3 problem\(s\) with its 5 pairs") as e:
+        data.PairedDataset(root).validate(one_size=True)
+    assert "b.png" in str(e.value) and "d.png" in str(e.value) and "16x16: 1, 32x32: 4" in str(e.value)
+
+
+def test_the_fingerprint_follows_content_not_names_sizes_or_times(tmp_path):
+    root = make_root(tmp_path / "d", names=("a", "b"))
+    for n, v in (("a", 0), ("b", 9)):  # uncompressed: two files of one size
+        (root / "ir" / f"{n}.png").unlink()
+        save(np.full((32, 32), v, np.uint8), root / "ir" / f"{n}.bmp")
+    before = data.PairedDataset(root).fingerprint()
+    a, b = root / "ir" / "a.bmp", root / "ir" / "b.bmp"
+    times = [(p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (a, b)]
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    for p, t in zip((a, b), times):
+        os.utime(p, ns=t)  # swapped content, same sizes, the old times
+    assert data.PairedDataset(root).fingerprint() != before
+
+
+def test_a_deeply_nested_class_table_is_one_error(tmp_path):
+    (tmp_path / "classes.json").write_text("[" * 100000)
+    with pytest.raises(DataError, match="cannot read class table"):
+        data.load_classes(tmp_path / "classes.json")
+
+
+def test_a_dataset_is_written_through_a_link_to_an_empty_folder(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    synth.write_synth(tmp_path / "link", count=2, size=16)
+    assert (tmp_path / "link").is_symlink() and len(data.PairedDataset(tmp_path / "link")) == 2
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["classes.json", "ir", "rgb", "sem"]
+
+
+def test_a_second_writer_of_one_dataset_is_refused_naming_the_first(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".set.partial-{other.pid}").mkdir()  # the first writer's folder
+        with pytest.raises(DataError, match=f"another process \\(pid {other.pid}\\) is writing"):
+            synth.write_synth(tmp_path / "set", count=2, size=16)
+    finally:
+        other.kill()
+        other.wait()
+    synth.write_synth(tmp_path / "set", count=2, size=16)  # its leftovers, once it is gone, are cleared
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]

@@ -129,3 +129,49 @@ def test_sampling_reads_the_map_with_the_checkpoints_classes(run_train, tmp_path
         assert "its training classes" in capsys.readouterr().out
     else:
         assert rc == 2 and "not in the class palette" in capsys.readouterr().err
+
+
+def test_ckpt_takes_a_run_folder_and_points_from_a_resume_state_to_the_weights(run_train, tmp_path, capsys):
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
+    ex = ROOT / "examples"
+    args = [str(ex / "rgb.png"), str(ex / "sem.png"), "-o", str(tmp_path / "ir.png"), "--steps", "1"]
+    assert sample.main([*args, "--ckpt", str(w)]) == 0
+    assert f"semantic weights: {w / 'final.safetensors'}" in capsys.readouterr().out
+    assert sample.main([*args, "--ckpt", str(w / "resume.pt")]) == 2
+    assert f"a resume state (read by --resume), not weights; pass {w / 'final.safetensors'}" in capsys.readouterr().err
+    assert sample.main([*args, "--ckpt", str(w), "--base"]) == 2
+    assert "pick one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,says", [("lora_rank", 1000000, "rank"), ("lora_rank", True, "lora_rank=True"),
+                                              ("condition_cache", "no", "condition_cache='no'"),
+                                              ("semantic", {"token_dim": -1}, "semantic options")])
+def test_a_crafted_run_config_is_refused_before_anything_is_built(run_train, tmp_path, capsys, field, value, says):
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "joint", "--steps", "1", "--lora-rank", "2") == 0
+    meta = read_metadata(w / "final.safetensors")
+    cfg = json.loads(meta["config"]) | {field: value}
+    save_atomic(read_safetensors(w / "final.safetensors"), tmp_path / "crafted.safetensors",
+                meta | {"config": json.dumps(cfg)})
+    ex = ROOT / "examples"
+    assert sample.main([str(ex / "rgb.png"), str(ex / "sem.png"), "-o", str(tmp_path / "ir.png"), "--steps", "1",
+                        "--ckpt", str(tmp_path / "crafted.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and "Traceback" not in err
+
+
+def test_deeply_nested_json_in_a_header_or_the_config_is_one_line(run_train, tmp_path, capsys):
+    import struct
+    header = b"[" * 100000
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
+    save_atomic(read_safetensors(w / "final.safetensors"), tmp_path / "deep_config.safetensors",
+                read_metadata(w / "final.safetensors") | {"config": "[" * 100000})
+    ex = ROOT / "examples"
+    for name, says in (("deep.safetensors", "corrupt safetensors header"), ("deep_config.safetensors", "corrupt config")):
+        capsys.readouterr()
+        assert sample.main([str(ex / "rgb.png"), str(ex / "sem.png"), "-o", str(tmp_path / "ir.png"),
+                            "--ckpt", str(tmp_path / name)]) == 2
+        assert says in capsys.readouterr().err

@@ -384,4 +384,126 @@ def test_a_dataset_of_mixed_sizes_is_refused_naming_pixel_sizes(env, run_train, 
             shutil.copy(f, mixed / d / f"small_{f.name}")
     assert run_train(tmp_path / "out", "--stage", "warmup", "--steps", "1", "--data", str(mixed)) == 2
     err = capsys.readouterr().err
-    assert "(32, 32)" in err and "(64, 64)" in err and "--size" in err
+    assert "32x32: 2" in err and "64x64: 2" in err and "--size" in err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --overwrite, the dataset, signals and caches: nothing lost, nothing silently wrong
+
+
+def run_files(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_a_failing_overwrite_leaves_the_earlier_run_whole(run_train, env, tmp_path, capsys):
+    """--overwrite with a typo'd --data, with bad dataset content (mixed sizes, an unknown colour in the last pair),
+    or its own --init: one line, and the earlier run is as it was (no lock, nothing set aside)."""
+    import shutil
+    from conftest import save_image
+    out = tmp_path / "r"
+    assert run_train(out, "--stage", "warmup", "--steps", "2") == 0
+    before = run_files(out)
+    bad = tmp_path / "bad"
+    shutil.copytree(env / "synth", bad)
+    names = sorted(p.name for p in (bad / "sem").iterdir())
+    import numpy as np
+    for stem in (names[-1], names[-2]):
+        save_image(np.full((64, 64, 3), 7, np.uint8), bad / "sem" / stem)  # a colour in no class
+    capsys.readouterr()
+    for args in (["--data", str(tmp_path / "typo")], ["--data", str(bad)],
+                 ["--init", str(out / "final.safetensors")]):
+        assert run_train(out, "--stage", "warmup", "--steps", "2", "--overwrite", *args) == 2
+        assert run_files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    err = capsys.readouterr().err.splitlines()
+    assert "no such" in err[0]
+    assert "2 problem(s) with its 12 pairs" in err[1] and names[-1] in err[2] + err[3] and names[-2] in err[2] + err[3]
+    assert "--overwrite would replace" in err[-1]
+
+
+def test_an_overwrite_that_fails_before_its_first_checkpoint_puts_the_earlier_run_back(run_train, tmp_path,
+                                                                                        monkeypatch):
+    out = tmp_path / "r"
+    assert run_train(out, "--stage", "warmup", "--steps", "2") == 0
+    before = run_files(out)
+    calls = []
+
+    def fails_at_step_2(*args):  # the new run's second step breaks (after a log line was written)
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*args)
+    real = train.flow_loss
+    monkeypatch.setattr(train, "flow_loss", fails_at_step_2)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_train(out, "--stage", "warmup", "--steps", "4", "--ckpt-every", "3", "--overwrite")
+    assert run_files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    monkeypatch.setattr(train, "flow_loss", real)
+    assert run_train(out, "--stage", "warmup", "--steps", "4", "--overwrite") == 0  # succeeds: the new run only
+    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_changed_dataset(run_train, env, tmp_path, capsys):
+    import shutil
+    d = tmp_path / "d"
+    shutil.copytree(env / "synth", d)
+    out = tmp_path / "r"
+    assert run_train(out, "--stage", "warmup", "--steps", "2", "--data", str(d)) == 0
+    for sub in ("rgb", "sem", "ir"):
+        shutil.copy(d / sub / "000000.png", d / sub / "extra.png")
+    capsys.readouterr()
+    assert run_train(out, "--stage", "warmup", "--steps", "4", "--data", str(d), "--resume") == 2
+    assert "changed since this run started (12 -> 13 pairs)" in capsys.readouterr().err
+    for sub in ("rgb", "sem", "ir"):
+        (d / sub / "extra.png").unlink()
+    classes = json.loads((d / "classes.json").read_text())
+    classes["classes"][5]["hot"] = True  # the poster becomes a hot class: the maps still read
+    (d / "classes.json").write_text(json.dumps(classes))
+    assert run_train(out, "--stage", "warmup", "--steps", "4", "--data", str(d), "--resume") == 2
+    assert "the class palette (classes.json) differs" in capsys.readouterr().err
+
+
+def test_init_from_a_condition_cache_run_needs_the_condition_cache(run_train, tmp_path, capsys):
+    out = tmp_path / "w"
+    assert run_train(out, "--stage", "warmup", "--steps", "1", "--condition-cache") == 0
+    capsys.readouterr()
+    assert run_train(tmp_path / "j", "--stage", "joint", "--steps", "1", "--init", str(out)) == 2  # a run folder
+    assert "trained with --condition-cache" in capsys.readouterr().err
+
+
+def test_a_signal_while_latents_are_encoded_is_one_line_and_releases_the_lock(run_train, tmp_path, capsys,
+                                                                              monkeypatch):
+    import latents
+    from tools.synth import write_synth
+    d = tmp_path / "fresh"
+    write_synth(d, count=2, size=32, seed=7)  # new content: its latents are not cached yet
+    real = latents.pack
+
+    def ctrl_c(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends; the handler raises at once
+        return real(*args)
+    monkeypatch.setattr(latents, "pack", ctrl_c)
+    out = tmp_path / "r"
+    assert run_train(out, "--stage", "warmup", "--steps", "2", "--data", str(d)) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "stopped by signal 2 before training began" in err and "Traceback" not in err
+    assert not (out / "run.lock").exists() and not list(out.glob("*.safetensors"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_unreadable_latent_cache_is_encoded_again(run_train, tmp_path, capsys):
+    import latents
+    from tools.synth import write_synth
+    d = tmp_path / "d"
+    write_synth(d, count=2, size=32, seed=8)
+    assert run_train(tmp_path / "a", "--stage", "warmup", "--steps", "1", "--data", str(d)) == 0
+    cache = latents.tokens_path(PairedDataset(d), find_setup().ae, 0.5)
+    tokens = read_safetensors(cache)
+    for broken in ("truncated", "nan"):
+        if broken == "truncated":
+            cache.write_bytes(cache.read_bytes()[:-100])
+        else:
+            save_atomic(tokens | {"ir": tokens["ir"] * float("nan")}, cache)
+        capsys.readouterr()
+        assert run_train(tmp_path / broken, "--stage", "warmup", "--steps", "1", "--data", str(d)) == 0
+        assert "cannot be used" in capsys.readouterr().out
+        assert torch.equal(read_safetensors(cache)["ir"], tokens["ir"])

@@ -3,10 +3,12 @@ cheaper options with their settings), refusing unknown names before any training
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import data
+from conftest import make_dataset_root, save_image
 from checkpoint import read_metadata, read_safetensors, save_atomic
 from data import PairedDataset
 from flux_model import PRESETS
@@ -240,3 +242,119 @@ def test_score_only_trains_nothing_and_leaves_missing_seeds_out(env, in_process,
     assert "none seed 1: not trained, left out" in capsys.readouterr().out
     assert not (out / "none" / "seed1").exists()
     assert set(json.loads((out / "results.json").read_text())["per_seed"]["none (RGB only)"]) == {"0"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options checked before the first sample; scores that outlive a later failure; the test set's classes
+
+
+class MeanFeatures(torch.nn.Module):
+    """A tiny FID feature network: per-image mean, spread, maximum and minimum."""
+
+    def forward(self, x):
+        return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x.amax((1, 2, 3)), x.amin((1, 2, 3))], 1)
+
+
+class Needs299(torch.nn.Module):
+    """An Inception that does not resize: refuses the 64-pixel test images."""
+
+    def forward(self, x):
+        assert x.shape[-1] == 299, "expects 299x299 inputs"
+        return x.mean((2, 3))
+
+
+def refused_before_loading(monkeypatch, capsys, cases) -> None:
+    """Each (flags, message) of `cases` is exit status 2 with one line holding `message`, before any weights load."""
+    monkeypatch.setattr(evaluation, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the checks"))
+    for flags, message in cases:
+        assert evaluation.main(flags + ["--steps", "1", "--limit", "2", "--no-progress"]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_options_are_checked_before_the_model_loads(env, monkeypatch, tmp_path, capsys):
+    """A --fid-model that is not TorchScript (a state dict), a --save that is a file, a sweep's --save that is not a
+    picture name: one line each, before any weights load or sample."""
+    state_dict = tmp_path / "inception.pt"
+    torch.save({"w": torch.zeros(2)}, state_dict)
+    (tmp_path / "taken").write_text("a file")
+    synth = ["--data", str(env / "synth")]
+    refused_before_loading(monkeypatch, capsys, [
+        (synth + ["--base", "--fid-model", str(state_dict)], f"--fid-model {state_dict}: not a TorchScript file"),
+        (synth + ["--base", "--save", str(tmp_path / "taken")], f"--save {tmp_path / 'taken'}: is a file"),
+        (synth + ["--ckpt", str(tmp_path / "x.safetensors"), "--sweep", "guidance", "--save",
+                  str(tmp_path / "sweep.txt")], f"--save {tmp_path / 'sweep.txt'}: unknown image extension")])
+
+
+def test_ckpt_with_base_and_a_resume_state_as_ckpt_are_refused(env, monkeypatch, tmp_path, capsys):
+    """--ckpt X --base would score the base under X's name; a resume.pt is not weights: each is one line."""
+    synth = ["--data", str(env / "synth")]
+    refused_before_loading(monkeypatch, capsys, [
+        (synth + ["--ckpt", str(tmp_path / "x.safetensors"), "--base"], "--ckpt and --base: pick one"),
+        (synth + ["--ckpt", str(tmp_path / "run" / "resume.pt")], "a resume state (read by --resume)")])
+
+
+def test_fid_uses_the_evaluations_own_predictions_and_a_failing_network_keeps_the_scores(env, monkeypatch,
+                                                                                          tmp_path, capsys):
+    """FID is computed from the predictions that were scored (each pair sampled once), and a network that fails on
+    them is one line after the table and the JSON line of the scores that were computed."""
+    calls, preds = [], []
+
+    def recording(pipe, rgb, sem, **kw):
+        calls.append(len(rgb))
+        pred = generate(pipe, rgb, sem, **kw)
+        preds.extend(pred.cpu())
+        return pred
+    monkeypatch.setattr(evaluation, "generate", recording)
+    good, bad = tmp_path / "feats.pt", tmp_path / "needs299.pt"
+    torch.jit.script(MeanFeatures()).save(str(good))
+    torch.jit.script(Needs299()).save(str(bad))
+    common = ["--data", str(env / "synth"), "--base", "--steps", "1", "--limit", "2", "--no-progress"]
+    assert evaluation.main(common + ["--fid-model", str(good)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sum(calls) == 2                                               # no second sampling pass for FID
+    ds = PairedDataset(env / "synth")
+    features = lambda images: evaluation.metrics.fid_features_from_model(torch.jit.load(str(good)), images)  # noqa
+    want = evaluation.metrics.fid(features(torch.stack([ds[0]["ir"], ds[1]["ir"]])), features(torch.stack(preds)))
+    assert line["fid"] == pytest.approx(want)
+    assert evaluation.main(common + ["--fid-model", str(bad)]) == 2
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert any(l.startswith("| base") for l in out)                      # the table
+    scores = json.loads(out[-1])
+    assert scores["n_images"] == 2 and scores["psnr"] == line["psnr"] and "fid" not in scores
+    assert "the network failed on pair" in captured.err and len(captured.err.splitlines()) == 1
+
+
+def test_eval_reads_label_ids_with_the_checkpoints_classes_and_refuses_a_different_table(run_train, env, monkeypatch,
+                                                                                         tmp_path, capsys):
+    """A test set of label-id maps without classes.json is rendered in the palette the checkpoint was trained with
+    (as sample.py does); one whose classes.json differs from it is refused naming both. --ckpt may be the run
+    folder."""
+    run = tmp_path / "w"
+    assert run_train(run, "--stage", "warmup", "--steps", "1") == 0
+    final = run / "final.safetensors"
+    own = data.class_table([(0, "ground", (10, 20, 30), False), (1, "walker", (200, 0, 0), True),
+                            (2, "cart", (0, 200, 0), False)])
+    meta = read_metadata(final)
+    cfg = json.loads(meta["config"]) | {"classes": [{"id": c.id, "name": c.name, "color": list(c.color),
+                                                      "hot": c.hot} for c in own]}
+    save_atomic(read_safetensors(final), final, meta | {"config": json.dumps(cfg)})
+    root = make_dataset_root(tmp_path / "ids", names=("a", "b"), hw=(64, 64))
+    ids = np.zeros((64, 64), np.uint8)
+    ids[:, 20:40], ids[:, 40:] = 1, 2
+    for n in ("a", "b"):
+        save_image(ids, root / "sem" / f"{n}.png")
+    seen = []
+    monkeypatch.setattr(evaluation, "generate", lambda pipe, rgb, sem, **kw: (
+        seen.append(sem), torch.rand(len(sem), 1, *sem.shape[-2:]))[1])
+    common = ["--data", str(root), "--ckpt", str(run), "--steps", "1", "--no-progress"]
+    assert evaluation.main(common) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ckpt"] == str(final)
+    assert torch.equal(seen[0][0], data.render_semantic(torch.from_numpy(ids).long(), own))
+    assert seen[0][0][:, 0, 30].tolist() == pytest.approx([200 / 127.5 - 1, -1, -1])  # walker's red, not synthetic
+    data.save_classes(data.DEFAULT_CLASSES, root / "classes.json")
+    assert evaluation.main(common) == 2
+    err = capsys.readouterr().err
+    assert str(root / "classes.json") in err and str(final) in err and len(err.splitlines()) == 1
+    assert "first difference: (0, 'sky', (70, 130, 180), False) in the test set, (0, 'ground'" in err

@@ -270,3 +270,46 @@ def test_mfnet_split_file_keeps_its_stems(tmp_path):
     (src / "val.txt").write_text("00009N\n")
     with pytest.raises(DataError, match="val.txt: 1 listed stem.*no pair: 00009N"):
         importers.import_mfnet(src, tmp_path / "val", split="val")
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples, flattened), as VOC-style label PNGs carry it."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def test_a_palette_label_with_the_voc_palette_imports_by_index_not_colour(tmp_path):
+    """VOC index 3 is (128, 128, 0), MFNet's car_stop colour (id 5, cold): a published label PNG in P mode is a
+    label-id image, so index 3 is bike (id 3, hot)."""
+    src = tmp_path / "msrs"
+    fake_labelled(src, ("vi", "ir", "Segmentation_labels"), {"train": ["00001D"], "test": ["00100D"]}, 9)
+    index = np.zeros((32, 48), np.uint8)
+    index[8:24, 10:30] = 3
+    label = Image.fromarray(index, "P")
+    label.putpalette(voc_palette())
+    assert tuple(label.getpalette()[9:12]) == (128, 128, 0) == importers.MFNET_CLASSES[5].color
+    label.save(src / "test" / "Segmentation_labels" / "00100D.png")
+    out = tmp_path / "out"
+    assert importers.import_msrs(src, out, split="test") == 1
+    classes = data.PairedDataset(out).classes
+    ids, _ = data.load_semantic(out / "sem" / "00100D.png", classes)
+    assert np.array_equal(ids.numpy(), index)
+    assert {c.id: c.name for c in classes}[int(ids[16, 20])] == "bike"
+
+
+def test_a_split_file_with_a_byte_order_mark_lists_its_first_stem(tmp_path):
+    """Windows editors start a UTF-8 file with a BOM; read as plain UTF-8 the first stem would be '\\ufeff00002N'."""
+    src = fake_mfnet(tmp_path / "mf", names=("00001D", "00002N", "00003D"))
+    (src / "test.txt").write_text("00002N\r\n00003D\r\n", encoding="utf-8-sig")
+    assert (src / "test.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert importers.import_mfnet(src, tmp_path / "test", split="test") == 2
+    assert data.PairedDataset(tmp_path / "test").names == ["00002N", "00003D"]

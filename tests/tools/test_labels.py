@@ -163,3 +163,19 @@ def test_mapping_file(tmp_path):
     path.write_text(json.dumps(spec | {"map": {"road": "tarmac"}}))
     with pytest.raises(DataError, match="tarmac: not a class"):
         labels.load_mapping(str(path))
+
+
+def test_a_model_with_its_own_code_is_refused_before_transformers_reads_it(tmp_path, capsys, monkeypatch):
+    """A config.json with an auto_map makes transformers ask on a terminal whether to run the folder's Python code:
+    it is refused in one line instead, before transformers is asked to load anything."""
+    import transformers
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: pytest.fail("transformers was asked to load a model with custom code"))
+    src = rgb_ir_folder(tmp_path / "src", sizes=((32, 32),))
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "mysegformer",
+                                                    "auto_map": {"AutoConfig": "modeling.MyConfig"}}))
+    err = one_line_error(capsys, [str(src), str(tmp_path / "out"), "--model", str(custom)])
+    assert f"{custom / 'config.json'}: the model needs its own Python code (auto_map); refused" in err
+    assert not (tmp_path / "out").exists()

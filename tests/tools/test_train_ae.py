@@ -81,3 +81,20 @@ def test_a_stopped_runs_state_is_never_lost_or_misused(env, tmp_path, capsys):
     assert str(state) in fails("--steps", "3", "--resume")
     assert train_ae.main(ae_args(env, out, "--steps", "3", "--overwrite")) == 0
     assert (out / "ae.safetensors").is_file() and not state.exists()
+
+
+def test_a_finished_autoencoder_is_not_replaced_without_overwrite_nor_ever_when_it_is_the_init(env, tmp_path,
+                                                                                                capsys):
+    out = tmp_path / "ae"
+    assert train_ae.main(ae_args(env, out, "--steps", "2")) == 0
+    first = (out / "ae.safetensors").read_bytes()
+    capsys.readouterr()
+    assert train_ae.main(ae_args(env, out, "--steps", "2", "--seed", "1")) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    init = str(out / "ae.safetensors")
+    assert train_ae.main(ae_args(env, out, "--steps", "2", "--init", init, "--overwrite")) == 2
+    assert "--overwrite would replace" in capsys.readouterr().err
+    assert (out / "ae.safetensors").read_bytes() == first and sorted(p.name for p in out.iterdir()) == ["ae.safetensors"]
+    assert train_ae.main(ae_args(env, tmp_path / "next", "--steps", "2", "--init", init)) == 0  # another --out
+    assert train_ae.main(ae_args(env, out, "--steps", "2", "--seed", "1", "--overwrite")) == 0
+    assert (out / "ae.safetensors").read_bytes() != first and not (out / ".replaced").exists()
