@@ -401,10 +401,11 @@ def flux_hint(params: FluxParams, forms: Callable[[set], str] | None = None):
         if mismatched:
             return "shapes differ: the file is for another model size than the chosen preset"
         if params.guidance_embed and _GUIDANCE_KEYS <= missing:
-            return f"the file has no guidance_in, which {chosen} has: a flux1-schnell checkpoint; use --preset schnell"
+            return (f"the file has no guidance_in, which {chosen} has: a flux1-schnell checkpoint (load it with "
+                    "params='schnell'; the commands read the preset from the file's keys)")
         if not params.guidance_embed and _GUIDANCE_KEYS & unexpected:
             return (f"the file has guidance_in, which {chosen} lacks: a guidance-distilled (dev / Kontext) "
-                    "checkpoint; use --preset dev or kontext")
+                    "checkpoint (load it with params='dev'; the commands read the preset from the file's keys)")
         if any(".lora_" in k or "lora_unet" in k for k in unexpected):
             return "the file holds LoRA weights: load it with lora.py on top of the base model"
         return ""
@@ -597,14 +598,14 @@ def save_state(path: Path, step: int, weights: dict, opt: torch.optim.Optimizer,
     save_torch_atomic(state, path)
 
 
-def load_state(path: Path, weight_names, extra: tuple[str, ...] = ()) -> dict:
-    """save_state's dict back, checked: every key present, the same weight names. A file another program or version
-    wrote is a one-line CheckpointError naming it."""
+def load_state(path: Path, weight_names=None, extra: tuple[str, ...] = ()) -> dict:
+    """save_state's dict back, checked: every key present, the same weight names (when `weight_names` is given). A
+    file another program or version wrote is a one-line CheckpointError naming it."""
     state = load_torch_state(path)  # a truncated, corrupt or pickled file is a one-line error naming it
     if missing := [k for k in ("step", "weights", "optimizer", "rng", "settings", *extra) if k not in state]:
         raise CheckpointError(f"{path}: not a resume state of this program (no {', '.join(missing)}); start over "
                               "with --overwrite")
-    if sorted(state["weights"]) != sorted(weight_names):
+    if weight_names is not None and sorted(state["weights"]) != sorted(weight_names):
         raise ValueError(f"{path} was written by a run with other trainable weights (another stage or scheme)")
     try:
         state["settings"] = json.loads(state["settings"])

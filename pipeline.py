@@ -21,6 +21,7 @@ schemes (extras.schemes.attach builds any scheme, the default B through the core
 import only the core.
 """
 
+import hashlib
 import math
 import os
 import signal
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 import data
-from checkpoint import CheckpointError, check_state_dict, read_header, read_safetensors, run_config
+from checkpoint import CheckpointError, check_state_dict, read_header, read_safetensors, run_config, shard_files
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
 from extras.checkpoint_forms import detect_preset, load_flux
 from extras.fp8 import BASE_DTYPES
@@ -105,47 +106,135 @@ def weights_dir() -> Path:
 
 @dataclass
 class Setup:
-    """Which base files the commands use: the official FLUX files in weights/, or the tiny demo."""
+    """Which base files the commands use: an official FLUX transformer (found by what its file holds) with the FLUX
+    autoencoder and text encoders in weights/, or the tiny demo."""
     kind: str  # "official" | "demo"
     flux: Path
     preset: str
     ae: Path
     t5: Path | None = None
     clip: Path | None = None
-    guidance: float | None = None  # fixed guidance input for guidance-distilled bases
+    guidance: float | None = None  # the base's sampling guidance input (guidance-distilled bases: dev / Kontext)
+    how: str = ""  # how the base was found, for describe()
 
     def describe(self) -> str:
         if self.kind == "demo":
             return (f"no official FLUX checkpoint in {self.flux.parent.parent}: using the tiny demo preset "
                     f"({self.flux}, trained on synthetic scenes; see weights/README.md to use FLUX.1)")
-        return f"using {self.flux.name} ({self.preset}) with {self.ae.name}"
+        return f"using {self.flux} ({self.how}) with {self.ae.name}"
+
+    def base_id(self) -> str:
+        """The base's identity, from its content: the same weights under any name, path or storage form give the
+        same id (base_id)."""
+        return base_id(self.flux)
 
 
 BASE_ENV = "FLUX_IR_BASE"  # any transformer file or folder load_flux reads (fp8, ComfyUI all-in-one, diffusers)
+NOT_BASES = ("ae.safetensors",)  # files of weights/ that are never the transformer
+# The FLUX.1 layouts by the input width of img_in (x_embedder in diffusers' names) other than a text-to-image base's
+# 64 (dev, schnell, Kontext): Canny / Depth and Fill concatenate their condition in channels
+IMG_IN_WIDTHS = {128: "a Canny/Depth checkpoint", 384: "a Fill checkpoint"}
+
+
+def base_source(path: Path) -> Path:
+    """The transformer inside a Hugging Face snapshot folder (its transformer/), else `path` itself."""
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "transformer").is_dir():
+        return path / "transformer"
+    return path
+
+
+def base_layout(path: Path) -> tuple[str | None, str, bool]:
+    """What a file or folder is, judged from its header alone: (preset, "", True) for a FLUX base transformer in any
+    form load_flux reads ("dev" with guidance_in: dev and Kontext share a layout; "schnell" without); (None, why,
+    True) for a FLUX transformer that is not a base (Fill, Canny/Depth); (None, why, False) for anything else (an
+    autoencoder, a LoRA, a text encoder)."""
+    try:
+        preset = detect_preset(path)
+        files, _ = shard_files(base_source(path))
+        shapes = {k: e["shape"] for f in files for k, e in read_header(f)[0].items()}
+    except CheckpointError as e:
+        return None, str(e).removeprefix(f"{path}: "), False
+    width = next((v[1] for k, v in shapes.items() if k.endswith(("img_in.weight", "x_embedder.weight"))), 64)
+    if width != 64:
+        return None, f"{IMG_IN_WIDTHS.get(width, f'an in_channels={width} checkpoint')}, not a text-to-image base", True
+    return preset, "", True
 
 
 def find_setup(weights: Path | None = None) -> Setup:
-    """Official files win when present (Kontext is the natural base: it was trained with condition tokens);
-    $FLUX_IR_BASE names another transformer checkpoint (a Kontext one when "kontext" is in its name)."""
+    """$FLUX_IR_BASE if set, else the one FLUX transformer checkpoint in weights/, whatever its name or form (found
+    by the keys and shapes of its header: base_layout), with weights/ae.safetensors and the text encoder folders;
+    else the tiny demo. Several transformers in weights/ are refused, naming them and $FLUX_IR_BASE."""
     weights = weights or weights_dir()
-    names = ("flux1-kontext-dev.safetensors", "flux1-dev.safetensors", "flux1-schnell.safetensors")
-    chosen = [Path(os.environ[BASE_ENV])] if os.environ.get(BASE_ENV) else [weights / n for n in names]
-    if os.environ.get(BASE_ENV) and not chosen[0].exists():
-        raise CheckpointError(f"${BASE_ENV}={chosen[0]}: no such file or folder")
-    for f in chosen:
-        name = f.name.lower()
-        if f.exists():
-            ae = weights / "ae.safetensors"
-            if not ae.is_file():
-                raise CheckpointError(f"found {f} but no {ae}: the FLUX autoencoder is needed too (weights/README.md)")
-            preset = "kontext" if "kontext" in name else detect_preset(f)
-            t5, clip = weights / "t5", weights / "clip"
-            for p in (t5, clip):
-                if not p.is_dir():
-                    raise CheckpointError(f"found {f} but no text encoder folder {p} (weights/README.md)")
-            return Setup("official", f, preset, ae, t5, clip, guidance=None if preset == "schnell" else 2.5)
-    demo = weights / "demo"
+    if os.environ.get(BASE_ENV):
+        f = Path(os.environ[BASE_ENV])
+        if not f.exists():
+            raise CheckpointError(f"${BASE_ENV}={f}: no such file or folder")
+        preset, why, _ = base_layout(f)
+        if preset is None:
+            raise CheckpointError(f"${BASE_ENV}={f}: not a FLUX base transformer ({why})")
+        found, how = [(f, preset)], f"${BASE_ENV}"
+    else:
+        candidates = sorted(p for p in weights.glob("*") if p.name not in NOT_BASES and not p.name.startswith(".")
+                            and (p.suffix == ".safetensors" or p.is_dir() and p.name not in ("demo", "t5", "clip")))
+        layouts = {p: base_layout(p) for p in candidates}
+        found = [(p, preset) for p, (preset, _, _) in layouts.items() if preset is not None]
+        how = "found by its keys"
+        if len(found) > 1:
+            raise CheckpointError(f"{weights}: {len(found)} FLUX transformer checkpoints ("
+                                  + ", ".join(p.name for p, _ in found) + f"): set {BASE_ENV} to the one to use")
+        if not found and (other := [f"{p}: {why}" for p, (_, why, flux) in layouts.items() if flux]):
+            raise CheckpointError(f"no FLUX base transformer in {weights}, only " + "; ".join(other))
+    if found:
+        f, preset = found[0]
+        ae = weights / "ae.safetensors"
+        if not ae.is_file():
+            raise CheckpointError(f"found {f} but no {ae}: the FLUX autoencoder is needed too (weights/README.md)")
+        t5, clip = weights / "t5", weights / "clip"
+        layout = "dev / Kontext layout" if preset == "dev" else "schnell layout"
+        return Setup("official", f, preset, ae, t5, clip, guidance=None if preset == "schnell" else 2.5,
+                     how=f"{layout}, {how}")
+    demo = weights / "demo"  # its transformer may not exist yet: `train.py --stage base` makes it
     return Setup("demo", demo / "flux.safetensors", "tiny", demo / "ae.safetensors")
+
+
+# The first block's query-norm scale in BFL's and diffusers' names (after any prefix): RMSNorm scales are never
+# quantized by the fp8 forms, and cast to fp8 they agree between a bf16 file and a plain fp8 cast of it
+IDENTITY_KEYS = ("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight")
+
+
+def base_id(path: Path) -> str:
+    """The identity of a transformer checkpoint's weights, whatever its name, path or storage form: a hash of its
+    first block's query-norm scale rounded to fp8 (IDENTITY_KEYS). Two trainings of FLUX give other scales; the same
+    weights renamed, linked, or stored in bf16 or fp8 give the same id."""
+    for f in shard_files(base_source(Path(path)))[0]:
+        key = next((k for k in read_header(f)[0] if k.endswith(IDENTITY_KEYS)), None)
+        if key is not None:
+            scale = read_safetensors(f, keys=[key])[key].to(torch.float8_e4m3fn)  # [head_dim]
+            return hashlib.sha256(scale.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    raise CheckpointError(f"{path}: no {IDENTITY_KEYS[0]} (or diffusers' {IDENTITY_KEYS[1]}): not a FLUX transformer")
+
+
+def note_cpu_fp32(setup: Setup, device: torch.device, dtype: torch.dtype) -> None:
+    """One note when an official base is about to be held in fp32 on the CPU (4 bytes a weight: about 48 GB at dev
+    size) because no --base-dtype was given."""
+    if setup.kind == "official" and device.type == "cpu" and dtype == torch.float32:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Flux(PRESETS[setup.preset]).parameters())
+        print(f"note: on the CPU the base is held in fp32, {4 * n / 2**30:.0f} GiB; --base-dtype bf16 halves that, "
+              "fp8 stores its linear weights in one byte")
+
+
+def check_same_base(cfg: dict, path, setup: Setup) -> None:
+    """A train.py output is used on the base it was trained on: the same weights (its recorded base_id), whatever
+    the base file is called now; an output from before ids were recorded, the same layout (its base_preset)."""
+    if "base_id" in cfg:
+        if cfg["base_id"] != setup.base_id():
+            raise CheckpointError(f"{path} was trained on another base ({cfg.get('base_file', '?')}, id "
+                                  f"{cfg['base_id']}); this run's base {setup.flux} holds other weights (id "
+                                  f"{setup.base_id()}): use the base it was trained on ({BASE_ENV} names a file)")
+    elif cfg.get("base_preset") not in (None, setup.preset) and PRESETS.get(cfg["base_preset"]) != PRESETS[setup.preset]:
+        raise CheckpointError(f"{path} was trained on a base of the {cfg['base_preset']!r} layout, but this run's base "
+                              f"{setup.flux} has the {setup.preset!r} layout (read from its keys)")
 
 
 def text_condition(setup: Setup, params, batch: int, prompt: str, device, dtype, prompt_cache: Path | None = None):
@@ -254,6 +343,8 @@ RUN_CONFIG_FIELDS = {
     "lora_alpha": (lambda v: v is None or _number(v) and v > 0, "a positive number"),
     "condition_cache": (lambda v: isinstance(v, bool), "true or false"),
     "guidance": (lambda v: v is None or _number(v), "a finite number"),
+    "sample_guidance": (lambda v: v is None or _number(v), "a finite number"),
+    "base_id": (lambda v: isinstance(v, str), "a string"),
     "overlay_alpha": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "prompt": (lambda v: isinstance(v, str), "a string"),
     "semantic": (lambda v: isinstance(v, dict), "an object of semantic options"),
@@ -300,6 +391,7 @@ class Pipeline:
     dtype: torch.dtype
     ckpt: Path | None = None  # the trained weights, if any (named when something goes wrong)
     condition_cache: bool = False  # trained with the condition cache (extras/condition_cache.py)
+    text: tuple | None = None  # the prompt's (txt [1, L_txt, D], txt_ids, y [1, D]), encoded before the model loads
 
     @property
     def scheme(self) -> str:  # xattn | zeroconv | adapter | overlay | none
@@ -330,24 +422,28 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
     setup = setup or find_setup()
     if not quiet:
         print(setup.describe())
+        note_cpu_fp32(setup, device, dtype)
     if setup.kind == "demo" and not setup.flux.is_file():
-        raise CheckpointError(f"{setup.flux} is missing: run `python train.py --stage base` (or restore weights/demo)")
+        raise CheckpointError(f"no FLUX transformer in {setup.flux.parent.parent} and no demo base {setup.flux}: put "
+                              f"the official files there (weights/README.md), set {BASE_ENV} to a transformer "
+                              "checkpoint, or remake the demo (`python train.py --stage base`)")
     cfg = run_config(ckpt) if ckpt else {"scheme": "none"}
-    if cfg.get("base_preset") not in (None, setup.preset):
-        raise CheckpointError(f"{ckpt} was trained on the {cfg['base_preset']!r} base, but this run uses "
-                              f"{setup.preset!r} ({setup.describe()})")
     if ckpt:
+        check_same_base(cfg, ckpt, setup)
         check_run_config(cfg, ckpt, setup)
+    # the prompt first: its encoders are loaded, used and freed before the transformer, so the peaks do not add up
+    text = text_condition(setup, PRESETS[setup.preset], 1, cfg.get("prompt", prompt), device, dtype)
     model = build_model(setup, cfg, device, dtype, base_dtype=base_dtype)
     if ckpt:
         load_trained(model, ckpt, cfg)
     model.eval().requires_grad_(False)
     ae = load_ae(setup.ae, device=device, dtype=dtype).eval().requires_grad_(False)
-    guidance = cfg.get("guidance", setup.guidance) if PRESETS[setup.preset].guidance_embed else None
+    # sampling guidance: the base's default (training runs at its own, fixed guidance: another setting)
+    guidance = setup.guidance if PRESETS[setup.preset].guidance_embed else None
     # the condition cache: the run's choice, or (no run config, e.g. sampling the base alone) the base's own
     cache = bool(cfg["condition_cache"] if "condition_cache" in cfg else base_condition_cache(setup))
     return Pipeline(setup, model, ae, cfg, guidance, cfg.get("prompt", prompt), device, dtype,
-                    Path(ckpt) if ckpt else None, cache)
+                    Path(ckpt) if ckpt else None, cache, text)
 
 
 def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
@@ -362,8 +458,7 @@ def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
         semantic = pipe.model.semantic
         sem_in = semantic_input(semantic.config, sem, pipe.ae) if semantic is not None else None
         x_cond = pack(pipe.ae.encode(image))  # [B, 3, H, W] -> [B, 16, H/8, W/8] -> [B, L, 64]
-    text = text_condition(pipe.setup, pipe.model.params, B, pipe.prompt, rgb.device, pipe.dtype)
-    return make_condition(x_cond, sem_in, text, H // 16, W // 16)
+    return make_condition(x_cond, sem_in, pipe.text, H // 16, W // 16)  # the prompt's batch-1 text, expanded
 
 
 # sampling-time semantic strength and guidance (sample.py, tools/eval.py): the best point of the strength and guidance

@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
     pipe = load_pipeline(ckpt, device, setup=setup, base_dtype=args.base_dtype)
     print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme}); classes: {source}")
+    if pipe.guidance is not None or args.guidance is not None:
+        print(f"guidance input: {args.guidance if args.guidance is not None else pipe.guidance}"
+              + ("" if args.guidance is not None else " (the base's sampling default; --guidance to change it)"))
     if args.attn:
         check_attention_maps(pipe)
     ir = generate(pipe, rgb[None], sem[None], steps=args.steps, seed=args.seed, guidance=args.guidance,

@@ -158,6 +158,10 @@ class SemanticContext(Extra):
         block = self.module.block(name)  # None: no semantic attention in this block
         return None if block is None else block(q, self)  # [B, L_img, D]
 
+    def strength_as(self, x: Tensor) -> float | Tensor:
+        """The strength as it multiplies x: a float as it is, a [B, 1, 1] tensor in x's dtype."""
+        return self.strength.to(x.dtype) if isinstance(self.strength, Tensor) else self.strength
+
 
 class DecoupledSemanticAttention(nn.Module):
     """One block's scheme B: its own image queries (QK-normed, rotated with the block's ids) also attend to the
@@ -183,9 +187,12 @@ class DecoupledSemanticAttention(nn.Module):
         return q, self.kv(ctx)[0]
 
     def forward(self, q: Tensor, ctx: SemanticContext) -> Tensor:
-        """q: the block's rotated image queries [B, H, L_img, Dh] -> [B, L_img, D]."""
+        """q: the block's rotated image queries [B, H, L_img, Dh] -> [B, L_img, D], in q's dtype."""
         out = F.scaled_dot_product_attention(q, *self.kv(ctx))  # [B, H, L_img, Dh]
-        return ctx.strength * self.scale * rearrange(out, "B H L D -> B L (H D)")
+        out = rearrange(out, "B H L D -> B L (H D)")  # [B, L_img, D]
+        # the scale is an fp32 (1,) parameter (training keeps the module fp32): cast where it multiplies, or it
+        # would promote a bf16 block's attention to fp32
+        return ctx.strength_as(out) * self.scale.to(out.dtype) * out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -628,33 +628,43 @@ def encoder_fingerprint(folder: str | Path, tokenizer_files: list[Path]) -> str:
 
 class PromptCache:
     """prompts -> (txt [B, L, 4096], vec [B, 768]) from disk, so training and sampling need not keep a 9 GB T5
-    resident.
+    resident, and need no encoder files at all once every prompt they use is cached.
 
-    There is one safetensors file per (encoder, max_length, prompt), named by the sha256 of the three. The encoder
-    part is the folder's fingerprint plus the dtype. An encoder is loaded only when some prompt misses. It then
-    encodes all missing prompts and is freed before the call returns. Files are written atomically, and a hit repeats
-    the truncation warning from the miss. Embeddings are stored in `dtype`, as computed on `device`."""
+    There is one safetensors file per (encoder kind, T5's max_length, prompt), named by the sha256 of the three; its
+    metadata records which encoder made it (the folder's fingerprint and the dtype). With the encoder folder present,
+    an entry made by another encoder or dtype is computed again; with the folder absent, any entry of the prompt is
+    used (one note says so) and a prompt without one is an error naming the folder. An encoder is loaded only when
+    some prompt misses. It then encodes all missing prompts and is freed before the call returns. Files are written
+    atomically, and a hit repeats the truncation warning from the miss. Embeddings are stored in `dtype`, as
+    computed on `device`, and returned in `dtype`."""
 
     def __init__(self, folder: str | Path, t5_path: str | Path, clip_path: str | Path, t5_max_length: int = 512,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, batch_size: int = 8):
         self.folder, self.device, self.dtype, self.batch_size = Path(folder), device, dtype, batch_size
         self.t5_path, self.clip_path, self.t5_max_length = Path(t5_path), Path(clip_path), t5_max_length
-        # check both folders now, so a wrong path fails before any prompt is encoded, then fingerprint them
-        _read_config(self.t5_path, ("t5",), "T5 encoder")
-        clip_hf = _read_config(self.clip_path, ("clip_text_model", "clip"), "CLIP text encoder")
-        clip_cfg = CLIPTextConfig.from_hf(clip_hf)
-        self.max_length = {"t5": t5_max_length, "clip": clip_cfg.max_position_embeddings}
-        self.encoder_ids = {
-            "t5": f"t5:{encoder_fingerprint(self.t5_path, _t5_files(self.t5_path))}:{dtype}:{t5_max_length}",
-            "clip": f"clip:{encoder_fingerprint(self.clip_path, _clip_files(self.clip_path))}:{dtype}:"
-                    f"{clip_cfg.max_position_embeddings}"}
+        self.paths = {"t5": self.t5_path, "clip": self.clip_path}
+        # a folder that is there is checked now, so a wrong one fails before any prompt is encoded; an absent one
+        # leaves the cache to serve what it holds
+        self.max_length = {"t5": t5_max_length, "clip": 77}  # CLIP-L's window; the folder's config says its own
+        self.encoder_ids = {"t5": None, "clip": None}
+        if self.t5_path.exists():
+            _read_config(self.t5_path, ("t5",), "T5 encoder")
+            self.encoder_ids["t5"] = f"t5:{encoder_fingerprint(self.t5_path, _t5_files(self.t5_path))}:{dtype}"
+        if self.clip_path.exists():
+            clip_cfg = CLIPTextConfig.from_hf(_read_config(self.clip_path, ("clip_text_model", "clip"),
+                                                           "CLIP text encoder"))
+            self.max_length["clip"] = clip_cfg.max_position_embeddings
+            self.encoder_ids["clip"] = f"clip:{encoder_fingerprint(self.clip_path, _clip_files(self.clip_path))}:{dtype}"
+        self.noted = set()
 
     def file(self, kind: str, prompt: str) -> Path:
-        key = hashlib.sha256(f"{self.encoder_ids[kind]}\n{prompt}".encode()).hexdigest()
+        window = self.t5_max_length if kind == "t5" else ""  # T5's is a setting; CLIP's is the encoder's own
+        key = hashlib.sha256(f"{kind}:{window}\n{prompt}".encode()).hexdigest()
         return self.folder / f"{key}.safetensors"
 
     def _embed(self, kind: str, prompts: list[str]) -> Tensor:
         found: dict[str, Tensor] = {}
+        wanted = self.encoder_ids[kind]  # None: the encoder folder is absent, any cached entry serves
         for p in dict.fromkeys(prompts):
             path = self.file(kind, p)
             if path.is_file():
@@ -662,12 +672,19 @@ class PromptCache:
                     meta, emb = read_metadata(path), read_safetensors(path)["embedding"]
                 except (CheckpointError, KeyError):
                     continue  # unreadable cache entry: recompute and overwrite it
-                if meta.get("prompt") == p:  # guards against a foreign file under the same name
-                    found[p] = emb.to(self.device)
+                if meta.get("prompt") == p and wanted in (None, meta.get("encoder")):  # a foreign file, an old encoder
+                    found[p] = emb.to(self.device, self.dtype)
                     dropped = int(meta.get("dropped_tokens", 0))
                     if dropped:
                         _warn_truncated(f"{kind.upper()} (cached)", p, dropped, self.max_length[kind])
+                    if wanted is None and kind not in self.noted:
+                        self.noted.add(kind)
+                        print(f"note: no {kind.upper()} folder {self.paths[kind]}: using the cached embedding "
+                              f"({meta.get('encoder', '?').split(':')[0]} encoder, {path.name})")
         missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        if missing and wanted is None:
+            raise CheckpointError(f"{self.paths[kind]}: no such folder, and the prompt {missing[0]!r} has no cached "
+                                  f"{kind.upper()} embedding in {self.folder}: put the encoder there (weights/README.md)")
         if missing:
             embedder = (load_t5(self.t5_path, self.t5_max_length, self.device, self.dtype) if kind == "t5"
                         else load_clip(self.clip_path, self.device, self.dtype))
@@ -675,7 +692,7 @@ class PromptCache:
                 for i in range(0, len(missing), self.batch_size):
                     chunk = missing[i:i + self.batch_size]
                     for p, emb in zip(chunk, embedder(chunk)):  # emb [L, D] (T5) or [D] (CLIP)
-                        meta = {"prompt": p, "encoder": self.encoder_ids[kind],
+                        meta = {"prompt": p, "encoder": wanted,
                                 "dropped_tokens": str(embedder.tokenizer.encode(p)[1])}
                         save_atomic({"embedding": emb}, self.file(kind, p), meta)
                         found[p] = emb

@@ -47,7 +47,8 @@ from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pa
 from flux_model import PRESETS, Flux
 from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
 from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model,
-                      check_run_config, find_setup, is_trained_key, load_trained, resolve_device, text_condition)
+                      check_run_config, check_same_base, find_setup, is_trained_key, load_trained, note_cpu_fp32,
+                      resolve_device, text_condition)
 from sem_cross_attn import ATTENTION_FORMS, DEFAULT_B, SCHEMES as MODULE_SCHEMES, SemanticConfig
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
@@ -109,7 +110,9 @@ class TrainConfig:
     init: str = opt("", "the previous stage's output")
     resume: bool = opt(False, "continue from <out>/resume.pt")
     steps: int | None = opt(None, f"default: the stage's ({per_stage(lambda s: s.steps)})")
-    batch_size: int = opt(8, "per process and micro-step")
+    batch_size: int | None = opt(None, "per process and micro-step; default: 8 on the tiny demo, 1 with an official "
+                                       "base on the CPU, and on a GPU the largest of 8, 4, 2, 1 that the memory plan "
+                                       "fits on the card (tools/memory_plan.py; a resumed run: its own)")
     grad_accum: int = opt(1, "micro-steps per optimiser step")
     lr: float | None = opt(None, f"default: the stage's (FLUX.1 sizes: {per_stage(lambda s: s.lr)}; the tiny demo: "
                                  f"{per_stage(lambda s: s.demo_lr)})")
@@ -155,8 +158,9 @@ class TrainConfig:
                                        "a base trained with it needs it)")
     base_dtype: str | None = opt(None, "how the frozen base is stored: fp8 (1 byte per linear weight, "
                                        "extras/fp8.py) | bf16 | fp32; default: bf16 on a GPU, fp32 on the CPU")
-    gradient_checkpointing: bool = opt(False, "recompute each block with its semantic module in backward "
-                                              "(memory for compute)")
+    gradient_checkpointing: bool | None = opt(None, "recompute each block with its semantic module in backward "
+                                                    "(memory for compute); default: off, but on a GPU with an "
+                                                    "official base where the memory plan needs it for the batch")
     compile: bool = opt(False, "torch.compile the model (opt-in)")
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimiser state over the processes "
                             "(FSDP2, extras/fsdp.py: one unit per transformer block with its semantic module) "
@@ -240,11 +244,57 @@ def settings(cfg: TrainConfig) -> dict:
 # Checks before any work
 
 
+def memory_defaults(cfg: TrainConfig, setup: Setup, device: torch.device) -> TrainConfig:
+    """--batch-size and --gradient-checkpointing, where left unset: a resumed run's own; batch 8 on the tiny demo and
+    1 with an official base on the CPU, without checkpointing; on a GPU with an official base, the largest batch of
+    8, 4, 2, 1 whose step the memory plan (tools/memory_plan.py, traced on the meta device: about a minute) fits on
+    this card, without checkpointing where that batch fits so. One line says what was chosen and why; when nothing
+    fits, a ValueError before anything loads names the settings that would."""
+    if cfg.batch_size is not None and cfg.gradient_checkpointing is not None:
+        return cfg
+    if cfg.resume and (Path(cfg.out) / "resume.pt").is_file():
+        was = load_state(Path(cfg.out) / "resume.pt")["settings"]
+        return dataclasses.replace(cfg, batch_size=was["batch_size"] if cfg.batch_size is None else cfg.batch_size,
+                                   gradient_checkpointing=bool(was["gradient_checkpointing"]
+                                                               if cfg.gradient_checkpointing is None
+                                                               else cfg.gradient_checkpointing))
+    base = cfg.base_dtype or "bf16"
+    if setup.kind != "official" or device.type != "cuda" or cfg.stage == "base" or base == "fp32":
+        default = 8 if setup.kind == "demo" else 1
+        return dataclasses.replace(cfg, batch_size=default if cfg.batch_size is None else cfg.batch_size,
+                                   gradient_checkpointing=bool(cfg.gradient_checkpointing))
+    from tools.memory_plan import BATCHES, GIB, choose, plan_for
+    pairs = data.PairedDataset(cfg.data, size=cfg.size or None)  # the headers only: the token grid of the data
+    side = math.ceil(math.sqrt(max(w * h for w, h in pairs.sizes) / 256)) if not cfg.size else cfg.size // 16
+    semantic = semantic_config(cfg) if cfg.scheme in MODULE_SCHEMES else DEFAULT_B  # none / overlay: B's, as a bound
+    card = torch.cuda.get_device_properties(device).total_memory
+    where = f"a {cfg.stage} step at {side * 16}x{side * 16} on the {base} base, this {card / GIB:.0f} GiB card"
+    print(f"planning the memory of {where} (--batch-size and --gradient-checkpointing skip it)")
+    plan = lambda b: plan_for(PRESETS[setup.preset], cfg.stage, semantic, b, side, lora_rank=cfg.lora_rank)  # noqa
+    given = {"batches": BATCHES if cfg.batch_size is None else (cfg.batch_size,),  # one flag given: the plan picks
+             "checkpointing": (False, True) if cfg.gradient_checkpointing is None else (cfg.gradient_checkpointing,)}
+    choice = choose(card, plan(base), **given)
+    if choice.batch is None:
+        other = choose(card, plan("fp8"), **given) if base == "bf16" else None
+        would = (f"--base-dtype fp8 fits (batch {other.batch}{', gradient checkpointing' if other.checkpointing else ''})"
+                 if other is not None and other.batch else "a smaller --size, or a card with more memory")
+        smallest = f"batch {given['batches'][-1]}{' with gradient checkpointing' if choice.checkpointing else ''}"
+        raise ValueError(f"nothing fits: {smallest} needs {choice.total / GIB:.1f} GiB (+10% and 1 GiB) for {where}; "
+                         f"{would}")
+    chosen = ([f"--batch-size {choice.batch}"] if cfg.batch_size is None else []) + \
+        ([f"--{'' if choice.checkpointing else 'no-'}gradient-checkpointing"] if cfg.gradient_checkpointing is None else [])
+    print(f"chose {' '.join(chosen)}: the largest batch the memory plan fits, without checkpointing where it fits so "
+          f"({choice.total / GIB:.1f} GiB planned for {where})")
+    return dataclasses.replace(cfg, batch_size=choice.batch, gradient_checkpointing=choice.checkpointing)
+
+
 def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
     """The self-description written into every output (pipeline.load_pipeline rebuilds the model from it)."""
     c = {"stage": cfg.stage, "scheme": cfg.scheme, "base_preset": setup.preset, "base_file": setup.flux.name,
          "prompt": cfg.prompt, "guidance": cfg.guidance, "overlay_alpha": cfg.overlay_alpha, "size": cfg.size,
-         "condition_cache": cfg.condition_cache}
+         "condition_cache": cfg.condition_cache, "sample_guidance": setup.guidance}
+    if cfg.stage != "base":  # the base's weights, identified by content (pipeline.base_id): what the output needs
+        c["base_id"] = setup.base_id()
     if cfg.scheme in MODULE_SCHEMES:
         semantic = semantic_config(cfg)
         p = PRESETS[setup.preset]
@@ -262,7 +312,7 @@ def stage_config(cfg: TrainConfig, setup: Setup) -> dict:
 def check_numbers(cfg: TrainConfig) -> None:
     """Every count positive, every rate finite and in range: one ValueError naming the flag."""
     for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:  # batch_size None: memory_defaults
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("warmup_steps", "sample_every", "sample_steps", "size", "sem_heads", "sem_inner_dim",
                  "sem_token_dim", "sem_jitter"):
@@ -324,7 +374,8 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
             got["semantic"] = SemanticConfig.from_dict(got["semantic"]).to_dict()
         except TypeError:
             pass
-    for key in ("scheme", "base_preset", "semantic"):
+    check_same_base(got, cfg.init, setup)  # the same base weights, whatever the base file is called now
+    for key in ("scheme", "semantic"):
         if got.get(key) != want.get(key):
             raise ValueError(f"--init {cfg.init} has {key}={got.get(key)!r} but this run has {want.get(key)!r}")
     if cfg.stage != "base" and got.get("condition_cache", False) != cfg.condition_cache:
@@ -686,7 +737,7 @@ def sample_grid(model: Flux, net, ae: AutoEncoder, setup: Setup, cfg: TrainConfi
     net.eval()
     x = pack(get_noise(B, H, W, seed=0, device=device, dtype=dtype))
     x = denoise(net, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
-                cfg.guidance if model.params.guidance_embed else None)
+                setup.guidance if model.params.guidance_embed else None)  # the base's sampling guidance
     net.train(was_training)
     if not write:
         return path
@@ -765,6 +816,7 @@ def run(cfg: TrainConfig) -> int:
         print(setup.describe())
     cfg = resolve(cfg, setup)  # every flag left unset: the stage's or the scheme's value
     check_numbers(cfg)
+    cfg = memory_defaults(cfg, setup, device)  # the batch and checkpointing: given, the run's own, or planned
     want = stage_config(cfg, setup)  # the run config every output carries
     check_config(cfg, setup, want)
     out = Path(cfg.out)
@@ -772,6 +824,8 @@ def run(cfg: TrainConfig) -> int:
     use_cuda = device.type == "cuda"
     # base weights (fp8: its linear weights in float8, the rest in this); trainable weights stay fp32
     dtype = BASE_DTYPES.get(cfg.base_dtype) or (torch.bfloat16 if use_cuda else torch.float32)
+    if master:
+        note_cpu_fp32(setup, device, dtype)
     # from here on the lock is held: every way out releases it, and --overwrite's earlier run is put back unless the
     # new run has written a checkpoint; a signal before the loop stops the command at once (Stopper)
     stopper, aside, step, log = Stopper(), None, None, None

@@ -11,19 +11,23 @@ hands it that case and reads the others:
   diffusers' FluxTransformer2DModel: its folder (config.json, diffusion_pytorch_model*.safetensors and the
       *.safetensors.index.json that joins the shards), that index, a Hugging Face snapshot holding it in transformer/,
       or one file; converted with extras/lora_formats.py's BFL <-> diffusers name table: q | k | v (| mlp) rows
-      concatenated, the final adaLN's (scale, shift) halves swapped back to (shift, scale)
+      concatenated, the final adaLN's (scale, shift) halves swapped back to (shift, scale). Shard by shard: checked
+      strictly from the headers first, then each shard read, each official tensor made (and for base_dtype fp8
+      quantized) as soon as its last part is read, a layer's parts kept until then (they may lie in several shards),
+      and the shard let go: the peak is one shard plus the converted model, not the whole file in its own dtype
 """
 
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from checkpoint import (CheckpointError, check_keys, check_state_dict, chosen_preset, flux_hint, flux_params,
                         flux_preset, header_keys, load_flux_official, load_strict, read_header, read_metadata,
-                        read_sharded, split_prefix)
+                        read_safetensors, read_sharded, shard_files, split_prefix)
 from extras import fp8
 from extras.lora_formats import SWAPPED, diffusers_norm, diffusers_parts, swap_halves
 from flux_model import Flux, FluxParams
@@ -71,10 +75,11 @@ def _diffusers_hint(params: FluxParams):
             return (f"the block count differs from {chosen}'s ({params.depth} double, {params.depth_single_blocks} "
                     "single): a transformer of another model size (see its config.json)")
         if params.guidance_embed and any(k.startswith(g) for k in missing):
-            return f"no guidance embedder, which {chosen} has: a FLUX.1-schnell transformer; use --preset schnell"
+            return (f"no guidance embedder, which {chosen} has: a FLUX.1-schnell transformer (load it with "
+                    "params='schnell'; the commands read the preset from the file's keys)")
         if not params.guidance_embed and any(k.startswith(g) for k in unexpected):
-            return (f"a guidance embedder, which {chosen} lacks: a dev / Kontext transformer; use --preset dev or "
-                    "kontext")
+            return (f"a guidance embedder, which {chosen} lacks: a dev / Kontext transformer (load it with "
+                    "params='dev'; the commands read the preset from the file's keys)")
         return ""
     return hint
 
@@ -128,31 +133,76 @@ def _diffusers_plan(model: Flux) -> dict[str, list[tuple[str, tuple]]]:
     return plan
 
 
-def _from_diffusers(sd: dict[str, Tensor], model: Flux, what: str) -> dict[str, Tensor]:
-    """diffusers' names -> the official ones, strictly: every missing / unexpected / mis-shaped diffusers key named."""
+def _join(key: str, parts: list[Tensor]) -> Tensor:
+    """An official tensor from its diffusers parts in row order (q | k | v (| mlp)); the final adaLN's halves
+    swapped back."""
+    t = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows, ...]
+    return swap_halves(t) if key.rpartition(".")[0] == SWAPPED else t
+
+
+def _diffusers_shards(src: Path, model: Flux, chosen: dict[str, str], device, convert,
+                      what: str) -> tuple[Iterator[tuple[str, Tensor]], bool]:
+    """A diffusers-format transformer read shard by shard: (official key, tensor) pairs, each made as soon as the
+    last of its parts is read (the parts of one layer may lie in several shards: they wait in `pending`), and
+    whether the file holds fp8 Linear weights. Strict before any tensor is read: every missing / unexpected /
+    mis-shaped diffusers key named, from the headers. `chosen`: _transformer_keys' {key in the file: key}."""
+    files = shard_files(src)[0]
+    heads = {f: read_header(f)[0] for f in files}
+    twice = sorted(k for k, n in Counter(chosen[k] for f in files for k in heads[f] if k in chosen).items() if n > 1)
+    if twice:
+        raise CheckpointError(f"{what}: {len(twice)} tensors are in more than one shard (e.g. {twice[0]})")
+    found = {chosen[k]: e for f in files for k, e in heads[f].items() if k in chosen}  # diffusers key -> header
     plan = _diffusers_plan(model)
-    check_keys({d: shape for parts in plan.values() for d, shape in parts}, sd,
+    check_keys({d: shape for parts in plan.values() for d, shape in parts},
+               {d: torch.empty(e["shape"], device="meta") for d, e in found.items()},
                f"{what} (a diffusers-format FluxTransformer2DModel)", _diffusers_hint(model.params))
-    out = {}
-    for key, parts in plan.items():
-        t = torch.cat([sd.pop(d) for d, _ in parts]) if len(parts) > 1 else sd.pop(parts[0][0])  # [rows, ...]
-        out[key] = swap_halves(t) if key.rpartition(".")[0] == SWAPPED else t
-    return out
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    fp8_file = any(found[d]["dtype"].startswith("F8") for key in linear_weights for d, _ in plan[key])
+    owner = {d: key for key, parts in plan.items() for d, _ in parts}  # diffusers key -> the official one it is in
+
+    def tensors():
+        pending, unread = {}, {key: len(parts) for key, parts in plan.items()}  # parts read, parts still to read
+        for f in files:
+            names = [k for k in heads[f] if k in chosen]
+            pending.update({chosen[k]: t for k, t in read_safetensors(f, device=device, keys=names,
+                                                                       convert=convert).items()})
+            done = []
+            for k in names:
+                key = owner[chosen[k]]
+                unread[key] -= 1
+                if not unread[key]:
+                    done.append(key)
+            for key in done:  # complete: joined and handed on, its parts let go
+                yield key, _join(key, [pending.pop(d) for d, _ in plan[key]])
+    return tensors(), fp8_file
+
+
+def _diffusers_source(keys) -> bool:
+    return any(k.startswith(_DIFFUSERS_ROOTS) for k in keys)
+
+
+def _read(path, model: Flux, device, convert) -> tuple[dict | Iterator, dict, list[str], bool | None]:
+    """read_flux_checkpoint's parts, a diffusers transformer left as its shard-by-shard stream: (the tensors, the
+    weight scales, the notes, whether the file has fp8 Linear weights: None where the tensors are a dict)."""
+    src, what = _source(path), f"FLUX transformer {path}"
+    chosen, note = _transformer_keys(header_keys(src))
+    notes = [note] if note else []
+    if _diffusers_source(chosen.values()):
+        stream, fp8_file = _diffusers_shards(src, model, chosen, device, convert, what)
+        notes.append("a diffusers-format FluxTransformer2DModel, converted to the official names")
+        return stream, {}, notes, fp8_file
+    sd = {chosen[k]: t for k, t in read_sharded(src, device=device, keys=chosen, convert=convert).items()}
+    meta = read_metadata(src) if src.is_file() and not src.name.endswith(".json") else {}
+    sd, scales, note = fp8.split_scales(sd, meta, what)
+    return sd, scales, notes + ([note] if note else []), None
 
 
 def read_flux_checkpoint(path, model: Flux, device="cpu", convert=None) -> tuple[dict, dict, list[str]]:
     """The transformer's tensors from any form above: (official keys -> tensors in the file's dtypes, passed through
-    checkpoint's `convert` as read; the fp8 weight scales by layer (fp8.split_scales); notes for the info line)."""
-    src, what = _source(path), f"FLUX transformer {path}"
-    chosen, note = _transformer_keys(header_keys(src))
-    notes = [note] if note else []
-    sd = {chosen[k]: t for k, t in read_sharded(src, device=device, keys=chosen, convert=convert).items()}
-    if any(k.startswith(_DIFFUSERS_ROOTS) for k in sd):
-        sd = _from_diffusers(sd, model, what)
-        notes.append("a diffusers-format FluxTransformer2DModel, converted to the official names")
-    meta = read_metadata(src) if src.is_file() and not src.name.endswith(".json") else {}
-    sd, scales, note = fp8.split_scales(sd, meta, what)
-    return sd, scales, notes + ([note] if note else [])
+    checkpoint's `convert` as read; the fp8 weight scales by layer (fp8.split_scales); notes for the info line).
+    A diffusers-format file's quantization tensors are refused by its strict key check (no scales to split)."""
+    sd, scales, notes, _ = _read(path, model, device, convert)
+    return dict(sd), scales, notes
 
 
 def _official(path) -> bool:
@@ -191,10 +241,11 @@ def load_flux(path, params: FluxParams | str = "dev", device="cpu", dtype=torch.
     def cast(key: str, t: Tensor) -> Tensor:  # as read: everything but fp8 weights and their scales
         spare = t.dtype in fp8.FP8_DTYPES or not t.is_floating_point() or fp8.QUANT_KEY.search(key)
         return t if spare else t.to(dtype)
-    sd, scales, notes = read_flux_checkpoint(path, model, "cpu" if keep_fp8 else device, None if keep_fp8 else cast)
-    check_state_dict(model, sd, what, hint)
+    sd, scales, notes, fp8_file = _read(path, model, "cpu" if keep_fp8 else device, None if keep_fp8 else cast)
+    if isinstance(sd, dict):  # (a diffusers stream was checked from its headers)
+        check_state_dict(model, sd, what, hint)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    sd, note = fp8.to_base_dtype(sd, scales, linears, keep_fp8, dtype, device, what=what)
+    sd, note = fp8.to_base_dtype(sd, scales, linears, keep_fp8, dtype, device, what=what, fp8_file=fp8_file)
     fp8.fp8_modules_(model, sd)
     load_strict(model, sd, what, hint)
     if notes or note:

@@ -1,12 +1,20 @@
 """
-A frozen base kept in fp8: each frozen nn.Linear stores its weight as float8_e4m3fn (1 byte) with a float32 scale,
-and is upcast, one layer at a time, inside its forward. Written from the formulas; no quantization library.
+A frozen base kept in fp8: each frozen nn.Linear stores its weight as float8_e4m3fn (1 byte) with a float32 scale.
+Written from the formulas; no quantization library.
 
     stored    q = fp8(clamp(W / s, -448, 448)),   s = max|W| / 448 per tensor (s: []) or per output row (s: [out])
-    forward   y = x (q s)^T + b                    q s formed in x's dtype with one rounding (s stays float32)
+    forward   y = x (q s)^T + b, in one of two forms (matmul_form chooses, per layer and call, and says why):
+      dequantize  q s formed in the compute dtype with one rounding (s stays float32), then a bf16 / fp32 product:
+                  the reference, and the form everywhere the next one is not (CPU, GPUs before sm89, odd shapes)
+      scaled_mm   the fp8 product (torch._scaled_mm) on cards that have it (CUDA compute capability 8.9+: Ada,
+                  Hopper): x rounded to fp8 with a scale per row (token), xs = max|x_row| / 448, times q, both scales
+                  applied to the fp32 accumulator, bias added, rounded once to bf16. No upcast copy of the weight
+    A plain fp8 weight (no scale in its file: Kijai, kohya) keeps weight_scale None: a scale of 1, never multiplied.
 
 e4m3 keeps 3 mantissa bits: a weight is stored within 2^-4 of its value (half an ulp, relative), so the output moves
-by a few percent against the bf16 model (`python -m tools.fp8_error` measures it) for half the bytes.
+by a few percent against the bf16 model (`python -m tools.fp8_error` measures it) for half the bytes. The scaled_mm
+form also rounds the activation so (2^-4 of each value, relative, at most); its gradient of x is the dequantizing
+form's (g (q s)), the activation's rounding passed straight through.
 
 What is quantized. The facts, from the public files:
 - ComfyUI's scaled-fp8 FLUX export (comfyanonymous/flux_dev_scaled_fp8_test) stores EVERY Linear weight in fp8 with
@@ -24,10 +32,12 @@ uses it):
                weights' fp8 dtype, float32 meaning e4m3fn): weight = fp8 weight * scale_weight   (ComfyUI)
   comfy_quant  `<layer>.weight_scale` + `<layer>.comfy_quant` (uint8: the JSON {"format": "float8_e4m3fn"}), or the
                same per layer in the metadata `_quantization_metadata`   (ComfyUI's newer mixed precision)
-  `<layer>.scale_input` / `.input_scale` scale the ACTIVATIONS for fp8 matrix multiplies (torch._scaled_mm). Here the
-  weight is upcast and the product runs in bf16/fp32, where an input scale has no role (ComfyUI drops it too unless
-  it multiplies in fp8): they are checked to be scalars and ignored, and the load says so.
-This module's own fp8 state dicts use `weight_scale` ([] or [out]), so they load back through the same path.
+  `<layer>.scale_input` / `.input_scale` scale the ACTIVATIONS for fp8 matrix multiplies (torch._scaled_mm): a
+  per-tensor scale calibrated once. The scaled_mm form here computes its activation scales per row at each call
+  (never stale, finer), and the dequantizing form has no use for one: they are checked to be scalars and ignored,
+  and the load says so.
+This module's own fp8 state dicts use `weight_scale` ([] or [out]; none for a plain fp8 weight), so they load back
+through the same path.
 Loaded with base_dtype "fp8", a file that holds fp8 weights keeps its Linears as it has them (the fp8 ones in fp8, those
 it keeps in bf16, as ComfyUI's mixed-precision files do on purpose, in the compute dtype); a bf16 / fp32 file has every
 Linear weight quantized at load.
@@ -38,8 +48,10 @@ Merging into an fp8 weight is refused (merge_refusal says why). Fp8Linear names 
 lora.inject_lora over an fp8 base builds it, and quantize_ turns a LoRA layer injected before into it.
 """
 
+import functools
 import json
 import re
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +95,22 @@ def quantize(weight: Tensor, per: str = "row") -> tuple[Tensor, Tensor]:
 
 
 def dequantize(q: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """q * s in `dtype`: the fp8 values are exact in bf16 / fp32, the product is rounded once (s stays float32)."""
+    """q * s in `dtype`: the fp8 values are exact in bf16 / fp32, the product is rounded once (s stays float32).
+    scale None (a plain fp8 weight): q itself in `dtype`, no multiply."""
     if q.dtype not in FP8_DTYPES:
         raise TypeError(f"dequantize takes an fp8 tensor, got {q.dtype}")
     w = q.to(dtype)  # a new tensor: multiplied in place
     return w if scale is None else w.mul_(_col(scale))
+
+
+def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [N, in] -> (q [N, in] float8_e4m3fn, s [N, 1] float32) with x ~ q * s, one scale per row (token): the
+    rounding quantize(x, "row") gives, in fewer passes (the input of the scaled_mm form, every call)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()  # [N, 1]: exact in any float dtype
+    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)  # an all-zero row keeps scale 1
+    # x / s is computed in float32 (s is) and rounded once to fp8; |x / s| <= 448 up to float32 rounding, which
+    # the fp8 rounding takes back to 448, so no clamp is needed (a non-finite x gives NaN in either form)
+    return (x / scale).to(FP8), scale
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -96,13 +119,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+def weight_scale(linear: nn.Linear) -> Tensor | None:
+    """An fp8 Linear's weight scale ([] or [out]), or None where it has none (plain fp8: a scale of 1)."""
+    return getattr(linear, "weight_scale", None)
+
+
 def base_weight(linear: nn.Linear, x: Tensor) -> Tensor:
     """A Linear's weight for its product with x: upcast (q * s) when stored in fp8, else the weight itself."""
     w = linear.weight
     if w.dtype not in FP8_DTYPES:
         return w
     check_frozen(w)
-    return dequantize(w, linear.weight_scale, _compute_dtype(x))
+    return dequantize(w, weight_scale(linear), _compute_dtype(x))
 
 
 def check_frozen(w: Tensor) -> None:
@@ -112,22 +140,81 @@ def check_frozen(w: Tensor) -> None:
                            "semantic modules only")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The product: dequantize (the reference) or scaled_mm (fp8 matrix multiplies), chosen by matmul_form
+
 KEEP_FP8_FOR_BACKWARD = True  # base_linear's fast form (see Fp8MatMul); False: F.linear on the upcast weight
+SCALED_MM = True  # the fp8 product where matmul_form allows it; False: the dequantizing form everywhere
+FP8_MATMUL_CAPABILITY = (8, 9)  # CUDA compute capability with fp8 tensor cores: Ada (8.9), Hopper (9.0), later
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_matmul_device(device: torch.device) -> str | None:
+    """None where the device multiplies fp8 matrices (CUDA, compute capability 8.9+), else why not."""
+    if device.type != "cuda":
+        return f"{device.type}: fp8 matrix multiplies need a CUDA GPU of compute capability 8.9+ (Ada, Hopper)"
+    cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if cap < FP8_MATMUL_CAPABILITY:
+        return f"CUDA compute capability {cap[0]}.{cap[1]}: fp8 matrix multiplies need 8.9+ (Ada, Hopper)"
+    return None
+
+
+def matmul_form(linear: nn.Linear, x: Tensor) -> tuple[str, str]:
+    """Which product an fp8 Linear runs for x, and why: ("scaled_mm", ...) where the card multiplies fp8 and the call
+    fits torch._scaled_mm (an e4m3fn weight, a bf16 compute dtype, in and out features multiples of 16, the weight
+    contiguous: its transpose is the column-major operand), else ("dequantize", the first reason it does not)."""
+    w, dtype = linear.weight, _compute_dtype(x)
+    if not SCALED_MM:
+        return "dequantize", "extras.fp8.SCALED_MM is off"
+    if (why := fp8_matmul_device(x.device)) is not None:
+        return "dequantize", why
+    if w.dtype != torch.float8_e4m3fn:
+        return "dequantize", f"a {str(w.dtype).removeprefix('torch.')} weight (the fp8 product takes e4m3fn)"
+    if dtype != torch.bfloat16:
+        return "dequantize", f"computing in {str(dtype).removeprefix('torch.')} (the fp8 product serves bf16)"
+    if w.shape[0] % 16 or w.shape[1] % 16:
+        return "dequantize", f"weight {tuple(w.shape)}: torch._scaled_mm needs dimensions that are multiples of 16"
+    if not w.is_contiguous():
+        return "dequantize", "a non-contiguous weight (torch._scaled_mm takes its transpose column-major)"
+    return "scaled_mm", "fp8 weight x fp8 activation (a scale per row) on a card with fp8 matrix multiplies"
+
+
+def scaled_mm_linear(x: Tensor, q: Tensor, scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x (q s)^T + b as an fp8 product: x rounded to fp8 per row (quantize_activation), torch._scaled_mm with both
+    scales on the fp32 accumulator and the bias, rounded once to `dtype`. Runs wherever torch._scaled_mm does (its
+    CPU kernel too: the tests' reference); matmul_form says where it is used.
+    x [..., in], q [out, in] float8_e4m3fn, scale [] / [out] / None -> [..., out]."""
+    out = q.shape[0]
+    xq, xs = quantize_activation(x.reshape(-1, x.shape[-1]))  # [N, in] fp8, [N, 1] float32
+    s = torch.ones((), device=q.device) if scale is None else scale.float()
+    ws = s.expand(out).reshape(1, out).contiguous()  # [1, out]: the weight's scale per output column
+    # autocast off: every operand is in the dtype it must be (the CPU kernel's inner product would be autocast to bf16)
+    with torch.autocast(x.device.type, enabled=False):
+        y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=ws, bias=None if bias is None else bias.to(dtype),
+                             out_dtype=dtype)  # [N, in] @ [in, out] (column-major) -> [N, out]
+    return y.reshape(*x.shape[:-1], out)
 
 
 class Fp8MatMul(torch.autograd.Function):
-    """x @ (q * s)^T + b for a frozen fp8 weight, upcast in the forward and upcast again in the backward, so autograd
-    keeps only q and s (1 byte per weight, already resident), not the upcast copy that F.linear saves for the
-    gradient of x. What it buys (`python -m tools.memory_plan`, FLUX.1-dev, default B, joint at 512², fp8 +
-    checkpointing): the step's peak 13.72 -> 13.57 GiB, which brings it under a 16 GB card; without checkpointing
-    autograd no longer holds every upcast weight of the base.
-    x [..., in] -> [..., out]; no gradient for q or s (the base is frozen)."""
+    """x @ (q * s)^T + b for a frozen fp8 weight, in the form `fast` names (scaled_mm, else dequantize), with the
+    dequantizing form's backward: the weight is upcast again there, so autograd keeps only q and s (1 byte per weight,
+    already resident), not the upcast copy that F.linear saves for the gradient of x. What it buys (`python -m
+    tools.memory_plan`, FLUX.1-dev, default B, joint at 512², fp8 + checkpointing): the step's peak 13.74 -> 13.53
+    GiB, which brings it under a 16 GB card; without checkpointing autograd no longer holds every upcast weight of
+    the base. x [..., in] -> [..., out]; no gradient for q or s (the base is frozen)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype,
+                fast: bool) -> Tensor:
         ctx.save_for_backward(q, scale)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
+        if fast:
+            return scaled_mm_linear(x, q, scale, bias, dtype)
         return F.linear(x.to(dtype), dequantize(q, scale, dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -135,21 +222,24 @@ class Fp8MatMul(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         q, scale = ctx.saved_tensors
         grad_x = grad_b = None
-        if ctx.needs_input_grad[0]:  # d/dx of x W^T + b = g W, with W upcast again
+        if ctx.needs_input_grad[0]:  # d/dx of x W^T + b = g W, with W upcast again (the fp8 rounding of x passed)
             grad_x = (g.to(ctx.dtype) @ dequantize(q, scale, ctx.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_b = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, None, grad_b, None
+        return grad_x, None, None, grad_b, None, None
 
 
 def base_linear(linear: nn.Linear, x: Tensor) -> Tensor:
-    """The frozen base's product x W^T + b: for an fp8 weight through Fp8MatMul (KEEP_FP8_FOR_BACKWARD) or F.linear on
-    the upcast weight (the plain form); for any other weight, F.linear."""
+    """The frozen base's product x W^T + b. An fp8 weight: the form matmul_form chooses, through Fp8MatMul (the
+    dequantizing form with KEEP_FP8_FOR_BACKWARD off: F.linear on the upcast weight). Any other weight: F.linear."""
     w = linear.weight
-    if w.dtype not in FP8_DTYPES or not KEEP_FP8_FOR_BACKWARD:
-        return F.linear(x, base_weight(linear, x), linear.bias)
+    if w.dtype not in FP8_DTYPES:
+        return F.linear(x, w, linear.bias)
     check_frozen(w)
-    return Fp8MatMul.apply(x, w, linear.weight_scale, linear.bias, _compute_dtype(x))
+    fast = matmul_form(linear, x)[0] == "scaled_mm"
+    if not (fast or KEEP_FP8_FOR_BACKWARD):
+        return F.linear(x, base_weight(linear, x), linear.bias)
+    return Fp8MatMul.apply(x, w, weight_scale(linear), linear.bias, _compute_dtype(x), fast)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,11 +261,12 @@ class Fp8LoRALinear(LoRALinear):
 
 class Fp8Linear(nn.Linear):
     """A frozen nn.Linear with its weight in fp8: keys `weight` (float8 [out, in], requires_grad False),
-    `weight_scale` (float32 [] or [out], a buffer) and `bias` (unchanged, in the compute dtype)."""
+    `weight_scale` (float32 [] or [out], a buffer; absent for a plain fp8 weight, whose scale is 1) and `bias`
+    (unchanged, in the compute dtype)."""
 
     lora_class = Fp8LoRALinear  # what lora.LoRALinear.from_linear wraps this layer in
 
-    def __init__(self, weight: Tensor, scale: Tensor, bias: nn.Parameter | None):
+    def __init__(self, weight: Tensor, scale: Tensor | None, bias: nn.Parameter | None):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate and initialise a weight of its own
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -191,8 +282,9 @@ class Fp8Linear(nn.Linear):
         return base_linear(self, x)  # [B, L, in] -> [B, L, out]
 
     def extra_repr(self) -> str:
-        per = "row" if self.weight_scale.ndim else "tensor"
-        return f"{super().extra_repr()}, weight={str(self.weight.dtype).removeprefix('torch.')}, scale per {per}"
+        s = self.weight_scale
+        scale = "no scale (1)" if s is None else f"scale per {'row' if s.ndim else 'tensor'}"
+        return f"{super().extra_repr()}, weight={str(self.weight.dtype).removeprefix('torch.')}, {scale}"
 
 
 def is_fp8(module: nn.Module) -> bool:
@@ -237,13 +329,14 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]
         if not (isinstance(m, nn.Linear) and m.weight.dtype in FP8_DTYPES):
             continue
         d = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
-        w = nn.Parameter(dequantize(m.weight, getattr(m, "weight_scale", None), d), requires_grad=False)
+        w = nn.Parameter(dequantize(m.weight, weight_scale(m), d), requires_grad=False)
         if isinstance(m, Fp8Linear):
             new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             new.weight, new.bias = w, m.bias
             model.set_submodule(n, new)
         else:  # a LoRA layer over an fp8 base: the plain LoRALinear again
-            del m.weight_scale
+            if weight_scale(m) is not None:
+                del m.weight_scale
             m.weight = w
             if isinstance(m, Fp8LoRALinear):
                 m.__class__ = LoRALinear
@@ -316,53 +409,70 @@ def split_scales(sd: dict[str, Tensor], metadata: dict | None = None,
             else "fp8 with weight_scale")
     note = f"{form}: {len(scales)} fp8 weights with scales ({' and '.join(per) or 'none'}) applied as weight * scale"
     if inputs:
-        note += f", {inputs} input scales ignored (they serve fp8 matrix multiplies; here weights are upcast)"
+        note += (f", {inputs} input scales ignored (calibrated activation scales; the fp8 product here scales "
+                 "each row of the activation at each call)")
     return sd, scales, note
 
 
-def to_base_dtype(sd: dict[str, Tensor], scales: dict[str, Tensor], linears: set[str], keep_fp8: bool,
-                  dtype: torch.dtype, device="cpu", per: str = "row",
-                  what: str = "checkpoint") -> tuple[dict[str, Tensor], str]:
+def to_base_dtype(sd: dict[str, Tensor] | Iterable[tuple[str, Tensor]], scales: dict[str, Tensor], linears: set[str],
+                  keep_fp8: bool, dtype: torch.dtype, device="cpu", per: str = "row", what: str = "checkpoint",
+                  fp8_file: bool | None = None) -> tuple[dict[str, Tensor], str]:
     """A state dict (official keys, the file's dtypes; split_scales' scales) in the dtypes of the base to build, one
-    tensor at a time on `device` (`sd` is emptied as it goes). Returns it and a note ("" if there is nothing to say).
-      keep_fp8   an fp8 file's Linear weights as they are: fp8 ones with their `<linear>.weight_scale` (1 if the
-                 file has none), the others (layers the file keeps in higher precision, as ComfyUI's mixed files do)
-                 in `dtype`; a file without any fp8 Linear weight (bf16 / fp32) has every one quantized (`per` row or
-                 tensor). Every other float in `dtype`.
+    tensor at a time on `device`. Returns it and a note ("" if there is nothing to say).
+      sd         a dict (emptied as it goes), or (key, tensor) pairs as they are read (a checkpoint converted shard
+                 by shard: extras.checkpoint_forms); then `fp8_file` says whether the file has any fp8 Linear weight
+      keep_fp8   an fp8 file's Linear weights as they are: fp8 ones with their `<linear>.weight_scale` (none if the
+                 file has none: a scale of 1, never multiplied), the others (layers the file keeps in higher
+                 precision, as ComfyUI's mixed files do) in `dtype`; a file without any fp8 Linear weight (bf16 /
+                 fp32) has every one quantized (`per` row or tensor). Every other float in `dtype`.
       otherwise  every float in `dtype`; an fp8 weight as q * scale, any other fp8 tensor (a bias, a norm) as it is"""
     stray = sorted(set(scales) - linears)
     if stray:
         raise CheckpointError(f"{what}: weight scales for {len(stray)} layers that are not Linear layers of the model "
                               f"(e.g. {stray[0]})")
-    weights = {f"{n}.weight" for n in linears} & set(sd)
-    quantize_all = keep_fp8 and not any(sd[k].dtype in FP8_DTYPES for k in weights)
-    out, kept, made = {}, 0, 0
-    for k in list(sd):
-        t = sd.pop(k).to(device)
-        layer = k.removesuffix(".weight")
+    weights = {f"{n}.weight" for n in linears}
+    items = sd
+    if isinstance(sd, dict):
+        if fp8_file is None:
+            fp8_file = any(sd[k].dtype in FP8_DTYPES for k in weights & set(sd))
+        items = ((k, sd.pop(k)) for k in list(sd))  # each handed on as it leaves the dict
+    elif fp8_file is None:
+        raise ValueError("to_base_dtype over (key, tensor) pairs needs fp8_file")
+    quantize_all = keep_fp8 and not fp8_file
+    out, n, kept, plain, made = {}, 0, 0, 0, 0
+    for k, t in items:
+        t, layer = t.to(device), k.removesuffix(".weight")
+        n += k in weights
         if keep_fp8 and k in weights and (t.dtype in FP8_DTYPES or quantize_all):
             if t.dtype in FP8_DTYPES:
-                q, s, kept = t, scales.get(layer, torch.ones(())), kept + 1
+                out[k], kept = t, kept + 1
+                if layer in scales:
+                    out[f"{layer}.weight_scale"] = scales[layer].to(device, torch.float32)
+                else:
+                    plain += 1
             else:
-                (q, s), made = quantize(t, per), made + 1
-            out[k], out[f"{layer}.weight_scale"] = q, s.to(device, torch.float32)
+                (out[k], out[f"{layer}.weight_scale"]), made = quantize(t, per), made + 1
         elif t.dtype in FP8_DTYPES:
             out[k] = dequantize(t, scales.get(layer) if k in weights else None, dtype)
         else:
             out[k] = t.to(dtype) if t.is_floating_point() else t
+        del t  # the file's tensor: gone before the next is read (a new shard's, when read shard by shard)
     if not keep_fp8:
         return out, ""
-    parts = [f"{kept} kept as stored"] * bool(kept) + [f"{made} quantized per {per} at load"] * bool(made)
-    full = len(weights) - kept - made
+    parts = [f"{kept} kept as stored" + f" ({plain} plain, scale 1)" * bool(plain)] * bool(kept)
+    parts += [f"{made} quantized per {per} at load"] * bool(made)
+    full = n - kept - made
     parts += [f"{full} kept in {str(dtype).removeprefix('torch.')} as the file has them"] * bool(full)
-    return out, f"fp8 base: {len(weights)} Linear weights ({', '.join(parts)})"
+    return out, f"fp8 base: {n} Linear weights ({', '.join(parts)})"
 
 
 def fp8_modules_(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    """Turn every nn.Linear of the model whose `<name>.weight_scale` is in `sd` into an Fp8Linear with sd's shapes and
-    dtypes, on the meta device: load_strict(model, sd) then takes sd's tensors."""
+    """Turn every nn.Linear of the model whose `<name>.weight` in `sd` is fp8 into an Fp8Linear with sd's shapes and
+    dtypes (and a weight_scale where sd has one), on the meta device: load_strict(model, sd) then takes sd's
+    tensors."""
     for n, m in list(model.named_modules()):
-        if type(m) is nn.Linear and f"{n}.weight_scale" in sd:
-            w, s = sd[f"{n}.weight"], sd[f"{n}.weight_scale"]
-            model.set_submodule(n, Fp8Linear(torch.empty_like(w, device="meta"), torch.empty_like(s, device="meta"),
-                                             m.bias))
+        w = sd.get(f"{n}.weight")
+        if type(m) is nn.Linear and w is not None and w.dtype in FP8_DTYPES:
+            s = sd.get(f"{n}.weight_scale")
+            model.set_submodule(n, Fp8Linear(torch.empty_like(w, device="meta"),
+                                             None if s is None else torch.empty_like(s, device="meta"), m.bias))

@@ -428,7 +428,8 @@ def run_lora(final_path) -> tuple[dict[str, tuple[Tensor, Tensor, float]], dict]
 
 def export_metadata(cfg: dict, meta: dict, path: Path, rank: int, alpha: float) -> dict[str, str]:
     """What the exported files say about themselves: the base model (file name; the official id and architecture
-    for official presets), the rank and alpha, where they come from (kohya ss_* and SAI modelspec.* keys)."""
+    for official presets; its content id), the rank and alpha, where they come from (kohya ss_* and SAI modelspec.*
+    keys), the guidance input to sample with."""
     preset = cfg.get("base_preset", "")
     base_file = cfg.get("base_file") or meta.get("base", "")
     model_id, arch = OFFICIAL_BASES.get(preset, (None, "flux-1"))
@@ -444,6 +445,10 @@ def export_metadata(cfg: dict, meta: dict, path: Path, rank: int, alpha: float) 
            "prompt": str(cfg.get("prompt", ""))}
     if model_id:
         out["base_model"] = model_id
+    if cfg.get("sample_guidance") is not None:  # the guidance input to sample with: the base's, not the training one
+        out["sample_guidance"] = f"{cfg['sample_guidance']:g}"
+    if cfg.get("base_id"):
+        out["base_id"] = cfg["base_id"]
     return out
 
 

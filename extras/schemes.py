@@ -118,7 +118,10 @@ class SemanticCrossAttention(nn.Module):
         return self.attn
 
     def forward(self, img: Tensor, ctx: "SpatialContext") -> Tensor:
-        return img + ctx.strength * self.scale * self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe))
+        """img [B, L_img, D] -> [B, L_img, D], in img's dtype: the fp32 scale (and a LayerNorm's fp32 output under
+        CUDA autocast) cast where they meet the stream, which stays bf16 in a bf16 model."""
+        h = self.norm(self.attn(img, ctx.tokens, ctx.q_pe, ctx.k_pe)).to(img.dtype)  # [B, L_img, D]
+        return img + ctx.strength_as(img) * self.scale.to(img.dtype) * h
 
 
 class SemanticAdapter(nn.Module):
@@ -141,7 +144,7 @@ class SemanticAdapter(nn.Module):
         s = ctx.tokens + self.self_attn(s, s, ctx.k_pe, ctx.k_pe)  # [B, N, D]
         h = self.cross_attn(self.img_norm(img), s, ctx.q_pe, ctx.k_pe)  # [B, L_img, D]
         h = h + self.ff(self.ff_norm(h))
-        return img + ctx.strength * self.gate * h
+        return img + ctx.strength_as(img) * self.gate.to(img.dtype) * h.to(img.dtype)  # in img's dtype
 
 
 class ZeroConv(nn.Module):
@@ -159,7 +162,7 @@ class ZeroConv(nn.Module):
     def forward(self, raw: Tensor, grid: tuple[int, int]) -> Tensor:
         x = rearrange(raw, "b (h w) c -> b c h w", h=grid[0], w=grid[1])  # [B, N, 64] -> [B, 64, h, w]
         x = self.zero(F.silu(self.conv(x)))
-        return self.scale * rearrange(x, "b c h w -> b (h w) c")  # [B, N, 64]
+        return self.scale.to(x.dtype) * rearrange(x, "b c h w -> b (h w) c")  # [B, N, 64], in x's dtype
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,8 +196,8 @@ class ZeroConvContext(SemanticContext):
             raise ValueError("scheme zeroconv adds to the x_cond tokens, which must follow x_t (Kontext order); "
                              f"got {img.shape[1]} image tokens for {N} semantic tokens")
         delta = self.module.zeroconv(self.tokens, self.grid)  # [B, N, 64]
-        # [x_t | x_cond + zeroconv(sem)]: x_cond are the last N tokens
-        return torch.cat((img[:, :-N], img[:, -N:] + self.strength * delta), dim=1)
+        # [x_t | x_cond + zeroconv(sem)]: x_cond are the last N tokens; in img's dtype
+        return torch.cat((img[:, :-N], img[:, -N:] + self.strength_as(img) * delta.to(img.dtype)), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Our FLUX transformer against diffusers' FluxTransformer2DModel (+ peft LoRA), sa
     python -m tools.bench --bf16 / --checkpointing / --compile  # the GPU-relevant options, applied to BOTH sides
     python -m tools.bench --sampling         # 20-step sampling: ours, the condition cache, diffusers' Kontext
     python -m tools.bench --device cuda --stage-peaks  # FLUX.1-dev's training peaks per stage on a GPU: JSON lines
+    python -m tools.bench --fp8-matmul       # an fp8 Linear's two forms against bf16 at FLUX.1-dev's shapes (sm89+)
 
 (flux-dev's memory per training stage, without a GPU: `python -m tools.memory_plan`.)
 
@@ -59,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from extras import fp8
 from extras.condition_cache import ConditionCache
 from extras.lora_formats import diffusers_parts
 from extras.schemes import attach
@@ -736,6 +738,90 @@ def stage_peaks(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --fp8-matmul: an fp8 Linear's forward, its fp8 product against its dequantizing form and bf16 (an sm89+ GPU only)
+
+
+def fp8_matmul_cases() -> dict[str, tuple[int, int, int]]:
+    """(tokens, in, out) of the products timed, at FLUX.1-dev's hidden size over a 1024² image's 4096 tokens: an
+    attention projection [4096, 3072] x [3072, 3072], and the single block's linear1 [3072 -> 21504] (q | k | v |
+    mlp in)."""
+    dev = PRESETS["dev"]
+    h, n = dev.hidden_size, 4096
+    return {"attn_proj": (n, h, h), "linear1": (n, h, 3 * h + int(h * dev.mlp_ratio))}
+
+
+def cuda_ms(fn: Callable, repeats: int) -> list[float]:
+    """Milliseconds of each of `repeats` calls, from CUDA events recorded around it, after 3 warm calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+@torch.no_grad()
+def measure_fp8_matmul(name: str, shape: tuple[int, int, int], repeats: int, device="cuda",
+                       timer: Callable[[Callable, int], list[float]] = cuda_ms) -> dict:
+    """One shape on the GPU (`device`, `timer`: the CPU and a fake clock only to check the plumbing), on the same bf16
+    activations: a bf16 nn.Linear, and the Fp8Linear quantized from it (per row) in its two forms, scaled_mm
+    (torch._scaled_mm, the activation quantized each call) and dequantize (fp8.SCALED_MM off: the weight upcast each
+    call); and the bare torch._scaled_mm on an activation already in fp8 (what the activation's quantization costs
+    is the difference). Median ms and TFLOP/s (2 N in out per product), the speed-ups of scaled_mm, and how far its
+    output is from the dequantizing form's."""
+    n, d_in, d_out = shape
+    torch.manual_seed(0)
+    linear = nn.Linear(d_in, d_out, device=device, dtype=torch.bfloat16)
+    layer = fp8.Fp8Linear.from_linear(linear)
+    x = torch.randn(n, d_in, device=device, dtype=torch.bfloat16)
+    out = {"case": "fp8_matmul", "name": name, "shape": [n, d_in, d_out], "torch": torch.__version__}
+    if device == "cuda":
+        out |= {"device": torch.cuda.get_device_name(),
+                "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    form, why = fp8.matmul_form(layer, x)
+    if form != "scaled_mm":
+        return out | {"skipped": why}
+    xq, xs = fp8.quantize_activation(x)
+    ws, bias = layer.weight_scale.reshape(1, -1), layer.bias.to(torch.bfloat16)
+    calls = {"bf16": lambda: linear(x), "fp8_scaled_mm": lambda: layer(x),
+             "scaled_mm_product_only": lambda: torch._scaled_mm(xq, layer.weight.t(), scale_a=xs, scale_b=ws,
+                                                                 bias=bias, out_dtype=torch.bfloat16)}
+    times, was = {}, fp8.SCALED_MM
+    try:
+        for k, fn in calls.items():
+            times[k] = timer(fn, repeats)
+        fast = layer(x)
+        fp8.SCALED_MM = False
+        times["fp8_dequantize"] = timer(lambda: layer(x), repeats)
+        plain = layer(x)
+    finally:
+        fp8.SCALED_MM = was
+    ms = {k: statistics.median(t) for k, t in times.items()}
+    return out | {"repeats": repeats, "ms": {k: round(v, 4) for k, v in ms.items()},
+                  "tflops": {k: round(2 * n * d_in * d_out / (v / 1e3) / 1e12, 1) for k, v in ms.items()},
+                  "scaled_mm_speedup": {"vs_bf16": round(ms["bf16"] / ms["fp8_scaled_mm"], 3),
+                                        "vs_dequantize": round(ms["fp8_dequantize"] / ms["fp8_scaled_mm"], 3)},
+                  "scaled_mm_vs_dequantize_max_rel_diff": float(f"{max_rel_diff(fast, plain):.3g}")}
+
+
+def fp8_matmul(args: argparse.Namespace) -> int:
+    """--fp8-matmul: one JSON line per shape of fp8_matmul_cases; without a GPU that multiplies fp8, one line saying
+    why, and nothing is timed."""
+    why = "no CUDA device here" if not torch.cuda.is_available() else fp8.fp8_matmul_device(torch.device("cuda"))
+    if why is not None:
+        print(json.dumps({"case": "fp8_matmul", "skipped": f"{why}; run it on an Ada or Hopper GPU"}))
+        return 0
+    for name, shape in fp8_matmul_cases().items():
+        print(json.dumps(measure_fp8_matmul(name, shape, args.repeats or 20)), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -759,6 +845,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="instead of the benchmark: 20-step sampling with the default scheme B, ours with a whole "
                         "forward per step and with the condition cache, against diffusers' Kontext sampling, and "
                         "the training step (one JSON line)")
+    p.add_argument("--fp8-matmul", action="store_true",
+                   help="instead of the benchmark: an fp8 Linear's forward through torch._scaled_mm against its "
+                        "dequantizing form and a bf16 Linear at FLUX.1-dev's shapes, timed with CUDA events, one "
+                        "JSON line per shape (a GPU of compute capability 8.9+; elsewhere one line saying so)")
     p.add_argument("--memory-worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     p.add_argument("--cases", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -768,6 +858,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.stage_peaks:
         return stage_peaks(args)
+    if args.fp8_matmul:
+        return fp8_matmul(args)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.memory_worker:

@@ -16,6 +16,10 @@ loaded before the model and run on the same predictions. A NaN or infinite predi
 error naming the pair: it is never scored. Every option is checked before the first sample, and the scores computed
 are printed even when a later step (the protocol, FID, the ceiling) fails.
 
+--ceiling adds the rows no model can beat: the autoencoder's reconstruction of the ground truth and, on a tools.synth
+set (one with synth.json), the sampler's ceiling: a second draw of each scene (the parts no input shows drawn again)
+and the scene's mean IR over MEAN_DRAWS draws, each through the autoencoder (docs/evaluation.md).
+
 The test set is read with its own classes.json, else the classes the checkpoint was trained with (its run config),
 else the synthetic ones; a test set whose classes.json differs from the checkpoint's classes is refused.
 
@@ -51,7 +55,8 @@ from pipeline import (ROOT, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, find_set
 from sem_cross_attn import SemanticConfig
 from viz import attention_figure, check_can_make, check_image_out, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
 from tools import metrics
-from tools.synth import TEST_SET, TRAIN_SET, ensure_set
+from tools.synth import (TEST_SET, TRAIN_SET, NotSynthSet, ensure_set, ir_read_back, mean_ir, redraw, render_scene,
+                         set_scenes)
 
 DECOY_NAMES = ("poster", "car_parked")
 ABLATION = ("none", "overlay", "zeroconv", "xattn", "xattn-ip", "xattn-ip-shared", "adapter", "zeroconv+jitter",
@@ -61,6 +66,11 @@ LABELS = {"none": "none (RGB only)", "overlay": "overlay (pixel fusion)", "zeroc
           "xattn-ip": "B (default): decoupled, 64-dim tokens", "xattn-ip-shared": "B: decoupled, shared K/V",
           "xattn-double": "B, double blocks only", "xattn-every2": "B, every 2nd block", "xattn-half": "B, half width"}
 CEILING = "ceiling: autoencoder reconstruction"
+# on a tools.synth test set, what an ideal model could score (docs/evaluation.md, "The sampler's ceiling"):
+MEAN_DRAWS = 16  # redraws averaged into a scene's mean IR
+SAMPLER_CEILING = "ceiling: second draw (ideal sampler)"
+MEAN_CEILING = f"ceiling: mean IR of {MEAN_DRAWS} draws (ideal regressor)"
+DRAW_STREAMS = {SAMPLER_CEILING: 1, MEAN_CEILING: 2}  # pair i's draws: np.random.default_rng([seed, i, stream])
 # scheme B's cheaper options (tools.bench measures what each saves; the ablation what each costs in quality):
 # train.py settings on top of scheme xattn. Half width: half the heads at the same head dim.
 B_OPTIONS = {"xattn": lambda p: {"sem_attention": "separate", "sem_token_dim": 0},
@@ -183,6 +193,46 @@ def ceiling(pipe, ds, limit=None, decoys=None, progress=True) -> dict:
     pairs = ((ds[i], reconstruct(pipe.ae, ds[i]["ir"][None].to(device))[0].cpu())
              for i in tqdm(range(n), desc="ceiling", disable=not progress))
     return score(ds, pairs, decoys)
+
+
+def ceiling_scenes(root, ds) -> dict[str, dict] | None:
+    """The scenes of the test set `ds` read from `root` (synth.set_scenes: pair name -> scene), checked before any
+    sampling; None, with a one-line note, when it is not a tools.synth set or is read at a --size other than its
+    scenes'. A tools.synth set whose pairs do not re-render from their scenes is refused (DataError)."""
+    try:
+        scenes = set_scenes(root)
+    except NotSynthSet as e:
+        print(f"note: {e}; only the autoencoder ceiling is scored")
+        return None
+    sizes = {scene["size"] for scene in scenes.values()}
+    if ds.size is not None and sizes != {ds.size}:
+        print(f"note: {root} is read at --size {ds.size}, its scenes were drawn at {min(sizes)} px; only the "
+              "autoencoder ceiling is scored")
+        return None
+    return scenes
+
+
+@torch.no_grad()
+def sampler_ceilings(pipe, ds, scenes, limit=None, decoys=None, seed=0, draws=MEAN_DRAWS, progress=True) -> dict:
+    """The rows an ideal model reaches on a tools.synth test set (scenes: ceiling_scenes), each through the
+    autoencoder like `reconstruct` and scored against the ground truth like a model's output: SAMPLER_CEILING, one
+    second draw of each scene (synth.redraw: same RGB and labels, the unseen parts drawn again), and MEAN_CEILING, the
+    scene's mean IR over `draws` redraws (synth.mean_ir). Pair i's draws come from np.random.default_rng([seed, i,
+    DRAW_STREAMS[row]]): reproducible, and never the stream that drew the scene itself."""
+    from tqdm import tqdm
+    n = len(ds) if not limit else min(limit, len(ds))
+    device = next(pipe.ae.parameters()).device
+    preds = {SAMPLER_CEILING: [], MEAN_CEILING: []}  # row -> [(item, prediction [1, H, W])]
+    for i in tqdm(range(n), desc="sampler ceiling", disable=not progress):
+        item = ds[i]
+        scene = scenes[item["name"]]
+        rng = {row: np.random.default_rng([seed, i, k]) for row, k in DRAW_STREAMS.items()}
+        irs = {SAMPLER_CEILING: ir_read_back(render_scene(redraw(scene, rng[SAMPLER_CEILING]))[2]),  # [H, W]
+               MEAN_CEILING: mean_ir(scene, draws, rng[MEAN_CEILING])}                            # [H, W]
+        for row, ir in irs.items():
+            x = torch.from_numpy(ir)[None, None].to(device)                   # [H, W] -> [1, 1, H, W]
+            preds[row].append((item, reconstruct(pipe.ae, x)[0].cpu()))       # [1, H, W]
+    return {row: score(ds, pairs, decoys) for row, pairs in preds.items()}
 
 
 def load_fid_model(path) -> torch.nn.Module:
@@ -412,6 +462,7 @@ def run_ablation(args) -> int:
     test = data.PairedDataset(test_data)
     decoys = decoy_names(args)
     decoy_ids(test.classes, decoys)
+    scenes = ceiling_scenes(test_data, test)
     conditions = splits(args)
     runs_of = {s: {seed: out / s / f"seed{seed}" for seed in seeds} for s in schemes}
     # every reused run is checked before any training, so a mismatch costs no time
@@ -422,7 +473,9 @@ def run_ablation(args) -> int:
     dev = PRESETS["dev"]
     base_pipe = load_pipeline(None, quiet=True)
     top = ceiling(base_pipe, test, args.limit, decoys, args.progress)
-    rows = {name: {CEILING: [top]} for name in conditions}  # split -> method -> summaries over seeds
+    tops = {CEILING: top} | (sampler_ceilings(base_pipe, test, scenes, args.limit, decoys, args.seed,
+                                              progress=args.progress) if scenes else {})
+    rows = {name: {row: [s] for row, s in tops.items()} for name in conditions}  # split -> method -> summaries
     extras, logs, pipes, per_seed, recorded = {}, {}, {}, {}, {}
     for scheme in schemes:
         name = label(scheme)
@@ -471,7 +524,7 @@ def run_ablation(args) -> int:
         "seeds": seeds, "eval_steps": args.steps, "sampling": {k: asdict(v) for k, v in conditions.items()},
         "jitter": args.jitter,
         "base": str(setup.flux)},
-        "ceiling": top, "per_seed": per_seed, "extras": extras, "train_args": recorded}), indent=1))
+        "ceiling": top, "ceilings": tops, "per_seed": per_seed, "extras": extras, "train_args": recorded}), indent=1))
     print(table + ("\n\n" + robust if robust else ""))
     loss_curves(logs, out / "loss_curves.png")
     # test scenes with decoys for the figure: a poster or a parked car, and a person
@@ -526,7 +579,8 @@ def main(argv=None) -> int:
                     help="condition on maps moved by this many pixels (the misaligned split; scored on true labels)")
     ap.add_argument("--sem-coarse", type=int, default=1, help="condition on maps coarsened by this factor")
     ap.add_argument("--ceiling", action="store_true",
-                    help="also score the autoencoder's reconstruction of the ground truth (the ceiling row)")
+                    help="also score the autoencoder's reconstruction of the ground truth (the ceiling row) and, on a "
+                    "tools.synth set, a second draw of each scene and its mean IR (the sampler's ceiling)")
     ap.add_argument("--sweep", default=None, choices=("strength", "guidance"),
                     help="score --ckpt at each of --values of the semantic strength or guidance, with a figure")
     ap.add_argument("--values", default="0,0.5,1,1.5,2", help="--sweep: the settings, comma-separated")
@@ -618,6 +672,11 @@ def run_eval(args) -> int:
     ds = data.PairedDataset(args.data, size=args.size, classes=eval_classes(args.data, args.ckpt))
     decoys = decoy_names(args)
     decoy_ids(ds.classes, decoys)  # a misspelt name is refused before the model loads
+    scenes = None
+    if args.ceiling:
+        if Path(args.data).resolve() == (ROOT / "data" / "synth-test").resolve():
+            ensure_set(args.data, TEST_SET)  # the demo's test set: given its synth.json if it predates them
+        scenes = ceiling_scenes(args.data, ds)
     protocol = None
     if args.protocol:  # built first: a missing package or weight file fails before any generation
         from tools.protocol import ThermalGenProtocol
@@ -637,6 +696,11 @@ def run_eval(args) -> int:
         if args.ceiling:
             rows = {CEILING: ceiling(pipe, ds, args.limit, decoys, args.progress)} | rows
             print(json.dumps(jsonable(summary_line("ceiling", rows[CEILING]))))
+            if scenes is not None:
+                tops = sampler_ceilings(pipe, ds, scenes, args.limit, decoys, args.seed, progress=args.progress)
+                for row, s in tops.items():
+                    print(json.dumps(jsonable(summary_line(row, s, {"seed": args.seed}))))
+                rows = {CEILING: rows[CEILING]} | tops | {name: summ}
     finally:  # the scores already computed are printed whatever happened after them
         print(metrics.format_table(rows, decoy=True))
         print(json.dumps(jsonable(summary_line(name, summ, extra))))

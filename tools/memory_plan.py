@@ -417,13 +417,15 @@ def _give_grid(model: Flux, side: int):
 
 
 def plan_stage(params: FluxParams, stage: str, sem_cfg: SemanticConfig, base: str, sides=(32, 64),
-               n_txt: int = N_TXT, checkpointing=(False, True), policy: str = "cuda") -> list[dict]:
+               n_txt: int = N_TXT, checkpointing=(False, True), policy: str = "cuda", batch: int = 1,
+               lora_rank: int = LORA_RANK) -> list[dict]:
     """The plan of one stage model: for every token grid side and checkpointing choice, the bytes resident before
-    the step (weights, AdamW state, batch) and the step's peak on top, traced op by op (see the module docstring).
+    the step (weights, AdamW state, batch) and the step's peak on top, traced op by op (see the module docstring),
+    at `batch` samples per step.
     policy: "cuda" (layer_norm in float32 as a GPU's autocast runs it, flash attention's backward workspace added)
     or "cpu" (CPU autocast as it is, and the CPU kernels' cast temporaries: what `--check` measures)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    model = stage_model(params, stage, sem_cfg, base)
+    model = stage_model(params, stage, sem_cfg, base, lora_rank)
     counts = state_bytes(model)
     rows = []
     with FakeTensorMode():
@@ -434,26 +436,26 @@ def plan_stage(params: FluxParams, stage: str, sem_cfg: SemanticConfig, base: st
         resident = tensor_bytes(model) + optimizer_bytes(opt)
         model.train()
         for side in sides:
-            batch = training_batch(params, side, n_txt, stage)
+            inputs = training_batch(params, side, n_txt, stage, batch=batch)
             _give_grid(model, side)
             for ckpt in checkpointing:
                 model.gradient_checkpointing = ckpt
                 live = LiveTensorBytes(trainable, cpu_temporaries=policy == "cpu")
                 try:
                     with live:
-                        training_step(model, batch, trainable, opt,
+                        training_step(model, inputs, trainable, opt,
                                       before_optimizer=lambda: setattr(live, "phase", "optimizer"))
                 finally:
                     live.close()
                 n_img, n_all = 2 * side * side, 2 * side * side + n_txt
                 # flash attention's backward: a float32 accumulator of dq inside the kernel (CUDA), for one block
                 workspace = 4 * n_all * params.hidden_size if policy == "cuda" else 0
-                static = resident + batch_bytes(batch)
+                static = resident + batch_bytes(inputs)
                 fb = live.peak["forward_backward"] + workspace
                 step = max(fb, live.peak["optimizer"])
                 row = {"stage": stage, "base": base, "side": side, "image_tokens": n_img, "text_tokens": n_txt,
                        "checkpointing": ckpt, "policy": policy, **counts, "resident": static,
-                       "optimizer_state": optimizer_bytes(opt), "batch": batch_bytes(batch),
+                       "optimizer_state": optimizer_bytes(opt), "batch": batch_bytes(inputs),
                        "peak_forward_backward": live.peak["forward_backward"],
                        "peak_optimizer": live.peak["optimizer"], "workspace": workspace,
                        "step": step, "total": static + step}
@@ -488,11 +490,87 @@ def dev_plan(b_names=None, stages=STAGES, bases=BASES, checkpointing=(False, Tru
     return rows
 
 
+def need(nbytes: float) -> float:
+    """What a step of `nbytes` (a plan's total) needs of a card: 10% more (allocator fragmentation) and 1 GiB (CUDA
+    context, library workspaces)."""
+    return nbytes * 1.1 + GIB
+
+
 def fits(nbytes: float) -> str:
-    """The smallest card of GPUS_GB (sold as GB, reported as GiB: 24 GB = 24 GiB) that holds nbytes plus 10%
-    (allocator fragmentation) and 1 GiB (CUDA context, library workspaces)."""
-    need = nbytes * 1.1 + GIB
-    return next((f"{g} GB" for g in GPUS_GB if need <= g * GIB), f"> {GPUS_GB[-1]} GB")
+    """The smallest card of GPUS_GB (sold as GB, reported as GiB: 24 GB = 24 GiB) that holds need(nbytes)."""
+    return next((f"{g} GB" for g in GPUS_GB if need(nbytes) <= g * GIB), f"> {GPUS_GB[-1]} GB")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py's defaults on a GPU: the largest batch the plan fits on the card
+
+BATCHES = (8, 4, 2, 1)  # what train.py tries, largest first (8: the demo's batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A batch size and checkpointing for one card, with the plan's total bytes for them; batch None: nothing of
+    BATCHES fits, not even batch 1 with checkpointing (its total is given)."""
+    batch: int | None
+    checkpointing: bool
+    total: float
+
+
+def choose(card_bytes: float, plan, batches=BATCHES, checkpointing=(False, True)) -> Choice:
+    """The largest of `batches` whose planned step fits the card (need(total) <= card), without gradient
+    checkpointing where that batch fits so, else with it (FLUX trainers checkpoint by default: it costs about a third
+    more compute, and buys a larger batch); `checkpointing` limits the choice (a flag the user gave). `plan(batch)`
+    -> {checkpointing: plan row} (plan_for's). A batch is planned only when an estimate from batch 1 (what is
+    resident, plus the batch times one sample's activations) does not already rule it out by more than 20%: the
+    answer needs few traces."""
+    one = plan(1)
+    for b in batches:
+        for ckpt in checkpointing:
+            resident, per_sample = one[ckpt]["resident"], one[ckpt]["total"] - one[ckpt]["resident"]
+            if need(0.8 * (resident + b * per_sample)) > card_bytes:
+                continue  # far too large: not worth a trace
+            total = plan(b)[ckpt]["total"]
+            if need(total) <= card_bytes:
+                return Choice(b, ckpt, total)
+    return Choice(None, checkpointing[-1], plan(batches[-1])[checkpointing[-1]]["total"])
+
+
+def default_choices(stages=("warmup", "joint"), bases=BASES, resolutions=RESOLUTIONS, cards=(24, 48, 80)) -> list[dict]:
+    """What train.py chooses for FLUX.1-dev with the default scheme B, for each stage, base, resolution and card."""
+    rows = []
+    for stage in stages:
+        for base in bases:
+            for res, side in resolutions.items():
+                plan = plan_for(PRESETS["dev"], stage, DEFAULT_B, base, side)
+                for card in cards:
+                    c = choose(card * GIB, plan)
+                    rows.append({"stage": stage, "base": base, "resolution": res, "card_gb": card,
+                                 "batch": c.batch, "checkpointing": c.checkpointing, "total": c.total})
+    return rows
+
+
+def markdown_defaults(rows: list[dict]) -> str:
+    lines = ["| stage | base | resolution | 24 GB | 48 GB | 80 GB |", "|---|---|---|---|---|---|"]
+    cell = lambda r: ("nothing fits" if r["batch"] is None else  # noqa: E731
+                      f"{r['batch']}{' + ckpt' if r['checkpointing'] else ''} ({_gib(r['total'])})")
+    for key in dict.fromkeys((r["stage"], r["base"], r["resolution"]) for r in rows):
+        cells = [cell(r) for r in rows if (r["stage"], r["base"], r["resolution"]) == key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]}x{key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plan_for(params: FluxParams, stage: str, sem_cfg: SemanticConfig, base: str, side: int, n_txt: int = N_TXT,
+             lora_rank: int = LORA_RANK):
+    """choose's `plan`: batch -> {checkpointing: plan_stage's row} of this stage model at this token grid side, each
+    batch traced once."""
+    cache = {}
+
+    def plan(batch: int) -> dict[bool, dict]:
+        if batch not in cache:
+            rows = plan_stage(params, stage, sem_cfg, base, (side,), n_txt, batch=batch, lora_rank=lora_rank)
+            cache[batch] = {r["checkpointing"]: r for r in rows}
+        return cache[batch]
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -711,8 +789,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="plan: fp8 base + checkpointing only (the which-GPU table); check: fewer cases")
     parser.add_argument("--jobs", type=int, default=1, help="plan: processes tracing in parallel")
+    parser.add_argument("--defaults", action="store_true",
+                        help="the batch and checkpointing train.py chooses on a 24, 48 and 80 GB card (choose)")
     args = parser.parse_args(argv)
-    if args.check:
+    if args.defaults:
+        rows = default_choices()
+        print(markdown_defaults(rows))
+        result = {"defaults": rows}
+    elif args.check:
         rows = check(models=list(CHECK_MODELS)[:1], b_names=[FULL_B, LEAN_B]) if args.quick else check()
         print(markdown_check(rows))
         result = {"check": rows}

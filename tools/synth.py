@@ -9,14 +9,23 @@ or miss it on people.
 A scene is drawn in two steps: sample_scene(rng, size) makes every random choice, render_scene(scene) paints
 RGB, label ids and temperature together (so the three always agree), then blurs and adds sensor noise to the IR.
 Files are written in data.py's dataset layout with its synthetic class table (data.DEFAULT_CLASSES); scene i of
-a data set depends only on (seed, i), so the same command always writes the same bytes.
+a data set depends only on (seed, i), so the same command always writes the same bytes, and the set's synth.json
+({"seed", "count", "size"}) lets set_scenes re-create every scene.
+
+Some of a scene's choices show in no input: the temperature offsets, the optics blur, the sensor noise (UNSEEN).
+redraw(scene, rng) draws them again, so render_scene(redraw(scene, rng)) is a second IR of the same RGB and labels:
+what an ideal generative model could produce. mean_ir(scene, draws) averages such draws: what an ideal regressor
+trained on MSE would predict (docs/evaluation.md, "The sampler's ceiling").
 
 Commands (python -m tools.synth -h):
-    python -m tools.synth OUT [--count N] [--size S] [--seed K]   N scenes as OUT/{rgb,sem,ir}/NNNNNN.png + classes.json
+    python -m tools.synth OUT [--count N] [--size S] [--seed K]   N scenes as OUT/{rgb,sem,ir}/NNNNNN.png,
+                                                                  classes.json, synth.json
     python -m tools.synth OUT --example --seed K                  one scene as OUT/{rgb,sem,ir}.png (see examples/)
 """
 
 import argparse
+import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -25,7 +34,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data import DEFAULT_CLASSES, MULTIPLE, DataError, building_layout, palette, save_classes, write_pair
+from checkpoint import write_atomic
+from data import DEFAULT_CLASSES, MULTIPLE, DataError, building_layout, list_images, palette, save_classes, write_pair
 
 # IR value ("temperature") per class, before blur and noise; per-scene and per-object offsets add +-0.03.
 #                  day    night
@@ -46,6 +56,34 @@ PART_DELTA = {"head": 0.08, "engine": 0.12, "wheel": 0.15, "window": -0.04}  # h
 # That threshold is metrics.HOT_THRESHOLD, the one evaluation calls a region hot with.
 _ID = {c.name: c.id for c in DEFAULT_CLASSES}
 
+# The parts of a scene that no input shows (only the IR depends on them), with their ranges: sample_scene draws them
+# once and redraw draws them again, both through the helpers below.
+UNSEEN = ("offset", "objects[].offset", "blur", "noise", "seeds[1]")  # seeds[1] seeds the IR's sensor noise
+OFFSET = 0.03                                    # temperature offset per region and per object: uniform +-OFFSET
+REGIONS = ("sky", "road", "building", "vegetation")  # the regions with their own offset
+BLUR = (0.4, 1.0)                                # optics blur sigma in pixels at 128 px, scaled with the size
+NOISE = (0.003, 0.012)                           # sensor noise sigma
+
+
+def _offset(rng: np.random.Generator) -> float:
+    """One temperature offset, uniform in +-OFFSET."""
+    return rng.uniform(-OFFSET, OFFSET)
+
+
+def _region_offsets(rng: np.random.Generator) -> dict:
+    """One offset per region of REGIONS, drawn in that order."""
+    return {k: _offset(rng) for k in REGIONS}
+
+
+def _blur_sigma(rng: np.random.Generator, size: int) -> float:
+    """The optics blur sigma in pixels for a size x size scene."""
+    return rng.uniform(*BLUR) * size / 128
+
+
+def _noise_sigma(rng: np.random.Generator) -> float:
+    """The sensor noise sigma (IR in [0, 1])."""
+    return rng.uniform(*NOISE)
+
 
 def sample_scene(rng: np.random.Generator, size: int) -> dict:
     """Draw every random choice of a scene. render_scene(scene) is then a pure function of it."""
@@ -53,8 +91,8 @@ def sample_scene(rng: np.random.Generator, size: int) -> dict:
     u = rng.uniform
     scene = {"size": S, "night": bool(rng.random() < 0.4), "horizon": u(0.35, 0.5) * S,
              "sky": u(0.85, 1.1), "road": [u(80, 110)] * 3, "buildings": [], "trees": [], "objects": [],
-             "offset": {k: u(-0.03, 0.03) for k in ("sky", "road", "building", "vegetation")},
-             "blur": u(0.4, 1.0) * S / 128, "noise": u(0.003, 0.012), "seeds": rng.integers(2**32, size=2)}
+             "offset": _region_offsets(rng), "blur": _blur_sigma(rng, S), "noise": _noise_sigma(rng),
+             "seeds": rng.integers(2**32, size=2)}  # seeds: [RGB noise, IR noise]
     x = u(-0.1, 0.05) * S
     while x < S:
         w = u(0.15, 0.35) * S
@@ -70,7 +108,7 @@ def sample_scene(rng: np.random.Generator, size: int) -> dict:
         by = scene["horizon"] + u(0.15, 1.0) * ground  # base on the ground; nearer objects are lower and larger
         d = (by - scene["horizon"]) / ground
         is_car, hot = rng.random() < 0.5, rng.random() < 0.5  # the kind is a coin flip independent of the looks
-        obj = {"by": by, "cx": u(0.05, 0.95) * S, "offset": u(-0.03, 0.03)}
+        obj = {"by": by, "cx": u(0.05, 0.95) * S, "offset": _offset(rng)}
         if is_car:
             obj.update(kind="car_running" if hot else "car_parked", w=S * (0.25 + 0.45 * d),
                        facing=int(rng.choice([-1, 1])),
@@ -199,6 +237,38 @@ def make_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     return render_scene(sample_scene(rng, size))
 
 
+def redraw(scene: dict, rng: np.random.Generator) -> dict:
+    """A copy of `scene` with the parts no input shows (UNSEEN: region and object temperature offsets, blur, noise
+    level, the IR noise seed) drawn again from sample_scene's own ranges; geometry, classes, colours, night and the
+    RGB noise seed are kept, so its render has the same RGB and labels and another IR."""
+    new = copy.deepcopy(scene)
+    new["offset"] = _region_offsets(rng)
+    new["blur"] = _blur_sigma(rng, scene["size"])
+    new["noise"] = _noise_sigma(rng)
+    for o in new["objects"]:
+        o["offset"] = _offset(rng)
+    new["seeds"] = np.array([scene["seeds"][0], rng.integers(2**32)])  # [RGB noise kept, IR noise new]
+    return new
+
+
+def ir_read_back(ir: np.ndarray) -> np.ndarray:
+    """A rendered IR, uint16 [S, S], as data.load_ir reads it back from its file: float32 [S, S] in [0, 1]."""
+    return (ir / 65535.0).astype(np.float32)
+
+
+def mean_ir(scene: dict, draws: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The renderer's expected IR for the scene, float32 [S, S] in [0, 1], estimated by Monte Carlo: the mean of the
+    IRs of `draws` redraws (each as its file stores it), so its error shrinks as 1/sqrt(draws). rng None:
+    np.random.default_rng(0), so the estimate is reproducible."""
+    if draws < 1:
+        raise ValueError(f"mean_ir: draws must be at least 1, got {draws}")
+    rng = np.random.default_rng(0) if rng is None else rng
+    total = np.zeros((scene["size"], scene["size"]), np.float64)  # [S, S]
+    for _ in range(draws):
+        total += ir_read_back(render_scene(redraw(scene, rng))[2])
+    return (total / draws).astype(np.float32)
+
+
 # -----------------------------------------------------------------------------
 # Writing scenes to disk
 
@@ -208,19 +278,99 @@ TRAIN_SET, TEST_SET = (512, 0), (64, 1)
 SET_SIZE = 128
 
 
+SET_FILE = "synth.json"  # in a set written by write_synth: {"seed": K, "count": N, "size": S}
+
+
+class NotSynthSet(DataError):
+    """A dataset folder without synth.json: its scenes cannot be re-created."""
+
+
 def ensure_set(out, scenes_seed: tuple[int, int], progress: bool = False) -> Path:
-    """The synthetic set `out`, generated the first time it is asked for: (scenes, seed) at SET_SIZE pixels."""
+    """The synthetic set `out`, generated the first time it is asked for: (scenes, seed) at SET_SIZE pixels. A set
+    already there is never regenerated; one without synth.json (written before sets recorded their scenes) is given
+    one when it holds exactly those scenes' pair names and its scene 0 re-renders to its files byte for byte;
+    otherwise it is left as it is."""
     out = Path(out)
+    count, seed = scenes_seed
     if not out.is_dir():
-        count, seed = scenes_seed
         print(f"generating the synthetic set {out} ({count} scenes, seed {seed}; python -m tools.synth)")
         write_synth(out, count=count, size=SET_SIZE, seed=seed, progress=progress)
+    elif not (out / SET_FILE).exists() and _recognised(out, count, seed, SET_SIZE):
+        try:
+            _write_json(out / SET_FILE, {"seed": seed, "count": count, "size": SET_SIZE})
+            print(f"{out}: recorded its scenes in {SET_FILE} (seed {seed}, {count} scenes; scene 0 re-renders exactly)")
+        except (OSError, ValueError):  # write_atomic's CheckpointError is a ValueError
+            pass  # a read-only set stays without one: only the sampler's ceiling needs it
     return out
 
 
+def _recognised(root: Path, count: int, seed: int, size: int) -> bool:
+    """root holds exactly the pairs 000000 .. count-1 and scene 0 of (seed, size) re-renders to its files."""
+    try:
+        names = sorted(_pair_names(root))
+    except DataError:
+        return False
+    return names == [f"{i:06d}" for i in range(count)] and not _differences(
+        root, names[0], sample_scene(np.random.default_rng([seed, 0]), size))
+
+
+def _pair_names(root: Path) -> list[str]:
+    """The pair names (file stems) of the dataset folder root, from its ir/ folder."""
+    return list(list_images(Path(root) / "ir"))
+
+
+def _differences(root: Path, name: str, scene: dict) -> list[str]:
+    """Which of the stored rgb / sem / ir files of pair `name` differ from render_scene(scene) (empty: none)."""
+    rgb, ids, ir = render_scene(scene)
+    want = {"rgb": rgb, "sem": palette(DEFAULT_CLASSES)[ids], "ir": ir}  # sem/ stores the class colours
+    differ = []
+    for folder, arr in want.items():
+        try:
+            stored = np.asarray(Image.open(list_images(Path(root) / folder)[name]))
+        except (OSError, KeyError, DataError):
+            stored = None
+        if stored is None or not np.array_equal(stored, arr):
+            differ.append(folder)
+    return differ
+
+
+def set_scenes(root) -> dict[str, dict]:
+    """The scene of every pair of a tools.synth set: pair name -> scene dict, scene i = sample_scene(
+    np.random.default_rng([seed, i]), size) with seed and size from root/synth.json. A folder without synth.json is a
+    NotSynthSet; one whose first pair does not re-render from its scene (a set written by another version of
+    tools.synth) a DataError."""
+    root = Path(root)
+    path = root / SET_FILE
+    if not path.is_file():
+        raise NotSynthSet(f"{root}: not a tools.synth set: the sampler's ceiling needs the scenes that drew its "
+                          f"pairs, recorded in {SET_FILE} by python -m tools.synth")
+    try:
+        meta = json.loads(path.read_text())
+        seed, count, size = (meta[k] for k in ("seed", "count", "size"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f'{path}: unreadable ({e}); expected {{"seed": K, "count": N, "size": S}}') from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seed, count, size)):
+        raise DataError(f'{path}: expected whole numbers {{"seed": K, "count": N, "size": S}}, got {meta}')
+    names = sorted(_pair_names(root))
+    known = {f"{i:06d}" for i in range(count)}
+    if unknown := [n for n in names if n not in known]:
+        raise DataError(f"{root}: pair {unknown[0]} is not one of the {count} scenes {SET_FILE} records")
+    scenes = {n: sample_scene(np.random.default_rng([seed, int(n)]), size) for n in names}
+    if names and (differ := _differences(root, names[0], scenes[names[0]])):
+        raise DataError(f"{root}: pair {names[0]} does not re-render from its scene ({', '.join(differ)} differ): "
+                        f"the set was written by another version of tools.synth; write it again")
+    return scenes
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """obj as JSON at path, written whole (checkpoint.write_atomic: a temporary file of its own, renamed)."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj) + "\n"))
+
+
 def write_synth(out, count, size, seed=0, progress=False) -> int:
-    """count scenes as out/{rgb,sem,ir}/NNNNNN.png + classes.json. Scene i depends only on (seed, i).
-    out appears only when every scene is written, so an interrupted run is never reused as a complete set."""
+    """count scenes as out/{rgb,sem,ir}/NNNNNN.png + classes.json + synth.json (seed, count, size: how set_scenes
+    re-creates them). Scene i depends only on (seed, i). out appears only when every scene is written, so an
+    interrupted run is never reused as a complete set."""
     if size < MULTIPLE or size % MULTIPLE:
         raise DataError(f"synth: size {size} must be a positive multiple of {MULTIPLE}")
     with building_layout(out) as tmp:
@@ -228,6 +378,7 @@ def write_synth(out, count, size, seed=0, progress=False) -> int:
             rgb, ids, ir = make_scene(np.random.default_rng([seed, i]), size)
             write_pair(tmp, f"{i:06d}", rgb, ids, ir, DEFAULT_CLASSES)
         save_classes(DEFAULT_CLASSES, tmp / "classes.json")
+        _write_json(tmp / SET_FILE, {"seed": int(seed), "count": int(count), "size": int(size)})
     return count
 
 

@@ -650,7 +650,7 @@ def test_a_dataset_is_written_through_a_link_to_an_empty_folder(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     synth.write_synth(tmp_path / "link", count=2, size=16)
     assert (tmp_path / "link").is_symlink() and len(data.PairedDataset(tmp_path / "link")) == 2
-    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["classes.json", "ir", "rgb", "sem"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["classes.json", "ir", "rgb", "sem", "synth.json"]
 
 
 def test_a_second_writer_of_one_dataset_is_refused_naming_the_first(tmp_path):

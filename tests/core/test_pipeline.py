@@ -60,9 +60,13 @@ def test_trained_weights_load_strictly(run_train, tmp_path):
     with pytest.raises(CheckpointError) as e:
         pipeline.load_pipeline(tmp_path / "broken.safetensors", quiet=True)
     assert dropped in str(e.value) and "semantic.extra.weight" in str(e.value) and "--scheme" in str(e.value)
-    cfg = json.loads(meta["config"]) | {"base_preset": "dev"}
-    save_atomic(sd, tmp_path / "dev.safetensors", {"config": json.dumps(cfg)})
-    with pytest.raises(CheckpointError, match="'dev' base"):
+    cfg = json.loads(meta["config"])
+    save_atomic(sd, tmp_path / "other.safetensors", {"config": json.dumps(cfg | {"base_id": "0123456789abcdef"})})
+    with pytest.raises(CheckpointError, match="trained on another base .* holds other weights"):
+        pipeline.load_pipeline(tmp_path / "other.safetensors", quiet=True)
+    old = {k: v for k, v in cfg.items() if k != "base_id"} | {"base_preset": "dev"}  # from before ids were recorded
+    save_atomic(sd, tmp_path / "dev.safetensors", {"config": json.dumps(old)})
+    with pytest.raises(CheckpointError, match="'dev' layout, but this run's base .* has the 'tiny' layout"):
         pipeline.load_pipeline(tmp_path / "dev.safetensors", quiet=True)
 
 
@@ -100,19 +104,100 @@ def test_crafted_run_configs_are_refused_in_one_line(env, tmp_path, cfg):
         pipeline.load_pipeline(tmp_path / "c.safetensors", quiet=True)
 
 
-def test_flux_ir_base_names_another_checkpoint_form(env, tmp_path, monkeypatch):
-    """$FLUX_IR_BASE points at any transformer file load_flux reads; the autoencoder and text encoders come from
-    the weights folder; a path that does not exist is one error."""
+def official_weights(folder: Path, base_name: str | None, params) -> Path:
+    """A weights/ folder as users have it: the autoencoder and text encoder folders (empty stand-ins: finding the
+    base reads only the transformer's header) and, if named, a small transformer of the official layout."""
+    from flux_model import Flux
+    (folder / "t5").mkdir(parents=True)
+    (folder / "clip").mkdir()
+    (folder / "ae.safetensors").write_bytes(b"")
+    if base_name:
+        torch.manual_seed(0)
+        save_atomic(Flux(params).state_dict(), folder / base_name)
+    return folder
+
+
+def test_the_base_is_found_by_what_it_holds_whatever_its_name(tmp_path, monkeypatch, small_params):
     from pipeline import BASE_ENV, find_setup
+    monkeypatch.delenv(BASE_ENV, raising=False)
+    weights = official_weights(tmp_path / "w", "flux1-dev-fp8.safetensors", small_params())  # Kijai's name
+    save_atomic({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, weights / "my_lora.safetensors")  # not a base
+    setup = find_setup(weights)
+    assert (setup.kind, setup.flux.name, setup.preset, setup.guidance) == ("official", "flux1-dev-fp8.safetensors",
+                                                                           "dev", 2.5)
+    assert "found by its keys" in setup.describe()
+    official_weights(tmp_path / "s", "anything.safetensors", small_params(guidance=False))
+    assert find_setup(tmp_path / "s").preset == "schnell"
+    torch.manual_seed(1)
+    from flux_model import Flux
+    save_atomic(Flux(small_params()).state_dict(), weights / "flux1-kontext-dev.safetensors")
+    with pytest.raises(CheckpointError, match=f"2 FLUX transformer checkpoints .*set {BASE_ENV}"):
+        find_setup(weights)
+    monkeypatch.setenv(BASE_ENV, str(weights / "flux1-kontext-dev.safetensors"))  # names the one to use
+    assert find_setup(weights).flux.name == "flux1-kontext-dev.safetensors"
+    monkeypatch.setenv(BASE_ENV, str(weights / "my_lora.safetensors"))
+    with pytest.raises(CheckpointError, match="not a FLUX base transformer"):
+        find_setup(weights)
     monkeypatch.setenv(BASE_ENV, str(tmp_path / "nothing.safetensors"))
     with pytest.raises(CheckpointError, match="no such file"):
-        find_setup()
-    weights = tmp_path / "w"
-    (weights / "t5").mkdir(parents=True)
-    (weights / "clip").mkdir()
-    (weights / "ae.safetensors").write_bytes(b"")
-    base = tmp_path / "my-flux1-kontext-fp8.safetensors"
-    base.write_bytes(b"")
-    monkeypatch.setenv(BASE_ENV, str(base))
+        find_setup(weights)
+
+
+def test_a_fill_checkpoint_is_not_taken_for_a_base(tmp_path, monkeypatch, small_params):
+    from pipeline import BASE_ENV, find_setup
+    monkeypatch.delenv(BASE_ENV, raising=False)
+    weights = official_weights(tmp_path / "w", "flux1-fill-dev.safetensors", small_params(in_ch=384))
+    with pytest.raises(CheckpointError, match="flux1-fill-dev.safetensors: a Fill checkpoint, not a text-to-image"):
+        find_setup(weights)
+
+
+def test_a_renamed_linked_or_fp8_cast_base_is_the_same_base(tmp_path, monkeypatch, small_params):
+    from pipeline import BASE_ENV, base_id, check_same_base, find_setup
+    monkeypatch.delenv(BASE_ENV, raising=False)
+    weights = official_weights(tmp_path / "w", "flux1-dev.safetensors", small_params())
+    base = weights / "flux1-dev.safetensors"
+    trained = {"base_id": find_setup(weights).base_id(), "base_preset": "dev", "base_file": base.name}
+    snapshot = tmp_path / "hub" / "snapshots" / "0123abcd"  # a Hugging Face cache: a link under a hash
+    snapshot.mkdir(parents=True)
+    (snapshot / "flux1-dev.safetensors").symlink_to(base)
+    sd = read_safetensors(base)
+    save_atomic({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in sd.items()}, tmp_path / "fp8.safetensors")
+    for other in (snapshot / "flux1-dev.safetensors", tmp_path / "fp8.safetensors"):
+        monkeypatch.setenv(BASE_ENV, str(other))
+        check_same_base(trained, "run/final.safetensors", find_setup(weights))  # the same weights: accepted
+    sd["double_blocks.0.img_attn.norm.query_norm.scale"] = sd["double_blocks.0.img_attn.norm.query_norm.scale"] * 2
+    save_atomic(sd, tmp_path / "retrained.safetensors")
+    assert base_id(tmp_path / "retrained.safetensors") != trained["base_id"]
+    monkeypatch.setenv(BASE_ENV, str(tmp_path / "retrained.safetensors"))
+    with pytest.raises(CheckpointError, match="trained on another base"):
+        check_same_base(trained, "run/final.safetensors", find_setup(weights))
+
+
+def test_sampling_takes_the_bases_guidance_and_encodes_the_prompt_before_the_transformer(tmp_path, monkeypatch,
+                                                                                          small_params):
+    """A run trained at guidance 1.0 samples at the base's 2.5 (training and sampling guidance are two settings);
+    the prompt is encoded (and its encoders freed) before the transformer is built."""
+    import flux_model
+    from pipeline import BASE_ENV, find_setup, load_pipeline
+    from vae import AE_PRESETS, AutoEncoder, save_ae
+    monkeypatch.delenv(BASE_ENV, raising=False)
+    params = small_params()
+    monkeypatch.setitem(flux_model.PRESETS, "dev", params)  # a dev-layout base at test size
+    weights = official_weights(tmp_path / "w", "flux1-dev.safetensors", params)
+    save_ae(AutoEncoder(AE_PRESETS["tiny"]), weights / "ae.safetensors")
+    order = []
+    real_build = pipeline.build_model
+
+    def text(setup, p, batch, prompt, device, dtype, prompt_cache=None):  # stands in for T5 + CLIP
+        order.append("text")
+        return torch.zeros(1, 3, p.context_in_dim), torch.zeros(1, 3, 3), torch.zeros(1, p.vec_in_dim)
+    monkeypatch.setattr(pipeline, "text_condition", text)
+    monkeypatch.setattr(pipeline, "build_model", lambda *a, **k: order.append("model") or real_build(*a, **k))
     setup = find_setup(weights)
-    assert (setup.kind, setup.flux, setup.preset, setup.ae) == ("official", base, "kontext", weights / "ae.safetensors")
+    run = {"stage": "joint", "scheme": "none", "guidance": 1.0, "base_preset": "dev", "base_id": setup.base_id(),
+           "sample_guidance": 2.5}
+    save_atomic({}, tmp_path / "run.safetensors", {"config": json.dumps(run)})
+    for ckpt in (None, tmp_path / "run.safetensors"):
+        order.clear()
+        pipe = load_pipeline(ckpt, "cpu", torch.float32, setup=setup, quiet=True)
+        assert pipe.guidance == 2.5 and order == ["text", "model"]

@@ -1,13 +1,17 @@
 """The default scheme B (sem_cross_attn.py, the core alone): identity at zero init, the base state dict untouched,
 checkpoint key names, learning starts from the zero values, spatial awareness of the decoupled attention, attention
-recording by hooks, batch independence, the per-sample strength, old run configs, and clear errors.
+recording by hooks, batch independence, the per-sample strength, a bf16 stream kept bf16 by its fp32 scales, old run
+configs, and clear errors.
 The other schemes and options: tests/extras/test_schemes.py."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from einops import rearrange
 
 from flow import image_ids, kontext_ids
 from flux_model import Flux, apply_rope
@@ -307,3 +311,77 @@ def test_semantic_input_matches_encoder():
 def test_overlay_blends_the_semantic_image():
     rgb, sem = torch.full((1, 3, 16, 16), -1.0), torch.ones(1, 3, 16, 16)
     torch.testing.assert_close(overlay(rgb, sem, 0.25), torch.full((1, 3, 16, 16), -0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compute dtype: fp32 scales do not promote a bf16 stream
+
+def stream_dtypes(model, x: dict, autocast: bool) -> dict[str, torch.dtype]:
+    """One forward (under CPU bf16 autocast or not): the dtype of every transformer block's output, every semantic
+    block's (and scheme A's zero conv's), the tokens img_in takes (scheme A adds to them) and the model's output."""
+    seen = {}
+
+    def note(name: str, t: torch.Tensor | tuple) -> None:  # (a hook returning a value would replace the call's)
+        seen.setdefault(name, (t[0] if isinstance(t, tuple) else t).dtype)
+    hooks = [model.img_in.register_forward_pre_hook(lambda m, args: note("img_in", args))]
+    for name, m in model.named_modules():
+        if re.fullmatch(r"(semantic\.)?(double|single)_blocks\.\d+|semantic\.zeroconv", name):
+            hooks.append(m.register_forward_hook(lambda m, args, out, name=name: note(name, out)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        seen["output"] = model(**x).dtype
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def bf16_model_with_fp32_strengths(params, config, attach, mode: str):
+    """A bf16 transformer with an acting semantic module whose strength parameters are fp32:
+      autocast  the whole module fp32 (as training keeps it), run under bf16 autocast
+      bf16      the module in bf16 but its scales / gates fp32 (1,) tensors, run in plain bf16"""
+    torch.manual_seed(0)
+    model = Flux(params)
+    acting(attach(model, config))
+    model.to(torch.bfloat16)
+    if mode == "autocast":
+        model.semantic.float()
+    for p in model.semantic.strength_parameters():
+        p.data = p.data.float()
+    return model
+
+
+def bf16_inputs(x: dict) -> dict:
+    """The batch in bf16, with a per-sample fp32 strength [B] (a tensor strength is cast where it multiplies too)."""
+    x = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
+    return x | {"semantic_strength": torch.tensor([0.5, 1.0])}
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16"])
+def test_fp32_scales_keep_a_bf16_stream_in_bf16(params, kontext_inputs, mode):
+    """The default B's scales are fp32 (1,) parameters; `strength * scale * out` promoted every block's semantic
+    attention to fp32 (a [B, L_img, D] fp32 tensor per block, added into the bf16 one). Cast where they multiply,
+    every semantic and transformer block's output stays bf16, under CPU autocast over an fp32 module and in plain
+    bf16 alike."""
+    model = bf16_model_with_fp32_strengths(params, DEFAULT_B, attach, mode)
+    assert all(p.dtype == torch.float32 for p in model.semantic.strength_parameters())
+    dtypes = stream_dtypes(model, bf16_inputs(kontext_inputs(params)), autocast=mode == "autocast")
+    assert len(dtypes) == 2 * (params.depth + params.depth_single_blocks) + 2
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
+def test_in_fp32_the_semantic_attention_is_exactly_what_it_was(params, kontext_inputs):
+    """In fp32 the casts are no-ops: every block's semantic term is, bit for bit, the formula as written before them,
+    strength * scale * SDPA(q, k, v) (a per-sample strength included)."""
+    torch.manual_seed(0)
+    model = Flux(params)
+    acting(attach(model, DEFAULT_B))
+    calls = []
+    for block in model.semantic.blocks().values():
+        block.register_forward_hook(lambda m, a, out: calls.append((m, *a, out)))
+    x = kontext_inputs(params) | {"semantic_strength": torch.tensor([0.5, 1.0])}
+    with torch.no_grad():
+        assert model(**x).dtype == torch.float32
+        assert len(calls) == params.depth + params.depth_single_blocks
+        for block, q, ctx, out in calls:
+            before = ctx.strength * block.scale * rearrange(F.scaled_dot_product_attention(q, *block.kv(ctx)),
+                                                            "B H L D -> B L (H D)")
+            assert out.dtype == torch.float32 and torch.equal(out, before)

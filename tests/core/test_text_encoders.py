@@ -456,8 +456,8 @@ def test_bad_folders_give_errors_that_name_the_problem(t5_folder, clip_folder, t
         te.load_t5(clip)
     with pytest.raises(CheckpointError, match=r"load it with load_t5\(\)"):
         te.load_clip(t5)
-    with pytest.raises(CheckpointError, match="no such folder"):
-        te.PromptCache(tmp_path / "c", tmp_path / "nope", clip)
+    with pytest.raises(CheckpointError, match="config.json: missing"):  # a folder that is there is checked at once
+        te.PromptCache(tmp_path / "c", tmp_path, clip)
 
     no_spm = tmp_path / "no_spm"
     shutil.copytree(t5, no_spm)
@@ -479,3 +479,21 @@ def test_diffusers_layout_finds_tokenizer_in_sibling_folder(t5_folder, tmp_path)
     (tmp_path / "tokenizer_2").mkdir()
     (tmp_path / "text_encoder_2" / "spiece.model").rename(tmp_path / "tokenizer_2" / "spiece.model")
     assert te.load_t5(tmp_path / "text_encoder_2", max_length=8)(["a"]).shape == (1, 8, 32)
+
+
+def test_cached_prompts_need_no_encoder_files(t5_folder, clip_folder, tmp_path, capsys):
+    """Once a prompt is cached, a run without the encoder folders reads it (one note); a new prompt then names the
+    missing folder; an entry of another encoder is computed again when the encoder is there."""
+    cache = te.PromptCache(tmp_path / "cache", t5_folder[0], clip_folder[0], t5_max_length=40, dtype=torch.float32)
+    txt, vec = cache(["a thermal image"])
+    gone = te.PromptCache(tmp_path / "cache", tmp_path / "no_t5", tmp_path / "no_clip", t5_max_length=40,
+                          dtype=torch.float32)
+    capsys.readouterr()
+    txt2, vec2 = gone(["a thermal image"])
+    assert torch.equal(txt, txt2) and torch.equal(vec, vec2)
+    assert "note: no T5 folder" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match=r"no_t5: no such folder, and the prompt 'new' has no cached T5"):
+        gone(["new"])
+    bf16 = te.PromptCache(tmp_path / "cache", t5_folder[0], clip_folder[0], t5_max_length=40, dtype=torch.bfloat16)
+    assert bf16(["a thermal image"])[0].dtype == torch.bfloat16  # another dtype's entry: computed again
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # and stored in its place

@@ -3,6 +3,7 @@ writes only what it trains, the defaults are the stage's and the scheme's, resum
 (also after SIGTERM), a NaN stops with the last good weights intact, and bad options fail with one line before
 anything is written. The opt-in mechanisms' training tests are in tests/extras/test_train_*.py."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -216,15 +217,14 @@ def test_bad_init_and_options_fail_before_work(run_train, tmp_path, capsys):
         assert not (out / "final.safetensors").exists()
 
 
-def test_init_from_another_preset_is_refused(run_train, tmp_path, capsys):
+def test_init_from_another_base_is_refused(run_train, tmp_path, capsys):
     w = tmp_path / "w"
     assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
     cfg = json.loads(read_metadata(w / "final.safetensors")["config"])
-    cfg["base_preset"] = "dev"
     sd = read_safetensors(w / "final.safetensors")
-    save_atomic(sd, tmp_path / "dev.safetensors", {"config": json.dumps(cfg)})
-    assert run_train(tmp_path / "x", "--stage", "joint", "--init", str(tmp_path / "dev.safetensors"), "--steps", "1") == 2
-    assert "base_preset" in capsys.readouterr().err
+    save_atomic(sd, tmp_path / "other.safetensors", {"config": json.dumps(cfg | {"base_id": "0123456789abcdef"})})
+    assert run_train(tmp_path / "x", "--stage", "joint", "--init", str(tmp_path / "other.safetensors"), "--steps", "1") == 2
+    assert "trained on another base" in capsys.readouterr().err
 
 
 def test_init_with_missing_semantic_weights_is_refused_by_name(run_train, tmp_path, capsys):
@@ -507,3 +507,38 @@ def test_an_unreadable_latent_cache_is_encoded_again(run_train, tmp_path, capsys
         assert run_train(tmp_path / broken, "--stage", "warmup", "--steps", "1", "--data", str(d)) == 0
         assert "cannot be used" in capsys.readouterr().out
         assert torch.equal(read_safetensors(cache)["ir"], tokens["ir"])
+
+
+def test_on_a_gpu_with_an_official_base_the_batch_comes_from_the_memory_plan(env, monkeypatch, capsys):
+    """memory_defaults with a stand-in card and plan (the real plan of FLUX.1-dev is tests/tools/test_memory_plan.py's):
+    the largest batch that fits is chosen and said; nothing fitting is one error naming the settings that would."""
+    from types import SimpleNamespace
+    from pipeline import Setup
+    from tools import memory_plan
+    gib = memory_plan.GIB
+
+    def plan_for(params, stage, semantic, base, side, lora_rank):  # bf16: 20 GiB resident, fp8: 10; 2 GiB a sample
+        resident = {"bf16": 20, "fp8": 10}[base]
+        return lambda b: {ck: {"resident": resident * gib, "total": (resident + b * (2 if not ck else 0.5)) * gib}
+                          for ck in (False, True)}
+    monkeypatch.setattr(memory_plan, "plan_for", plan_for)
+    card = SimpleNamespace(total_memory=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    setup = Setup("official", Path("flux1-dev.safetensors"), "dev", Path("ae.safetensors"), guidance=2.5)
+    cfg = train.resolve(train.TrainConfig(stage="warmup", data=str(env / "synth")), find_setup())
+    card.total_memory = 48 * gib
+    chosen = train.memory_defaults(cfg, setup, torch.device("cuda"))
+    assert (chosen.batch_size, chosen.gradient_checkpointing) == (8, False)  # 20 + 16 GiB, +10% + 1 GiB <= 48
+    assert "chose --batch-size 8 --no-gradient-checkpointing: the largest batch" in capsys.readouterr().out
+    for flag, value, expected in (("batch_size", 2, (2, False)), ("gradient_checkpointing", True, (8, True))):
+        given = train.memory_defaults(dataclasses.replace(cfg, **{flag: value}), setup, torch.device("cuda"))
+        assert (given.batch_size, given.gradient_checkpointing) == expected  # a flag given: the plan picks the other
+    card.total_memory = 24 * gib
+    chosen = train.memory_defaults(cfg, setup, torch.device("cuda"))
+    assert (chosen.batch_size, chosen.gradient_checkpointing) == (1, True)  # 20.5 GiB only with checkpointing
+    card.total_memory = 16 * gib
+    with pytest.raises(ValueError, match="nothing fits: batch 1 with gradient checkpointing needs 20.5 GiB .*"
+                                         "--base-dtype fp8 fits \\(batch 4, gradient checkpointing\\)"):
+        train.memory_defaults(cfg, setup, torch.device("cuda"))
+    demo = train.memory_defaults(cfg, find_setup(), torch.device("cpu"))
+    assert (demo.batch_size, demo.gradient_checkpointing) == (8, False)

@@ -5,12 +5,14 @@ BFL's own file is the core's (checkpoint.load_flux_official; tests/core/test_che
 that case."""
 
 import json
+import weakref
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import checkpoint
 from checkpoint import CheckpointError, load_flux_official, read_safetensors
 from conftest import kontext_batch, small_flux_params
 from extras import checkpoint_forms, fp8
@@ -195,9 +197,9 @@ def test_quantized_files_this_loader_cannot_read_are_refused_naming_the_problem(
 
 def test_key_hints_never_suggest_the_preset_already_chosen():
     """The hint said "use --preset dev" while loading as dev (a scaled file's guidance_in.*.scale_weight keys looked
-    like guidance_in). Over every official preset's keys loaded as every preset, with and without stray
-    quantization keys on guidance_in: a hint never names the chosen preset, and the guidance hints point the right
-    way."""
+    like guidance_in; and there is no --preset flag: the commands read the preset from the file's keys). Over every
+    official preset's keys loaded as every preset, with and without stray quantization keys on guidance_in: a hint
+    never names the chosen preset, and the guidance hints point the right way."""
     def keys(name):
         with torch.device("meta"):
             return {k: tuple(v.shape) for k, v in Flux(PRESETS[name]).state_dict().items()}
@@ -209,9 +211,9 @@ def test_key_hints_never_suggest_the_preset_already_chosen():
                 found = {**keys(file_preset), **extra}
                 missing, unexpected = set(model) - set(found), set(found) - set(model)
                 hint = checkpoint_forms._flux_hint(PRESETS[chosen])(missing, unexpected, [])
-                assert f"--preset {chosen}" not in hint, (chosen, file_preset, extra, hint)
+                assert f"params='{chosen}'" not in hint and "--preset" not in hint, (chosen, file_preset, extra, hint)
                 if not extra and PRESETS[file_preset].guidance_embed != PRESETS[chosen].guidance_embed:
-                    assert ("--preset schnell" if file_preset == "schnell" else "--preset dev or kontext") in hint
+                    assert ("params='schnell'" if file_preset == "schnell" else "params='dev'") in hint
                     assert chosen in hint  # names the preset it compared with
                 if extra:
                     assert "quantization tensors" in hint
@@ -249,7 +251,7 @@ def test_a_diffusers_transformer_of_another_preset_is_named_in_its_own_key_names
         load_flux(folder, FLUX, dtype=torch.float32)
     msg = str(e.value)
     assert "diffusers-format" in msg and "time_text_embed.guidance_embedder.linear_1.weight" in msg
-    assert "--preset schnell" in msg
+    assert "params='schnell'" in msg and "--preset" not in msg
     assert detect_preset(folder) == "schnell"
 
 
@@ -263,3 +265,97 @@ def test_a_snapshot_folder_of_several_files_names_the_file_to_give(tmp_path, off
                                               r".*the transformer's own file or its transformer/ folder"):
         load_flux(root, FLUX, dtype=torch.float32)
     load_flux(root / "flux1-kontext-dev.safetensors", FLUX, dtype=torch.float32)
+
+
+def reshard(folder, dest, n: int, dtype=torch.bfloat16) -> dict[str, int]:
+    """The one-file diffusers transformer in `folder` written to `dest` in `dtype` as n shards and their index. The
+    parts of each official tensor are dealt round robin, from a shard that moves on per tensor: to_q, to_k, to_v
+    (and a single block's proj_mlp) of one layer land in different shards. Returns {key: shard}."""
+    sd = read_safetensors(folder / "diffusion_pytorch_model.safetensors")
+    where = {d: (i + j) % n for i, parts in enumerate(diffusers_parts_by_official().values())
+             for j, d in enumerate(parts)}
+    assert set(where) == set(sd)
+    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    dest.mkdir(parents=True)
+    for i, name in enumerate(names):
+        save_file({k: v.to(dtype) for k, v in sd.items() if where[k] == i}, str(dest / name))
+    index = {"metadata": {}, "weight_map": {k: names[i] for k, i in where.items()}}
+    (dest / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    return where
+
+
+def diffusers_parts_by_official(params=FLUX) -> dict[str, list[str]]:
+    with torch.device("meta"):
+        plan = checkpoint_forms._diffusers_plan(Flux(params))
+    return {key: [d for d, _ in parts] for key, parts in plan.items()}
+
+
+@pytest.fixture
+def sharded(tmp_path, official):
+    """(the weights, a bf16 diffusers folder of 3 shards, {diffusers key: shard}, the official file in bf16): q, k
+    and v of an attention, and q, k, v and mlp of a single block's linear1, each in all three shards."""
+    sd, _ = official
+    one = diffusers_snapshot(tmp_path, sd, shard=None)
+    where = reshard(one, tmp_path / "sharded", 3)
+    parts = diffusers_parts_by_official()
+    for key in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"):
+        assert {where[d] for d in parts[key]} == {0, 1, 2}, key
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(tmp_path / "official-bf16.safetensors"))
+    return sd, tmp_path / "sharded", where, tmp_path / "official-bf16.safetensors"
+
+
+def uint8(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("base_dtype", ["fp8", "bf16", None])
+def test_a_sharded_diffusers_folder_converts_shard_by_shard_to_exactly_the_one_shot_result(tmp_path, sharded,
+                                                                                          base_dtype):
+    """Read a shard at a time, with the parts of one layer in different shards: the same tensors, bit for bit, as the
+    same weights from one diffusers file (every part at hand at once) and from the official file; quantized at load
+    for base_dtype fp8 (the official file's fp8 load quantizes its bf16 weights the same way)."""
+    sd, folder, _, official_bf16 = sharded
+    one = tmp_path / "one"
+    reshard(diffusers_snapshot(tmp_path / "again", sd, shard=None), one, 1)
+    kw = dict(dtype=torch.float32, base_dtype=base_dtype)
+    models = [load_flux(p, FLUX, **kw) for p in (folder, one, official_bf16)]
+    states = [m.state_dict() for m in models]
+    assert set(states[0]) == set(states[1]) == set(states[2])
+    for k in states[0]:
+        a, b, c = (st[k] for st in states)
+        assert a.dtype == b.dtype == c.dtype and torch.equal(uint8(a), uint8(b)) and torch.equal(uint8(a), uint8(c)), k
+    qkv = models[0].double_blocks[0].img_attn.qkv.weight
+    assert qkv.dtype == {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, None: torch.float32}[base_dtype]
+
+
+def test_a_sharded_diffusers_folder_loaded_as_fp8_holds_one_shard_and_the_converted_tensors_at_most(sharded,
+                                                                                                   monkeypatch):
+    """base_dtype fp8 over a bf16 folder (the whole bf16 model was held until it was quantized). Every tensor read
+    from a shard is watched (weakrefs, through a wrapper around the shard reader). When a shard is read, the tensors
+    still alive from the earlier ones are parts of layers not yet complete (another part is in this shard or a later
+    one), nothing else: the loader holds one shard's tensors, those waiting parts and the converted model, never the
+    whole file. After the load no tensor of the file is alive (every converted one is new: fp8 weights, fp32
+    biases and norms). A loader that read every shard before converting fails both. (Loaded in its own dtype, a
+    file's tensors ARE the result: no property to check.)"""
+    _, folder, where, _ = sharded
+    owner = {d: key for key, parts in diffusers_parts_by_official().items() for d in parts}
+    last = {key: max(where[d] for d, k in owner.items() if k == key) for key in set(owner.values())}
+    reads, waiting = [], []
+    real = checkpoint.read_safetensors
+
+    def watched(path, *args, **kwargs):
+        shard = len(reads)
+        alive = [k for refs in reads for k, r in refs.items() if r() is not None]  # from the earlier shards
+        assert all(last[owner[k]] >= shard for k in alive), [k for k in alive if last[owner[k]] < shard]
+        waiting.append(len(alive))
+        out = real(path, *args, **kwargs)
+        reads.append({k: weakref.ref(t) for k, t in out.items()})
+        return out
+
+    monkeypatch.setattr(checkpoint, "read_safetensors", watched)
+    monkeypatch.setattr(checkpoint_forms, "read_safetensors", watched)
+    model = load_flux(folder, FLUX, dtype=torch.float32, base_dtype="fp8")
+    assert len(reads) == 3 and sum(len(r) for r in reads) == len(where)  # each shard read once, every tensor
+    assert waiting[0] == 0 and all(n > 0 for n in waiting[1:])  # split layers' parts did wait for their last part
+    assert all(r() is None for refs in reads for r in refs.values())
+    assert model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn

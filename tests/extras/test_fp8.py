@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -19,7 +20,7 @@ from conftest import kontext_batch, small_flux_params
 from extras.checkpoint_forms import load_flux
 from flux_model import PRESETS, Flux
 from extras.fp8 import Fp8Linear, dequantize, dequantize_, is_fp8, quantize, quantize_
-from lora import inject_lora, lora_modules, lora_parameters, merge_lora
+from lora import LoRALinear, inject_lora, lora_modules, lora_parameters, merge_lora
 from tools.measure import tensor_bytes
 from sem_cross_attn import SemanticConfig, attach
 
@@ -254,8 +255,9 @@ def kijai_file(path, params, prefix="", all_fp8=False) -> dict:
 @pytest.mark.parametrize("all_fp8", [False, True], ids=["blocks-fp8", "all-fp8"])
 def test_a_kijai_fp8_file_loads_without_upcasting(tmp_path, prefix, all_fp8):
     """base_dtype fp8 keeps the file's fp8 weights byte for byte and its bf16 Linears (the outer layers here) in bf16,
-    as the file has them; biases and norm scales in bf16. Bytes: 1 per fp8 weight + a float32 scale per fp8 layer,
-    2 per other value. Its output is that of the same file upcast to bf16 (fp8 values are exact in bf16)."""
+    as the file has them; biases and norm scales in bf16. Bytes: 1 per fp8 weight (no scale: the file has none, so
+    none is stored or multiplied), 2 per other value. Its output is that of the same file upcast to bf16 (fp8 values
+    are exact in bf16)."""
     path = tmp_path / "flux1-dev-fp8.safetensors"
     sd = kijai_file(path, PARAMS, prefix, all_fp8)
     model = load_flux(path, PARAMS, dtype=torch.bfloat16, base_dtype="fp8")
@@ -263,8 +265,9 @@ def test_a_kijai_fp8_file_loads_without_upcasting(tmp_path, prefix, all_fp8):
     stored = [k for k, v in sd.items() if v.dtype == torch.float8_e4m3fn and k.removesuffix(".weight") in linears]
     assert len(stored) == (len(linears) if all_fp8 else 10 * PARAMS.depth + 3 * PARAMS.depth_single_blocks)
     assert all(state[k].dtype == torch.float8_e4m3fn and torch.equal(uint8(state[k]), uint8(sd[k])) for k in stored)
-    assert all(v.dtype == torch.bfloat16 for k, v in state.items() if k not in stored and not k.endswith("_scale"))
-    assert tensor_bytes(model) == sum(v.numel() * (1 if k in stored else 2) for k, v in sd.items()) + 4 * len(stored)
+    assert all(v.dtype == torch.bfloat16 for k, v in state.items() if k not in stored)
+    assert all(fp8.weight_scale(model.get_submodule(k.removesuffix(".weight"))) is None for k in stored)
+    assert tensor_bytes(model) == sum(v.numel() * (1 if k in stored else 2) for k, v in sd.items())
     x = inputs(dtype=torch.bfloat16)
     reference = load_flux(path, PARAMS, base_dtype="bf16")
     with torch.no_grad():
@@ -298,3 +301,189 @@ def test_keeping_fp8_for_the_backward_gives_the_plain_gradients_and_saves_no_upc
     upcast = (48 * 40, torch.float32)  # the weight's size in the compute dtype
     assert upcast in results[False][2] and upcast not in results[True][2]
     assert (48 * 40, torch.float8_e4m3fn) in results[True][2]  # what it keeps instead: the stored fp8 weight
+
+
+def test_a_plain_fp8_weight_skips_its_unit_scale_and_computes_the_same(tmp_path):
+    """A Kijai file's fp8 weights have no scale: the layers keep weight_scale None and never multiply by 1. The same
+    layers given an explicit scale of 1 compute the same bits, forward and backward, over a LoRA too; dequantize_
+    turns both back alike."""
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    kijai_file(path, PARAMS)
+    plain = load_flux(path, PARAMS, dtype=torch.bfloat16, base_dtype="fp8")
+    qkv = plain.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, Fp8Linear) and qkv.weight_scale is None and "no scale" in repr(qkv)
+    assert not any(k.endswith("weight_scale") for k in plain.state_dict())
+    unit = copy.deepcopy(plain)
+    for m in unit.modules():
+        if isinstance(m, Fp8Linear) and m.weight_scale is None:
+            m.weight_scale = torch.ones(())
+    x = inputs(dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(plain(**x), unit(**x))
+    for model in (plain, unit):
+        inject_lora(model, rank=4)
+        randomize_lora(model)
+    grads = [lora_grads(model, x) for model in (plain, unit)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    for model in (plain, unit):
+        dequantize_(model)
+    with torch.no_grad():
+        assert not is_fp8(plain) and torch.equal(plain(**x), unit(**x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fp8 product (torch._scaled_mm) and the choice of form
+
+def scaled_mm_devices() -> list[str]:
+    """Where the scaled_mm form can be checked: this CPU if its torch._scaled_mm runs (torch 2.13's does), and a CUDA
+    GPU that multiplies fp8."""
+    devices = []
+    try:
+        one = torch.ones((), dtype=torch.float32)
+        torch._scaled_mm(torch.ones(16, 16, dtype=fp8.FP8), torch.ones(16, 16, dtype=fp8.FP8).t(), scale_a=one,
+                         scale_b=one, out_dtype=torch.bfloat16)
+        devices.append("cpu")
+    except (RuntimeError, NotImplementedError):
+        pass
+    if torch.cuda.is_available() and fp8.fp8_matmul_device(torch.device("cuda")) is None:
+        devices.append("cuda")
+    return devices
+
+
+SCALED_MM_DEVICES = scaled_mm_devices()
+needs_scaled_mm = pytest.mark.skipif(not SCALED_MM_DEVICES, reason="torch._scaled_mm runs neither on this CPU build "
+                                     "nor on a GPU here (it needs CUDA compute capability 8.9+)")
+
+
+def fp8_layer(per: str | None, bias: bool = True, shape=(48, 64), seed=0) -> Fp8Linear:
+    """An Fp8Linear of random weights: scale per row, per tensor, or none (per None: plain fp8, a scale of 1)."""
+    torch.manual_seed(seed)
+    layer = Fp8Linear.from_linear(nn.Linear(shape[1], shape[0], bias=bias), per or "tensor")
+    if per is None:
+        layer.weight_scale = None
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_activation_is_rounded_as_quantize_rounds_a_weight_row(dtype):
+    """quantize_activation (the scaled_mm form's input, every call) gives quantize(x, "row")'s bytes and scales, an
+    all-zero row included: the rounding whose error the tests below bound."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 32, generator=g) * torch.logspace(-3, 2, 7)[:, None]).to(dtype)
+    x[3] = 0
+    q, s = fp8.quantize_activation(x)
+    q_ref, s_ref = quantize(x, "row")
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (7, 1)
+    assert torch.equal(uint8(q), uint8(q_ref)) and torch.equal(s[:, 0], s_ref)
+    assert (q.float().abs().amax(dim=1)[[0, 1, 2, 4, 5, 6]] == 448).all() and s[3, 0] == 1
+
+
+def test_the_dequantizing_form_is_chosen_on_the_cpu_and_says_why(monkeypatch):
+    """The one place that chooses (matmul_form): on this CPU, and wherever SCALED_MM is off, the dequantizing form,
+    with a reason naming what is missing; an Fp8Linear then computes exactly F.linear on its upcast weight."""
+    layer = fp8_layer("row")
+    x = torch.randn(2, 5, 64)
+    form, why = fp8.matmul_form(layer, x.bfloat16())
+    assert form == "dequantize" and "cpu" in why and "8.9" in why
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, dequantize(layer.weight, layer.weight_scale, torch.float32),
+                                              layer.bias))
+    monkeypatch.setattr(fp8, "SCALED_MM", False)
+    assert fp8.matmul_form(layer, x) == ("dequantize", "extras.fp8.SCALED_MM is off")
+
+
+def test_the_scaled_mm_form_is_chosen_only_where_torch_scaled_mm_takes_the_call(monkeypatch):
+    """With a card that multiplies fp8 (the device check made to pass here), matmul_form picks scaled_mm for an
+    e4m3fn weight computing in bf16 (bf16 activations, or autocast's bf16 over fp32 ones) and the dequantizing form,
+    naming why, for fp32 compute, an e5m2 weight, dimensions not multiples of 16 and a non-contiguous weight."""
+    monkeypatch.setattr(fp8, "fp8_matmul_device", lambda device: None)
+    layer, x = fp8_layer("row"), torch.randn(3, 64)
+    assert fp8.matmul_form(layer, x.bfloat16())[0] == "scaled_mm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8.matmul_form(layer, x)[0] == "scaled_mm"
+    assert fp8.matmul_form(layer, x) == ("dequantize", "computing in float32 (the fp8 product serves bf16)")
+    e5m2 = fp8_layer("row")
+    e5m2.weight = nn.Parameter(e5m2.weight.to(torch.float8_e5m2), requires_grad=False)
+    assert "float8_e5m2 weight" in fp8.matmul_form(e5m2, x.bfloat16())[1]
+    odd = fp8_layer("row", shape=(40, 64))
+    assert "multiples of 16" in fp8.matmul_form(odd, x.bfloat16())[1]
+    strided = fp8_layer("row", shape=(48, 128))
+    strided.weight = nn.Parameter(strided.weight[:, ::2], requires_grad=False)
+    assert "non-contiguous" in fp8.matmul_form(strided, x.bfloat16())[1]
+
+
+def rounding_room(x, w, b) -> torch.Tensor:
+    """|x| |W|^T + |b| [N, out] (float64): what each bf16 rounding of an output is relative to. A rounding moves a
+    value by at most 2^-9 of itself, and every value rounded on the way (the product, the product plus the bias)
+    is at most this; the bias may be added after the product is rounded (this CPU kernel does so), so a small
+    output left by cancellation can move by far more than 2^-9 of ITSELF."""
+    return x.abs() @ w.abs().T + (b.double().abs() if b is not None else 0)
+
+
+def agreement_bound(x, q, s, b, xq, xs):
+    """|scaled_mm form - dequantizing form| <= |x^ - x| |W|^T + 2^-6 room, elementwise (room: rounding_room), with
+    x^ = xq xs the activation as the fp8 product sees it and W = q s. The first term is the activation's fp8 rounding
+    carried through the product (at most 2^-4 of each value, relative: e4m3's 3 mantissa bits), computed exactly
+    from the rounded values. The second covers bf16's roundings, 2^-9 of the room each: the dequantizing form rounds
+    W, its product and its sum with the bias; the fp8 product its product and its sum (5 x 2^-9 < 2^-6, x^ within
+    2^-4 of x); float32 accumulation over K = 64 terms (~2^-18) is far below."""
+    w = dequantize(q, s, torch.float64)
+    x64 = x.double().reshape(-1, x.shape[-1])
+    err = (xq.double() * xs.double() - x64).abs()
+    return err @ w.abs().T + 2 ** -6 * rounding_room(x64, w, b)
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("device", SCALED_MM_DEVICES or ["cpu"])
+@pytest.mark.parametrize("per", ["row", "tensor", None], ids=["per-row", "per-tensor", "plain"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_the_scaled_mm_form_agrees_with_the_dequantizing_form_within_the_activation_rounding(device, per, bias):
+    """The fp8 product (torch._scaled_mm, here on this CPU build's kernel and on an sm89+ GPU where there is one)
+    against the reference: within agreement_bound elementwise; and within one bf16 rounding of the exact product of
+    the rounded activation, so the scales, the layout and the bias are applied right (a scale on the wrong side, or
+    a transposed per-row scale, misses by far more). Activations over four decades across rows (FLUX's tokens
+    differ that much)."""
+    layer = fp8_layer(per, bias, shape=(48, 64)).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 9, 64, generator=g) * torch.logspace(-2, 2, 9)[:, None]).to(device, torch.bfloat16)
+    q, s, b = layer.weight, layer.weight_scale, layer.bias
+    fast = fp8.scaled_mm_linear(x, q, s, b, torch.bfloat16)  # [2, 9, 48]
+    plain = F.linear(x, dequantize(q, s, torch.bfloat16), b.bfloat16() if bias else None)
+    assert fast.dtype == plain.dtype == torch.bfloat16 and fast.shape == plain.shape == (2, 9, 48)
+    xq, xs = fp8.quantize_activation(x.reshape(-1, 64))
+    diff = (fast.double() - plain.double()).abs().reshape(-1, 48)
+    bound = agreement_bound(x, q, s, b, xq, xs)
+    assert (diff <= bound).all(), (diff / bound).max()
+    x_hat, w = xq.double() * xs.double(), dequantize(q, s, torch.float64)
+    exact = x_hat @ w.T + (b.double() if bias else 0)  # [18, 48]: the product of the rounded activation
+    # two bf16 roundings at most (the product, then its sum with the bias), float32 accumulation far below
+    assert ((fast.double().reshape(-1, 48) - exact).abs() <= 2 ** -8 * rounding_room(x_hat, w, b)).all()
+    print(f"\nscaled_mm vs dequantize ({device}, {per}): max |diff| / max |y| = "
+          f"{(diff.max() / plain.double().abs().max()).item():.2%}")
+
+
+@needs_scaled_mm
+def test_an_fp8_layer_on_the_scaled_mm_form_trains_its_lora_with_the_dequantizing_gradients(monkeypatch):
+    """Chosen by matmul_form (the device check made to pass, so this CPU's torch._scaled_mm runs it), the layer's
+    forward is scaled_mm_linear's, bit for bit, under autocast too; its backward is the dequantizing form's: for the
+    same output gradient, the same gradient of x and of the LoRA's weights."""
+    layer = LoRALinear.from_linear(fp8_layer("row"), rank=4)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 5, 64).bfloat16().requires_grad_()
+    g = torch.randn(3, 5, 48).bfloat16()
+    results = {}
+    for form in ("dequantize", "scaled_mm"):
+        monkeypatch.setattr(fp8, "fp8_matmul_device", (lambda d: None) if form == "scaled_mm" else (lambda d: "cpu"))
+        assert fp8.matmul_form(layer, x)[0] == form
+        out = layer(x)
+        grads = torch.autograd.grad(out, [x, layer.lora_A.weight, layer.lora_B.weight], g)
+        results[form] = out, grads
+    with torch.no_grad():  # (the device check still passes)
+        base = fp8.scaled_mm_linear(x, layer.weight, layer.weight_scale, layer.bias, torch.bfloat16)
+        assert torch.equal(layer.base_forward(x), base)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 activations, bf16 compute: the fast form too
+            assert torch.equal(layer.base_forward(x.float()), base)
+    assert not torch.equal(results["scaled_mm"][0], results["dequantize"][0])  # the activation's rounding shows
+    for a, b in zip(results["scaled_mm"][1], results["dequantize"][1]):
+        assert torch.equal(a, b)

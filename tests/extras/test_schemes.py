@@ -1,13 +1,15 @@
 """The other schemes and options (extras/schemes.py): zero-conv A, the separate form of B, adapter C, shared K/V,
 the CNN encoder and a choice of blocks. Each is the identity at zero init and learns from step 1, keeps its
 checkpoint key names, acts where it should (spatially aware cross-attention, per-sample strength, batch
-independence), records its attention by hooks, gives the same gradients under checkpointing, and fails with clear
-errors. The default scheme B alone: tests/core/test_sem_cross_attn.py."""
+independence), records its attention by hooks, gives the same gradients under checkpointing, keeps a bf16 stream
+bf16 with its fp32 scales and gates, and fails with clear errors. The default scheme B alone: tests/core/test_sem_cross_attn.py."""
 
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from tools import bench
 from conftest import (check_checkpointing_same_gradients, check_recording, check_strength_per_sample,
@@ -17,6 +19,7 @@ from flux_model import Flux
 from sem_cross_attn import DEFAULT_B, SCHEMES, SemanticConfig, SemanticModule, semantic_input
 from extras.schemes import (BASELINES, PRESETS, CNNEncoder, SchemeModule, SemanticCrossAttention,
                             SpatialContext, attach, chosen_blocks, parameter_count)
+from tests.core.test_sem_cross_attn import bf16_inputs, bf16_model_with_fp32_strengths, stream_dtypes
 
 SEPARATE_B = SemanticConfig(attention="separate", token_dim=0)  # scheme B's separate form, tokens of the model's width
 
@@ -405,3 +408,59 @@ def test_semantic_input_matches_encoder():
     assert semantic_input(SEPARATE_B, img, FakeVAE()).shape == (1, 6, 64)
     assert semantic_input(PRESETS["zeroconv"], img, FakeVAE()).shape == (1, 6, 64)
     assert CNNEncoder(8)(img)[0].shape == (1, 6, 8) and CNNEncoder(8)(img)[1] == (2, 3)  # the VAE path's /16 grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compute dtype: fp32 scales and gates do not promote a bf16 stream
+
+STRENGTH_SCHEMES = {"zeroconv": PRESETS["zeroconv"], "separate": SEPARATE_B, "adapter": PRESETS["adapter"]}
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16"])
+@pytest.mark.parametrize("scheme", list(STRENGTH_SCHEMES))
+def test_fp32_scales_and_gates_keep_a_bf16_stream_in_bf16(params, kontext_inputs, scheme, mode):
+    """A's strength, separate B's scale and C's gate are fp32 (1,) parameters. Multiplied as they were, they turned
+    the stream fp32 after the first block (separate B, C: every later block then ran its elementwise work in fp32)
+    or the tokens img_in takes (A). Cast where they multiply, every block's output, the semantic modules' and
+    img_in's input stay bf16, under CPU autocast over an fp32 module and in plain bf16 alike."""
+    model = bf16_model_with_fp32_strengths(params, STRENGTH_SCHEMES[scheme], attach, mode)
+    assert all(p.dtype == torch.float32 for p in model.semantic.strength_parameters())
+    dtypes = stream_dtypes(model, bf16_inputs(kontext_inputs(params)), autocast=mode == "autocast")
+    n_blocks = params.depth + params.depth_single_blocks
+    assert len(dtypes) == (n_blocks + 3 if scheme == "zeroconv" else 2 * n_blocks + 2)
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
+def test_in_fp32_every_scheme_computes_exactly_what_it_did(params, kontext_inputs):
+    """In fp32 the casts are no-ops: each module's output is, bit for bit, its formula as written before them (a
+    per-sample strength included): A  strength * scale * zeroconv(sem) added to the x_cond tokens; separate B
+    img + strength * scale * LN(CrossAttn(img, sem)); C  img + strength * gate * adapter(img, sem)."""
+    strength = torch.tensor([0.5, 1.0])
+    for scheme, config in STRENGTH_SCHEMES.items():
+        torch.manual_seed(0)
+        model = Flux(params)
+        mod = bench.acting(attach(model, config))
+        calls, inputs = [], []
+        watched = [mod.zeroconv] if scheme == "zeroconv" else list(mod.blocks().values())
+        for m in watched:
+            m.register_forward_hook(lambda m, a, out: calls.append((m, *a, out)))
+        model.img_in.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+        x = kontext_inputs(params)
+        with torch.no_grad():
+            assert model(**x, semantic_strength=strength).dtype == torch.float32
+            assert len(calls) == (1 if scheme == "zeroconv" else params.depth + params.depth_single_blocks)
+            for block, a, ctx, out in calls:
+                if scheme == "zeroconv":  # a: the packed latents, ctx: their grid
+                    h = block.zero(F.silu(block.conv(rearrange(a, "b (h w) c -> b c h w", h=ctx[0], w=ctx[1]))))
+                    before = block.scale * rearrange(h, "b c h w -> b (h w) c")
+                    N = a.shape[1]
+                    img = torch.cat((x["img"][:, :-N], x["img"][:, -N:] + strength[:, None, None] * out), dim=1)
+                    assert torch.equal(inputs[0], img)
+                elif scheme == "separate":
+                    before = a + ctx.strength * block.scale * block.norm(block.attn(a, ctx.tokens, ctx.q_pe, ctx.k_pe))
+                else:
+                    t = block.sem_norm(ctx.tokens)
+                    t = ctx.tokens + block.self_attn(t, t, ctx.k_pe, ctx.k_pe)
+                    h = block.cross_attn(block.img_norm(a), t, ctx.q_pe, ctx.k_pe)
+                    before = a + ctx.strength * block.gate * (h + block.ff(block.ff_norm(h)))
+                assert out.dtype == torch.float32 and torch.equal(out, before), scheme

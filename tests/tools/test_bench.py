@@ -1,7 +1,7 @@
-"""tools/bench.py and tools/measure.py: the smoke run on a tiny config (ours and diffusers agree; every JSON field is there and is a
-number), the same-work check, and the measuring tools (FLOPs of CPU attention, the matmul rate, peak memory). Times
-and memory figures are the benchmark's output, not the tests' business: tests assert fields, counts and equal
-outputs, never a measured size."""
+"""tools/bench.py and tools/measure.py: the smoke run on a tiny config (ours and diffusers agree; every JSON field is
+there and is a number), the same-work check, the fp8 product's GPU case (its plumbing only), and the measuring tools
+(FLOPs of CPU attention, the matmul rate, peak memory). Times and memory figures are the benchmark's output, not the
+tests' business: tests assert fields, counts and equal outputs, never a measured size."""
 
 import gc
 import json
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extras import fp8
 from tools import bench, measure
 from tools.sizes import CONFIGS
 
@@ -116,6 +117,28 @@ def test_diffusers_fused_projections_option_gives_the_same_output(one_thread):
         b = bench.call_theirs(ref, x)
         ours = bench.call_ours(bench.build_ours(cfg.params(), sd), x)
     assert bench.max_rel_diff(b, a) < 1e-5 and bench.max_rel_diff(ours, b) < 1e-5
+
+
+def test_the_fp8_matmul_case_is_listed_at_flux_dev_shapes_and_skips_cleanly_without_a_gpu(capsys, monkeypatch):
+    """--fp8-matmul times FLUX.1-dev's products (hidden 3072 over 4096 tokens; linear1 3072 -> 3 x 3072 q | k | v +
+    4 x 3072 mlp). Without a GPU that multiplies fp8 it prints one line saying so, exits 0 and times nothing. Its
+    fields are checked on the CPU with a fake clock (the device check made to pass; torch._scaled_mm runs on this
+    CPU build): nothing is measured here."""
+    assert bench.parse_args(["--fp8-matmul"]).fp8_matmul
+    assert bench.fp8_matmul_cases() == {"attn_proj": (4096, 3072, 3072), "linear1": (4096, 3072, 21504)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--fp8-matmul"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device here" in json.loads(lines[0])["skipped"]
+    monkeypatch.setattr(fp8, "fp8_matmul_device", lambda device: None)
+    try:
+        r = bench.measure_fp8_matmul("tiny", (32, 64, 48), 3, device="cpu", timer=lambda fn, k: [fn() is not None] * k)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm does not run on this CPU build ({e})")
+    forms = {"bf16", "fp8_scaled_mm", "fp8_dequantize", "scaled_mm_product_only"}
+    assert set(r["ms"]) == set(r["tflops"]) == forms and r["shape"] == [32, 64, 48] and r["repeats"] == 3
+    assert set(r["scaled_mm_speedup"]) == {"vs_bf16", "vs_dequantize"} and fp8.SCALED_MM  # switched back on
+    assert 0 < r["scaled_mm_vs_dequantize_max_rel_diff"] < 0.1  # the activation's fp8 rounding, nothing worse
 
 
 # ---------------------------------------------------------------------------------------------------------------

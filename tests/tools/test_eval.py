@@ -2,6 +2,7 @@
 cheaper options with their settings), refusing unknown names before any training."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from data import PairedDataset
 from flux_model import PRESETS
 from pipeline import generate, load_pipeline
 from tools import eval as evaluation
+from tools import synth
 
 
 def test_eval_two_pairs_end_to_end(run_train, env, tmp_path, capsys):
@@ -155,6 +157,62 @@ def test_the_ceiling_row_is_the_autoencoders_round_trip_of_the_ground_truth(env)
     assert torch.equal(rec[0], direct[0])
 
 
+def test_the_sampler_ceiling_rows_are_a_second_draw_and_the_mean_ir_through_the_autoencoder(env):
+    """sampler_ceilings: pair i's second draw (synth.redraw with rng [seed, i, 1]) and mean IR (synth.mean_ir with
+    rng [seed, i, 2]), each through `reconstruct`, scored like a model's output against the ground truth; the same
+    seed gives the same rows."""
+    ds = PairedDataset(env / "synth")
+    pipe = load_pipeline(None, quiet=True)
+    scenes = synth.set_scenes(env / "synth")
+    rows = evaluation.sampler_ceilings(pipe, ds, scenes, limit=2, seed=3, draws=2, progress=False)
+    assert list(rows) == [evaluation.SAMPLER_CEILING, evaluation.MEAN_CEILING]
+    rec = lambda ir: evaluation.reconstruct(pipe.ae, torch.from_numpy(ir)[None, None])[0]  # noqa: E731  [1, H, W]
+    second, mean = [], []
+    for i in range(2):
+        scene = scenes[ds[i]["name"]]
+        drawn = synth.render_scene(synth.redraw(scene, np.random.default_rng([3, i, 1])))[2]
+        second.append(rec(synth.ir_read_back(drawn)))
+        mean.append(rec(synth.mean_ir(scene, 2, np.random.default_rng([3, i, 2]))))
+        assert not torch.equal(second[-1], rec(ds[i]["ir"][0].numpy()))  # a second draw, not the ground truth
+    for row, preds in ((evaluation.SAMPLER_CEILING, second), (evaluation.MEAN_CEILING, mean)):
+        want = evaluation.score(ds, ((ds[i], preds[i]) for i in range(2)))
+        assert evaluation.jsonable(rows[row]) == evaluation.jsonable(want) and rows[row]["n_images"] == 2
+    again = evaluation.sampler_ceilings(pipe, ds, scenes, limit=2, seed=3, draws=2, progress=False)
+    assert evaluation.jsonable(again) == evaluation.jsonable(rows)
+
+
+def table_rows(out: str) -> list[str]:
+    """The method names of the Markdown table printed in `out`."""
+    return [l.split(" | ")[0][2:] for l in out.splitlines() if l.startswith("| ") and not l.startswith("| Method")]
+
+
+def test_ceiling_adds_the_sampler_ceiling_on_a_synth_set_and_a_note_elsewhere(env, monkeypatch, tmp_path, capsys):
+    """--ceiling on a tools.synth set: the autoencoder, second-draw and mean-IR rows above the model, each with a JSON
+    line, the same on a second run. On a set without synth.json: one note and the autoencoder row only. A synth.json
+    that does not match the files is refused in one line before the model loads."""
+    common = ["--base", "--steps", "1", "--limit", "2", "--no-progress", "--ceiling"]
+    assert evaluation.main(["--data", str(env / "synth")] + common) == 0
+    out = capsys.readouterr().out
+    ceilings = [evaluation.CEILING, evaluation.SAMPLER_CEILING, evaluation.MEAN_CEILING]
+    assert table_rows(out) == ceilings + ["base"] and "note:" not in out
+    lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    assert [l["name"] for l in lines] == ["ceiling"] + ceilings[1:] + ["base"]
+    assert all(l["n_images"] == 2 for l in lines)
+    assert evaluation.main(["--data", str(env / "synth")] + common) == 0
+    assert [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")][:3] == lines[:3]
+    plain = tmp_path / "plain"
+    shutil.copytree(env / "synth", plain)
+    (plain / "synth.json").unlink()
+    assert evaluation.main(["--data", str(plain)] + common) == 0
+    out = capsys.readouterr().out
+    notes = [l for l in out.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "not a tools.synth set" in notes[0] and "only the autoencoder ceiling" in notes[0]
+    assert table_rows(out) == [evaluation.CEILING, "base"]
+    (plain / "synth.json").write_text(json.dumps({"seed": 7, "count": 12, "size": 64}))
+    refused_before_loading(monkeypatch, capsys, [(["--data", str(plain), "--base", "--ceiling"],
+                                                  "pair 000000 does not re-render from its scene")])
+
+
 def test_the_seed_table_gives_mean_and_sample_sd_over_seeds():
     runs = [{"psnr": p, "ssim": 0.5, "all": {"miss_rate": m, "hallucination_rate": 0.0},
              "decoy": {"hallucination_rate": None}} for p, m in ((20.0, 0.1), (22.0, 0.3), (24.0, 0.2))]
@@ -178,8 +236,11 @@ def test_ablation_trains_each_seed_and_jittered_schemes_with_their_settings(env,
     name = "A: zero-conv, trained on misaligned maps"
     assert set(res["per_seed"][name]) == {"0", "1"} and set(res["per_seed"][name]["0"]) == {"aligned", "shift 2 px"}
     assert res["ceiling"]["n_images"] == 2
+    assert list(res["ceilings"]) == [evaluation.CEILING, evaluation.SAMPLER_CEILING, evaluation.MEAN_CEILING]
     table = (out / "table.md").read_text()
     assert "ceiling: autoencoder reconstruction" in table and "shift 2 px: PSNR (dB)" in table
+    for row in (evaluation.SAMPLER_CEILING, evaluation.MEAN_CEILING):  # in the main table and the misaligned one
+        assert table.count(f"| {row} |") == 2
 
 
 def test_the_sweep_scores_each_setting_and_draws_the_figure(run_train, env, tmp_path, capsys):

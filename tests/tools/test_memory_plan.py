@@ -217,3 +217,37 @@ def test_bench_stage_peak_cases_are_built_on_the_meta_device():
     model = bench.stage_peak_model(cases[0])
     assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))  # nothing allocated
     assert not torch.cuda.is_initialized()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py's defaults on a GPU: the largest batch the plan fits on the card
+
+
+def fake_plan(resident_gib: float, per_sample_gib: dict):
+    """A plan whose total is what is resident plus the batch times one sample's activations (GiB)."""
+    calls = []
+
+    def plan(batch):
+        calls.append(batch)
+        return {ckpt: {"resident": resident_gib * mp.GIB, "total": (resident_gib + batch * a) * mp.GIB}
+                for ckpt, a in per_sample_gib.items()}
+    return plan, calls
+
+
+def test_the_largest_batch_that_fits_is_chosen_checkpointing_only_where_needed():
+    plan, calls = fake_plan(10, {False: 8, True: 1})
+    assert mp.choose(80 * mp.GIB, plan) == mp.Choice(8, True, 18 * mp.GIB)  # batch 8 only with checkpointing
+    assert 2 not in calls  # batches the estimate rules out are not planned
+    plan, _ = fake_plan(10, {False: 2, True: 1})
+    assert mp.choose(80 * mp.GIB, plan) == mp.Choice(8, False, 26 * mp.GIB)  # fits without: no recompute
+    assert mp.choose(80 * mp.GIB, plan, batches=(8,), checkpointing=(True,)) == mp.Choice(8, True, 18 * mp.GIB)
+    plan, _ = fake_plan(30, {False: 8, True: 1})
+    assert mp.choose(24 * mp.GIB, plan) == mp.Choice(None, True, 31 * mp.GIB)  # batch 1 + checkpointing: too big
+    assert mp.need(20 * mp.GIB) == 23 * mp.GIB  # +10% and 1 GiB
+
+
+def test_a_dev_warmup_at_512_on_a_24_gb_card_gets_a_batch_whose_plan_fits():
+    plan = mp.plan_for(DEV, "warmup", mp.DEFAULT_B, "fp8", 32)
+    choice = mp.choose(24 * mp.GIB, plan)
+    assert choice.batch in mp.BATCHES and mp.need(choice.total) <= 24 * mp.GIB
+    assert choice.total == plan(choice.batch)[choice.checkpointing]["total"]

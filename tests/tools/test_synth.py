@@ -1,10 +1,12 @@
 """
 Tests for tools/synth.py: determinism (same seed, same bytes), the decoy property (RGB cannot tell a poster from a
 person or a parked car from a running one, the IR and the evaluation threshold can), valid scenes at full size,
-the committed examples, and the command line.
+the committed examples, the command line, and the sampler's ceiling: second draws, mean IRs, and sets that record
+their scenes (synth.json).
 """
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 import data
+from conftest import make_dataset_root
 from tools import metrics, synth
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +35,7 @@ def test_synth_same_seed_same_bytes_other_seed_differs(tmp_path):
     for root, seed in ((a, 5), (b, 5), (c, 6)):
         synth.write_synth(root, 4, 32, seed=seed)
     files = files_of(a)
-    assert len(files) == 13  # 4 pairs x 3 + classes.json
+    assert len(files) == 14  # 4 pairs x 3 + classes.json + synth.json
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
     assert data.load_classes(a / "classes.json") == data.DEFAULT_CLASSES
@@ -133,7 +136,7 @@ def test_cli_writes_what_write_synth_writes_and_refuses_bad_input(tmp_path, caps
     assert "wrote 3 scenes" in capsys.readouterr().out
     synth.write_synth(tmp_path / "api", 3, 32, seed=2)
     files = files_of(tmp_path / "api")
-    assert files == files_of(tmp_path / "cli") and len(files) == 10
+    assert files == files_of(tmp_path / "cli") and len(files) == 11
     assert all((tmp_path / "cli" / f).read_bytes() == (tmp_path / "api" / f).read_bytes() for f in files)
     for argv, problem in (([str(tmp_path / "bad"), "--size", "20"], "positive multiple of 16"),
                           ([str(tmp_path / "cli"), "--count", "1", "--size", "32"], "not empty")):
@@ -161,5 +164,121 @@ def test_killed_generation_leaves_no_set_and_the_rerun_writes_a_complete_one(tmp
     synth.write_synth(tmp_path / "fresh", 4, 32, seed=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "synth"]  # the killed run's files are gone
     files = files_of(out)
-    assert files == files_of(tmp_path / "fresh") and len(files) == 13
+    assert files == files_of(tmp_path / "fresh") and len(files) == 14
     assert all((out / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes() for f in files)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sampler's ceiling: second draws of a scene, its mean IR, and sets that record their scenes
+
+
+def unseen_parts(scene) -> tuple:
+    """What redraw draws again: region offsets, object offsets, blur, noise level, the IR noise seed."""
+    return (dict(scene["offset"]), [o["offset"] for o in scene["objects"]], scene["blur"], scene["noise"],
+            int(scene["seeds"][1]))
+
+
+def test_a_second_draw_keeps_rgb_and_labels_and_changes_the_ir_only_through_the_unseen_parts():
+    """render(redraw(scene)) has the first render's RGB and labels and another IR; with the redrawn parts set back
+    to the first draw's values it renders the first IR exactly, so nothing else was changed. The scene itself is left
+    as it was, and the redrawn values lie in sample_scene's ranges."""
+    nights = set()
+    for seed in range(6):
+        scene = synth.sample_scene(np.random.default_rng([3, seed]), 64)
+        first = synth.render_scene(scene)
+        second_scene = synth.redraw(scene, np.random.default_rng(seed))
+        rgb, ids, ir = synth.render_scene(second_scene)
+        assert np.array_equal(rgb, first[0]) and np.array_equal(ids, first[1])
+        assert not np.array_equal(ir, first[2])
+        old, new = unseen_parts(scene), unseen_parts(second_scene)
+        assert all(a != b for a, b in zip(old, new))                      # every unseen part was drawn again
+        assert all(a != b for a, b in zip(old[0].values(), new[0].values()))
+        assert all(abs(v) <= synth.OFFSET for v in [*new[0].values(), *new[1]])
+        lo, hi = (b * 64 / 128 for b in synth.BLUR)
+        assert lo <= new[2] <= hi and synth.NOISE[0] <= new[3] <= synth.NOISE[1]
+        back = copy.deepcopy(second_scene)
+        back["offset"], back["blur"], back["noise"], back["seeds"] = (scene["offset"], scene["blur"],
+                                                                      scene["noise"], scene["seeds"])
+        for o, offset in zip(back["objects"], old[1]):
+            o["offset"] = offset
+        assert np.array_equal(synth.render_scene(back)[2], first[2])
+        assert all(np.array_equal(x, y) for x, y in zip(synth.render_scene(scene), first))  # scene untouched
+        nights.add(scene["night"])
+    assert nights == {False, True}  # the RGB noise seed is kept at night, where the RGB has noise
+
+
+def test_mean_ir_is_the_seeded_mean_of_redraws_and_closer_to_a_draw_than_another_draw_is():
+    """mean_ir(scene, k, rng) is the mean of the IRs of k redraws from rng (float32 in [0, 1], reproducible); as the
+    best MSE guess it is closer to a fresh draw than a second draw is (about half the squared error)."""
+    scene = synth.sample_scene(np.random.default_rng(8), 64)
+    mean = synth.mean_ir(scene, 4, np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    want = np.mean([synth.render_scene(synth.redraw(scene, rng))[2] / 65535.0 for _ in range(4)], axis=0)
+    assert mean.dtype == np.float32 and mean.shape == (64, 64) and 0 <= mean.min() and mean.max() <= 1
+    np.testing.assert_allclose(mean, want, atol=1e-6)
+    assert np.array_equal(synth.mean_ir(scene, 3), synth.mean_ir(scene, 3))
+    mse_mean, mse_draw = [], []
+    for k in range(8):
+        scene = synth.sample_scene(np.random.default_rng([9, k]), 64)
+        truth = synth.render_scene(scene)[2] / 65535.0
+        second = synth.render_scene(synth.redraw(scene, np.random.default_rng([9, k, 1])))[2] / 65535.0
+        mse_mean.append(((synth.mean_ir(scene, 16, np.random.default_rng([9, k, 2])) - truth) ** 2).mean())
+        mse_draw.append(((second - truth) ** 2).mean())
+    assert np.mean(mse_mean) < 0.75 * np.mean(mse_draw)
+    with pytest.raises(ValueError, match="at least 1"):
+        synth.mean_ir(scene, 0)
+
+
+def test_a_set_records_its_scenes_and_set_scenes_re_creates_every_pair(tmp_path):
+    """write_synth writes synth.json (seed, count, size); set_scenes turns it back into the scene of each pair,
+    which renders to that pair's stored files byte for byte."""
+    out = tmp_path / "s"
+    synth.write_synth(out, 3, 32, seed=4)
+    assert json.loads((out / "synth.json").read_text()) == {"seed": 4, "count": 3, "size": 32}
+    scenes = synth.set_scenes(out)
+    assert list(scenes) == ["000000", "000001", "000002"]
+    ds = data.PairedDataset(out)
+    for i, (name, scene) in enumerate(scenes.items()):
+        rgb, ids, ir = synth.render_scene(scene)
+        item = ds[i]
+        assert item["name"] == name and np.array_equal(item["sem_ids"].numpy(), ids)
+        assert np.array_equal(((item["rgb"].permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8), rgb)
+        assert np.array_equal(item["ir"][0].numpy(), synth.ir_read_back(ir))
+
+
+def test_a_folder_that_cannot_give_its_scenes_is_refused_in_one_line(tmp_path):
+    """No synth.json: NotSynthSet, one line naming the folder. A synth.json that does not match the files (another
+    seed, as a set written by another version of tools.synth would be) or that does not list a pair: DataError."""
+    plain = make_dataset_root(tmp_path / "plain", names=("a", "b"), hw=(32, 32))
+    with pytest.raises(synth.NotSynthSet) as e:
+        synth.set_scenes(plain)
+    assert str(e.value).startswith(f"{plain}: not a tools.synth set: the sampler's ceiling needs the scenes")
+    assert "\n" not in str(e.value)
+    out = tmp_path / "s"
+    synth.write_synth(out, 2, 32, seed=4)
+    (out / "synth.json").write_text(json.dumps({"seed": 5, "count": 2, "size": 32}))
+    with pytest.raises(data.DataError, match=r"pair 000000 does not re-render from its scene \(rgb, sem, ir differ\)"):
+        synth.set_scenes(out)
+    (out / "synth.json").write_text(json.dumps({"seed": 4, "count": 1, "size": 32}))
+    with pytest.raises(data.DataError, match="pair 000001 is not one of the 1 scenes"):
+        synth.set_scenes(out)
+    (out / "synth.json").write_text(json.dumps({"seed": 4, "count": 2}))
+    with pytest.raises(data.DataError, match="unreadable"):
+        synth.set_scenes(out)
+
+
+def test_ensure_set_regenerates_nothing_and_records_only_a_set_it_recognises(tmp_path, capsys):
+    """A set already on disk is never rewritten. One without synth.json (written before sets recorded their scenes)
+    gets one only for the expected (count, seed): same pair names, scene 0 re-rendering exactly."""
+    out = tmp_path / "old"
+    synth.write_synth(out, 3, synth.SET_SIZE, seed=9)
+    (out / "synth.json").unlink()
+    before = {f: ((out / f).read_bytes(), (out / f).stat().st_mtime_ns) for f in files_of(out)}
+    for count, seed in ((3, 8), (4, 9), (2, 9)):  # another seed, more or fewer scenes: left as it is
+        synth.ensure_set(out, (count, seed))
+        assert not (out / "synth.json").exists()
+    synth.ensure_set(out, (3, 9))
+    assert json.loads((out / "synth.json").read_text()) == {"seed": 9, "count": 3, "size": synth.SET_SIZE}
+    assert "recorded its scenes in synth.json" in capsys.readouterr().out
+    assert {f: ((out / f).read_bytes(), (out / f).stat().st_mtime_ns) for f in before} == before
+    assert len(synth.set_scenes(out)) == 3
