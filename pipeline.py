@@ -4,7 +4,9 @@ What the commands run on: the base files, a model built from a run config, and I
     find_setup      -> which base files are present: the official FLUX files in weights/, else the tiny demo
     build_model     -> base transformer + the modules a run config names (semantic scheme, LoRA)
     load_trained    -> a train.py output's weights into that model, strictly (checkpoint.check_state_dict)
-    load_pipeline   -> all of the above + the autoencoder and the prompt: a Pipeline
+    load_pipeline   -> all of the above + the autoencoder and the prompt: a Pipeline; LoRA files from other tools
+                       (--lora FILE[:SCALE], extras.lora_formats) on top: merged into the base weights, or beside
+                       them as LoRA layers on an fp8 base
     run_classes     -> the class palette a train.py output was trained with (its run config), if it records one
     generate        -> rgb, sem [B, 3, H, W] -> IR [B, 1, H, W]:
                        encode_condition: RGB --VAE--> [B,16,H/8,W/8] --pack--> x_cond [B,L,64] (overlay: blended first)
@@ -17,8 +19,8 @@ metadata, so a model is rebuilt from the file alone.
 
 This is the one library module that picks extras (extras/), as a run config or a flag names them: the other
 schemes (extras.schemes.attach builds any scheme, the default B through the core's own), the condition cache
-(Pipeline.sampler), the base file's form and fp8 storage (extras.checkpoint_forms.load_flux). The other core modules
-import only the core.
+(Pipeline.sampler), the base file's form and fp8 storage (extras.checkpoint_forms.load_flux), LoRA files
+(extras.lora_formats, where --lora / --init-lora name them). The other core modules import only the core.
 """
 
 import hashlib
@@ -214,10 +216,10 @@ def base_id(path: Path) -> str:
     raise CheckpointError(f"{path}: no {IDENTITY_KEYS[0]} (or diffusers' {IDENTITY_KEYS[1]}): not a FLUX transformer")
 
 
-def note_cpu_fp32(setup: Setup, device: torch.device, dtype: torch.dtype) -> None:
+def note_cpu_fp32(setup: Setup, device: torch.device, base_dtype: str | None, dtype: torch.dtype) -> None:
     """One note when an official base is about to be held in fp32 on the CPU (4 bytes a weight: about 48 GB at dev
     size) because no --base-dtype was given."""
-    if setup.kind == "official" and device.type == "cpu" and dtype == torch.float32:
+    if setup.kind == "official" and device.type == "cpu" and base_dtype is None and dtype == torch.float32:
         with torch.device("meta"):
             n = sum(p.numel() for p in Flux(PRESETS[setup.preset]).parameters())
         print(f"note: on the CPU the base is held in fp32, {4 * n / 2**30:.0f} GiB; --base-dtype bf16 halves that, "
@@ -232,7 +234,7 @@ def check_same_base(cfg: dict, path, setup: Setup) -> None:
             raise CheckpointError(f"{path} was trained on another base ({cfg.get('base_file', '?')}, id "
                                   f"{cfg['base_id']}); this run's base {setup.flux} holds other weights (id "
                                   f"{setup.base_id()}): use the base it was trained on ({BASE_ENV} names a file)")
-    elif cfg.get("base_preset") not in (None, setup.preset) and PRESETS.get(cfg["base_preset"]) != PRESETS[setup.preset]:
+    elif PRESETS.get(cfg.get("base_preset", setup.preset)) != PRESETS[setup.preset]:  # dev and kontext: one layout
         raise CheckpointError(f"{path} was trained on a base of the {cfg['base_preset']!r} layout, but this run's base "
                               f"{setup.flux} has the {setup.preset!r} layout (read from its keys)")
 
@@ -392,6 +394,7 @@ class Pipeline:
     ckpt: Path | None = None  # the trained weights, if any (named when something goes wrong)
     condition_cache: bool = False  # trained with the condition cache (extras/condition_cache.py)
     text: tuple | None = None  # the prompt's (txt [1, L_txt, D], txt_ids, y [1, D]), encoded before the model loads
+    loras: tuple = ()  # the LoRA files applied on top: ((path, scale), ...)
 
     @property
     def scheme(self) -> str:  # xattn | zeroconv | adapter | overlay | none
@@ -412,17 +415,18 @@ def default_ckpt(setup: Setup) -> Path | None:
 
 
 def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None, prompt: str = DEFAULT_PROMPT,
-                  quiet: bool = False, base_dtype: str | None = None) -> Pipeline:
+                  quiet: bool = False, base_dtype: str | None = None, loras=()) -> Pipeline:
     """The base (+ the trained weights of `ckpt`, a train.py output), frozen, in eval mode, with its autoencoder.
     base_dtype "fp8" keeps the base's linear weights in float8 (extras/fp8.py); "bf16" / "fp32" set the model's
-    dtype."""
+    dtype. `loras`: ((LoRA file, scale), ...) from other tools, read and checked against the base before anything
+    loads, then applied on top of the trained weights (apply_loras)."""
     dtype = BASE_DTYPES.get(base_dtype) or dtype
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     setup = setup or find_setup()
     if not quiet:
         print(setup.describe())
-        note_cpu_fp32(setup, device, dtype)
+        note_cpu_fp32(setup, device, base_dtype, dtype)
     if setup.kind == "demo" and not setup.flux.is_file():
         raise CheckpointError(f"no FLUX transformer in {setup.flux.parent.parent} and no demo base {setup.flux}: put "
                               f"the official files there (weights/README.md), set {BASE_ENV} to a transformer "
@@ -431,11 +435,13 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
     if ckpt:
         check_same_base(cfg, ckpt, setup)
         check_run_config(cfg, ckpt, setup)
+    files = read_loras(loras, setup)
     # the prompt first: its encoders are loaded, used and freed before the transformer, so the peaks do not add up
     text = text_condition(setup, PRESETS[setup.preset], 1, cfg.get("prompt", prompt), device, dtype)
     model = build_model(setup, cfg, device, dtype, base_dtype=base_dtype)
     if ckpt:
         load_trained(model, ckpt, cfg)
+    apply_loras(model, files, merge=base_dtype != "fp8", quiet=quiet)
     model.eval().requires_grad_(False)
     ae = load_ae(setup.ae, device=device, dtype=dtype).eval().requires_grad_(False)
     # sampling guidance: the base's default (training runs at its own, fixed guidance: another setting)
@@ -443,7 +449,68 @@ def load_pipeline(ckpt=None, device=None, dtype=None, setup: Setup | None = None
     # the condition cache: the run's choice, or (no run config, e.g. sampling the base alone) the base's own
     cache = bool(cfg["condition_cache"] if "condition_cache" in cfg else base_condition_cache(setup))
     return Pipeline(setup, model, ae, cfg, guidance, cfg.get("prompt", prompt), device, dtype,
-                    Path(ckpt) if ckpt else None, cache, text)
+                    Path(ckpt) if ckpt else None, cache, text, tuple((Path(f), float(s)) for f, s in loras))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA files from other tools (kohya / ComfyUI, diffusers, ai-toolkit, ours): --lora FILE[:SCALE]
+
+
+def parse_lora(text: str, flag: str = "--lora") -> tuple[Path, float]:
+    """FILE[:SCALE] (SCALE default 1.0, any finite number) as (path, scale), checked before anything loads: the file
+    must exist and the scale be a number. A path that itself holds a ':' is taken whole when it is a file."""
+    path, scale = text, "1"
+    if not Path(text).is_file() and ":" in text:
+        path, scale = text.rsplit(":", 1)
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} {text}: the scale {scale!r} is not a finite number (FILE[:SCALE], e.g. "
+                         f"{path}:0.8)")
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {text}: no such file {path}")
+    return Path(path), value
+
+
+def read_loras(loras, setup: Setup) -> list:
+    """Each (LoRA file, scale) read and checked against the base's layers, on the meta device (nothing loads): a
+    file that does not fit fails here, before the text encoders and the transformer. [(LoraFile, scale)]."""
+    if not loras:
+        return []
+    from extras.lora_formats import read_lora
+    with torch.device("meta"):
+        base = Flux(PRESETS[setup.preset])
+    files = []
+    for path, scale in loras:
+        if "config" in read_header(path)[1]:
+            raise CheckpointError(f"--lora {path}: a train.py output, not a LoRA file: pass it as --ckpt")
+        files.append((read_lora(base, path), scale))
+    return files
+
+
+def apply_loras(model: Flux, files: list, merge: bool, quiet: bool = False) -> None:
+    """read_loras' files onto the model, each at its scale, on top of whatever it holds (a run's LoRA and semantic
+    modules): merged into the base weights (`merge`, bf16 / fp32 bases), else (an fp8 base, which cannot take a
+    merge: extras/fp8.py) as unmerged LoRA layers, exactly. Says what it applied, one line per file."""
+    if not files:
+        return
+    from extras.lora_formats import add_lora_file, merge_lora_file
+    for lora, scale in files:
+        (merge_lora_file if merge else add_lora_file)(model, lora, scale)
+        if not quiet:
+            how = "merged into the base weights" if merge else "as LoRA layers beside the fp8 base weights"
+            print(f"LoRA: {lora.describe()} at scale {scale:g}, {how}")
+            if lora.skipped:
+                print(lora.skip_note())
+
+
+def check_not_lora(path, flag: str, instead: str) -> None:
+    """A LoRA file given where a train.py output belongs (--ckpt, --init): one line naming the flag that takes it."""
+    from extras.lora_formats import is_lora_file
+    if is_lora_file(path):
+        raise CheckpointError(f"{flag} {path}: a LoRA file, not a train.py output: pass it as {instead}")
 
 
 def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
@@ -466,11 +533,16 @@ def encode_condition(pipe: Pipeline, rgb: Tensor, sem: Tensor) -> Condition:
 # guidance 1.5 scores 0.08 dB more but doubles the sampling time and hallucinates twice as many decoys)
 SEM_STRENGTH = 1.5
 SEM_GUIDANCE = 1.0
+SAMPLE_STEPS = 20  # Euler steps (sample.py, tools/eval.py)
+# what a run's outputs record as the settings to sample it with (train.py's metadata `sampling`; the LoRA exports
+# and their model card repeat it)
+SAMPLING_DEFAULTS = {"steps": SAMPLE_STEPS, "sem_strength": SEM_STRENGTH, "sem_guidance": SEM_GUIDANCE}
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = 20, seed: int | list[int] = 0, guidance=None,
-             progress: bool = False, sem_strength: float = SEM_STRENGTH, sem_guidance: float = SEM_GUIDANCE) -> Tensor:
+def generate(pipe: Pipeline, rgb: Tensor, sem: Tensor, steps: int = SAMPLE_STEPS, seed: int | list[int] = 0,
+             guidance=None, progress: bool = False, sem_strength: float = SEM_STRENGTH,
+             sem_guidance: float = SEM_GUIDANCE) -> Tensor:
     """rgb, sem [B, 3, H, W] in [-1, 1] -> IR [B, 1, H, W] in [0, 1]. A list of seeds gives each pair its own noise,
     so a pair's result does not depend on what it was batched with. sem_strength multiplies the semantic module's
     learned scales and gates (ControlNet's conditioning_scale); sem_guidance w is semantic classifier-free guidance
@@ -503,7 +575,8 @@ def check_attention_maps(pipe: Pipeline) -> None:
 
 
 @torch.no_grad()
-def attention_maps(pipe: Pipeline, rgb: Tensor, sem: Tensor, seed: int = 0, steps: int = 20) -> dict[str, Tensor]:
+def attention_maps(pipe: Pipeline, rgb: Tensor, sem: Tensor, seed: int = 0,
+                   steps: int = SAMPLE_STEPS) -> dict[str, Tensor]:
     """Where the semantic cross-attention looks at mid-denoising (t ~ 0.5) for the first pair: block name ("double.3",
     "single.0") -> [L_img, N] attention of every image query over the semantic tokens, heads averaged."""
     check_attention_maps(pipe)

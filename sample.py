@@ -1,11 +1,13 @@
 """
 Generate the infrared image for a visible image and its semantic map.
 
-    python sample.py rgb.png sem.png [-o ir.png] [--ckpt PATH] [--steps N] [--guidance G] [--seed S] [--attn PATH]
+    python sample.py rgb.png sem.png [-o ir.png] [--ckpt PATH] [--lora FILE[:SCALE] ...] [--steps N] [--guidance G]
+                     [--seed S] [--attn PATH]
 
 The steps (pipeline.py builds the model and runs them; flow.py is the sampler):
     data.load_pair     -> rgb, sem [3, H, W] in [-1, 1] and the class ids, checked (same size, multiples of 16)
-    load_pipeline      -> base transformer + autoencoder, the trained semantic module / LoRA from --ckpt
+    load_pipeline      -> base transformer + autoencoder, the trained semantic module / LoRA from --ckpt, then each
+                          --lora file (a LoRA trained elsewhere: kohya / ComfyUI, diffusers, ai-toolkit) at its scale
     generate           -> x_cond tokens, seeded noise, Euler over FLUX's shifted schedule, VAE decode -> IR [1, H, W]
     --attn             -> the cross-attention maps at mid-denoising for one query pixel per class (viz.py)
 
@@ -21,8 +23,8 @@ from pathlib import Path
 import data
 from extras.fp8 import BASE_DTYPES
 from checkpoint import command, run_config, trained_file
-from pipeline import (SEM_GUIDANCE, SEM_STRENGTH, attention_maps, check_attention_maps, default_ckpt, find_setup,
-                      generate, load_pipeline, resolve_device, run_classes)
+from pipeline import (SAMPLE_STEPS, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, check_attention_maps, check_not_lora,
+                      default_ckpt, find_setup, generate, load_pipeline, parse_lora, resolve_device, run_classes)
 from viz import attention_figure, check_image_out, save_image, to_pil_gray
 
 MAX_SEED = 2 ** 63 - 1
@@ -43,6 +45,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, v in (("--sem-strength", args.sem_strength), ("--sem-guidance", args.sem_guidance)):
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{flag} {v}: must be a finite number >= 0")
+    args.loras = [parse_lora(text) for text in args.lora or []]  # FILE[:SCALE]: the file exists, the scale is a number
     check_image_out(args.out, "-o")
     if args.attn:
         check_image_out(args.attn, "--attn")
@@ -69,7 +72,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=None, help="train.py output, or its run folder (default: runs/warmup, else the "
                                                  "demo weights)")
     ap.add_argument("--base", action="store_true", help="sample the base model without semantic weights")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                    help="a LoRA file from another tool (kohya / ComfyUI, diffusers, ai-toolkit, or a run's lora_*."
+                         "safetensors), applied to the base transformer at SCALE (default 1.0) on top of --ckpt: "
+                         "merged into the base weights (an fp8 base: as LoRA layers beside them); repeatable")
+    ap.add_argument("--steps", type=int, default=SAMPLE_STEPS)
     ap.add_argument("--guidance", type=float, default=None, help="guidance input (dev/Kontext bases)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sem-strength", type=float, default=SEM_STRENGTH,
@@ -90,9 +97,11 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     setup = find_setup()
     ckpt = None if args.base else (trained_file(args.ckpt) if args.ckpt else default_ckpt(setup))
+    if args.ckpt:
+        check_not_lora(ckpt, "--ckpt", f"--lora {ckpt}[:SCALE]")
     classes, source = semantic_classes(args, ckpt)
     rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
-    pipe = load_pipeline(ckpt, device, setup=setup, base_dtype=args.base_dtype)
+    pipe = load_pipeline(ckpt, device, setup=setup, base_dtype=args.base_dtype, loras=args.loras)
     print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme}); classes: {source}")
     if pipe.guidance is not None or args.guidance is not None:
         print(f"guidance input: {args.guidance if args.guidance is not None else pipe.guidance}"

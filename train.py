@@ -3,6 +3,7 @@ Staged training of semantic-guided infrared generation on FLUX (rectified flow, 
 
     python train.py --stage warmup                       # backbone frozen: only the semantic modules learn
     python train.py --stage joint --init runs/warmup/final.safetensors      # + LoRA on the backbone
+    python train.py --stage joint --init runs/warmup --init-lora lora.safetensors  # the LoRA starts from a file
     python train.py --stage finetune --init runs/joint/final.safetensors    # only the strength scales/gates
     torchrun --nproc_per_node 8 train.py --stage joint ...                  # data parallel over GPUs
     python train.py --stage base --scheme none           # the tiny demo's RGB-conditioned base (weights/demo)
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -40,15 +42,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 import data
-from checkpoint import (changed_settings, claim, command, load_state, resume_command, restore, run_config,
-                        save_atomic, save_state, set_aside, settle, trained_file, trim_log)
+from checkpoint import (changed_settings, claim, command, load_state, read_header, resume_command, restore,
+                        run_config, save_atomic, save_state, set_aside, settle, trained_file, trim_log)
 from extras.fp8 import BASE_DTYPES
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_model import PRESETS, Flux
 from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
-from pipeline import (DEFAULT_PROMPT, ROOT, SCHEMES, Setup, Stopper, base_condition_cache, build_model,
-                      check_run_config, check_same_base, find_setup, is_trained_key, load_trained, note_cpu_fp32,
-                      resolve_device, text_condition)
+from pipeline import (DEFAULT_PROMPT, ROOT, SAMPLING_DEFAULTS, SCHEMES, Setup, Stopper, base_condition_cache,
+                      build_model, check_not_lora, check_run_config, check_same_base, find_setup, is_trained_key,
+                      load_trained, note_cpu_fp32, resolve_device, text_condition)
 from sem_cross_attn import ATTENTION_FORMS, DEFAULT_B, SCHEMES as MODULE_SCHEMES, SemanticConfig
 from vae import AutoEncoder, load_ae
 from viz import grid, to_pil_gray, to_pil_rgb
@@ -83,7 +85,8 @@ STAGES = {
 }
 LORA_STAGES = ("joint", "finetune")  # the stages with LoRA on the backbone
 CHOICES = {"stage": tuple(STAGES), "scheme": SCHEMES, "t_sampling": ("logit_normal", "uniform", "shifted"),
-           "sem_encoder": ("vae", "cnn"), "sem_attention": ATTENTION_FORMS, "base_dtype": tuple(BASE_DTYPES)}
+           "sem_encoder": ("vae", "cnn"), "sem_attention": ATTENTION_FORMS, "base_dtype": tuple(BASE_DTYPES),
+           "lora_export_dtype": ("bf16", "fp32")}  # extras.lora_formats.EXPORT_DTYPES
 
 
 def opt(default, help: str = " "):
@@ -131,6 +134,11 @@ class TrainConfig:
     prompt: str = opt(DEFAULT_PROMPT, "the one prompt of every pair (official bases; the demo has no text encoder)")
     lora_rank: int = opt(16, "joint / finetune: LoRA rank on the backbone")
     lora_alpha: float = opt(16.0, "LoRA scale = alpha / rank")
+    init_lora: str = opt("", "joint: start the backbone LoRA from this LoRA file (kohya's --network_weights; any "
+                             "layout extras/lora_formats.py reads: kohya / ComfyUI, diffusers, ai-toolkit, a run's "
+                             "lora_*.safetensors); its rank must be --lora-rank and its alpha --lora-alpha")
+    lora_export_dtype: str = opt("bf16", "dtype of the LoRA exports lora_kohya / lora_diffusers.safetensors (bf16: "
+                                         "half the bytes, as kohya and diffusers save; fp32 on request)")
     sem_encoder: str | None = opt(None, f"vae | cnn; {PRESET}")
     sem_blocks: str | None = opt(None, f"all | double | single | every:K; {PRESET}")
     sem_heads: int | None = opt(None, f"cross-attention heads, 0: the transformer's; {PRESET}")
@@ -276,13 +284,15 @@ def memory_defaults(cfg: TrainConfig, setup: Setup, device: torch.device) -> Tra
     choice = choose(card, plan(base), **given)
     if choice.batch is None:
         other = choose(card, plan("fp8"), **given) if base == "bf16" else None
-        would = (f"--base-dtype fp8 fits (batch {other.batch}{', gradient checkpointing' if other.checkpointing else ''})"
-                 if other is not None and other.batch else "a smaller --size, or a card with more memory")
+        ckpt = ", gradient checkpointing" if other is not None and other.checkpointing else ""
+        would = (f"--base-dtype fp8 fits (batch {other.batch}{ckpt})" if other is not None and other.batch
+                 else "a smaller --size, or a card with more memory")
         smallest = f"batch {given['batches'][-1]}{' with gradient checkpointing' if choice.checkpointing else ''}"
         raise ValueError(f"nothing fits: {smallest} needs {choice.total / GIB:.1f} GiB (+10% and 1 GiB) for {where}; "
                          f"{would}")
-    chosen = ([f"--batch-size {choice.batch}"] if cfg.batch_size is None else []) + \
-        ([f"--{'' if choice.checkpointing else 'no-'}gradient-checkpointing"] if cfg.gradient_checkpointing is None else [])
+    chosen = [f"--batch-size {choice.batch}"] if cfg.batch_size is None else []
+    if cfg.gradient_checkpointing is None:
+        chosen.append(f"--{'' if choice.checkpointing else 'no-'}gradient-checkpointing")
     print(f"chose {' '.join(chosen)}: the largest batch the memory plan fits, without checkpointing where it fits so "
           f"({choice.total / GIB:.1f} GiB planned for {where})")
     return dataclasses.replace(cfg, batch_size=choice.batch, gradient_checkpointing=choice.checkpointing)
@@ -363,6 +373,7 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
         if cfg.stage == "finetune":
             raise ValueError("--stage finetune adjusts a trained model: pass --init runs/joint/final.safetensors")
         return None
+    check_not_lora(cfg.init, "--init", f"--init-lora {cfg.init} (with --stage joint)")
     got = run_config(cfg.init)
     check_run_config(got, cfg.init, setup)  # types, ranges and the file's shapes, before anything is built
     init_from = STAGES[cfg.stage].init_from
@@ -388,6 +399,49 @@ def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
                 raise ValueError(f"--init {cfg.init} has {key}={got.get(key)!r} but this run asks for {flag} "
                                  f"{want[key]!r}")
     return got
+
+
+def check_init_lora(cfg: TrainConfig, setup: Setup, got: dict | None):
+    """--init-lora, before any work: the file read and checked against the base (extras.lora_formats.read_lora, on
+    the meta device) and against the joint stage's LoRA: the same rank (--lora-rank) and alpha (--lora-alpha: the
+    run records one alpha, and a flag given is never overridden by a file), only layers the stage puts LoRA on, and
+    no second LoRA from the --init (`got`, its run config). Returns the LoraFile, None without --init-lora."""
+    if not cfg.init_lora:
+        return None
+    flag = f"--init-lora {cfg.init_lora}"
+    if cfg.stage != "joint":
+        raise ValueError(f"{flag}: starts the joint stage's LoRA; this is --stage {cfg.stage}")
+    if got is not None and got.get("lora_rank"):
+        raise ValueError(f"{flag}: --init {cfg.init} holds a LoRA already (a {got.get('stage')} output): start from "
+                         "one of them (an --init from warmup gives the semantic modules, --init-lora the LoRA)")
+    if not Path(cfg.init_lora).is_file():
+        raise ValueError(f"{flag}: no such file")
+    if "config" in read_header(cfg.init_lora)[1]:
+        raise ValueError(f"{flag}: a train.py output, not a LoRA file: a run starts from it with --init")
+    from extras.lora_formats import read_lora
+    from lora import DEFAULT_TARGETS
+    with torch.device("meta"):
+        base = Flux(PRESETS[setup.preset])
+    lora = read_lora(base, cfg.init_lora)  # every key checked against the base's layers
+    ranks = sorted({A.shape[0] for A, _, _ in lora.entries.values()})
+    if len(ranks) > 1:
+        raise ValueError(f"{flag}: its layers have ranks {', '.join(map(str, ranks))} (a diffusers file whose q, k, v "
+                         "have their own A's adds them up on the fused layer); the joint stage has one --lora-rank")
+    if ranks[0] != cfg.lora_rank:
+        raise ValueError(f"{flag}: its LoRA has rank {ranks[0]} but this run has --lora-rank {cfg.lora_rank}: pass "
+                         f"--lora-rank {ranks[0]}")
+    alphas = sorted({alpha for _, _, alpha in lora.entries.values()})
+    if len(alphas) > 1:
+        raise ValueError(f"{flag}: its layers have alphas {', '.join(f'{a:g}' for a in alphas)}; the joint stage has "
+                         "one --lora-alpha")
+    if not math.isclose(alphas[0], cfg.lora_alpha, rel_tol=1e-6):
+        raise ValueError(f"{flag}: its LoRA has alpha {alphas[0]:g} but this run has --lora-alpha "
+                         f"{cfg.lora_alpha:g}: pass --lora-alpha {alphas[0]:g}")
+    outside = [n for n in lora.entries if not any(re.fullmatch(t, n) for t in DEFAULT_TARGETS)]
+    if outside:
+        raise ValueError(f"{flag}: it trains {len(outside)} layers the joint stage puts no LoRA on (e.g. "
+                         f"{outside[0]}): the stage's LoRA covers the attention, MLP and single-block linears")
+    return lora
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,11 +481,12 @@ def encode_latents(cfg: TrainConfig, setup: Setup, ds: data.PairedDataset, devic
 # The model and what trains in each stage
 
 
-def build(cfg: TrainConfig, setup: Setup, want: dict, device, dtype) -> Flux:
+def build(cfg: TrainConfig, setup: Setup, want: dict, device, dtype, init_lora=None) -> Flux:
     """The one build step (nanoGPT's init_from): the base stage fine-tunes the whole transformer (the tiny demo's
     from scratch, or from --init); every other stage is the frozen base in `dtype` + this stage's modules in fp32
     (bf16 autocast computes in bf16), then the previous stage's weights (a warmup output has no LoRA keys: its
-    LoRA starts at zero, i.e. the identity)."""
+    LoRA starts at zero, i.e. the identity), then `init_lora` (--init-lora, checked by check_init_lora): its layers'
+    A and B (same rank and alpha); the layers it does not cover start at zero."""
     if cfg.stage == "base":
         if setup.kind == "demo" and not cfg.init:
             return Flux(PRESETS["tiny"]).to(device)
@@ -440,6 +495,13 @@ def build(cfg: TrainConfig, setup: Setup, want: dict, device, dtype) -> Flux:
     model = build_model(setup, want, device, dtype, modules_dtype=torch.float32, base_dtype=cfg.base_dtype)
     if cfg.init:
         load_trained(model, cfg.init, want, lora_optional=True)
+    if init_lora is not None:
+        from lora import lora_modules
+        mods = lora_modules(model)
+        with torch.no_grad():
+            for name, (A, B, _) in init_lora.entries.items():
+                mods[name].lora_A.weight.copy_(A)  # [r, in]
+                mods[name].lora_B.weight.copy_(B)  # [out, r]
     return model
 
 
@@ -584,11 +646,11 @@ class Log:
 
 def export(final: Path, cfg: TrainConfig, n_train: int) -> None:
     """Says what was written; a LoRA stage's LoRA part is also written in the layouts ComfyUI / kohya and diffusers
-    load (extras/lora_formats.py)."""
+    load, in --lora-export-dtype, with a model card README.md (extras/lora_formats.py)."""
     print(f"wrote {final} ({'the full transformer' if cfg.stage == 'base' else f'{n_train:,} trained parameters'})")
     if cfg.stage in LORA_STAGES:
         from extras.lora_formats import export_if_lora
-        for path in export_if_lora(final):
+        for path in export_if_lora(final, dtype=cfg.lora_export_dtype):
             print(f"wrote {path}")
 
 
@@ -613,7 +675,7 @@ def write_weights(path: Path, model: Flux, stage: str, meta: dict, write: bool =
 
 # settings a resumed run may change: they do not change what is computed (--steps is checked on its own)
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "log_every", "sample_every", "sample_steps", "ckpt_every",
-                     "device", "compile", "gradient_checkpointing", "fsdp", "steps")
+                     "device", "compile", "gradient_checkpointing", "fsdp", "steps", "lora_export_dtype")
 
 
 def dataset_record(ds: data.PairedDataset) -> dict:
@@ -652,11 +714,15 @@ def load_resume(out: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig,
                 master: bool = True) -> tuple[int, list, dict]:
     """save_resume's state (out/resume.pt) back into the trainable weights, the optimiser and the generator: (step,
     loss bins, the overrides allowed: a longer --steps, recorded). A change of any other setting, or of the dataset
-    (`dataset`, a dataset_record), is refused. The log loses its lines past that step (written after the state: no
+    (`dataset`, a dataset_record), is refused; a setting the state does not record (added to train.py since) counts
+    as unchanged while it keeps its default. The log loses its lines past that step (written after the state: no
     duplicate steps)."""
     path = out / "resume.pt"
     state = load_state(path, [n for n, _ in trainable], extra=("t_bins",))
     was, now = state["settings"], settings(cfg)
+    # a setting added to train.py after the state was written (e.g. --init-lora): its default is what that run did
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    was = {k: v for k, v in now.items() if k not in was and k in defaults and v == defaults[k]} | was
     if changed := changed_settings(was, now, RESUME_MAY_CHANGE):
         raise ValueError(f"--resume with other settings than {path} was written with: {', '.join(changed)}; resume "
                          "with the run's own settings, or start a new run (--overwrite or another --out)")
@@ -818,14 +884,14 @@ def run(cfg: TrainConfig) -> int:
     check_numbers(cfg)
     cfg = memory_defaults(cfg, setup, device)  # the batch and checkpointing: given, the run's own, or planned
     want = stage_config(cfg, setup)  # the run config every output carries
-    check_config(cfg, setup, want)
+    init_lora = check_init_lora(cfg, setup, check_config(cfg, setup, want))
     out = Path(cfg.out)
     lock = claim(out, run_files(), "final.safetensors", cfg.resume, cfg.overwrite, master, keep=(cfg.init,))
     use_cuda = device.type == "cuda"
     # base weights (fp8: its linear weights in float8, the rest in this); trainable weights stay fp32
     dtype = BASE_DTYPES.get(cfg.base_dtype) or (torch.bfloat16 if use_cuda else torch.float32)
     if master:
-        note_cpu_fp32(setup, device, dtype)
+        note_cpu_fp32(setup, device, cfg.base_dtype, dtype)
     # from here on the lock is held: every way out releases it, and --overwrite's earlier run is put back unless the
     # new run has written a checkpoint; a signal before the loop stops the command at once (Stopper)
     stopper, aside, step, log = Stopper(), None, None, None
@@ -835,7 +901,7 @@ def run(cfg: TrainConfig) -> int:
         want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
         latents, ae = encode_latents(cfg, setup, ds, device, dtype, master)
         text = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)  # (txt, txt_ids, y), B 1
-        model = build(cfg, setup, want, device, dtype)
+        model = build(cfg, setup, want, device, dtype, init_lora)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         trainable = select_trainable(model, cfg.stage)
         if not trainable:
@@ -843,6 +909,10 @@ def run(cfg: TrainConfig) -> int:
         n_train = sum(p.numel() for _, p in trainable)
         if master:
             describe(cfg, model, n_train, len(trainable), latents, world)
+            if init_lora is not None:
+                print(f"the LoRA starts from {init_lora.describe()}")
+                if init_lora.skipped:
+                    print(init_lora.skip_note())
         if fsdp:
             trainable = shard(model, device)
         opt = make_optimizer(cfg, model, trainable)
@@ -855,7 +925,8 @@ def run(cfg: TrainConfig) -> int:
         step, t_bins, overrides = (load_resume(out, trainable, opt, g, cfg, dataset, fsdp, master) if cfg.resume
                                    else (0, None, {}))
         meta = {"config": json.dumps(want), "base": setup.flux.name, "ae": setup.ae.name,  # what every output carries
-                "train_args": json.dumps(settings(cfg))}
+                "train_args": json.dumps(settings(cfg)),
+                "sampling": json.dumps(SAMPLING_DEFAULTS)}  # the settings to sample it with (the LoRA exports say)
         if overrides:
             meta["resume_overrides"] = json.dumps(overrides)
         if master and cfg.overwrite:

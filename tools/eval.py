@@ -2,6 +2,7 @@
 Make the project's claims measurable: generate the IR image for every held-out pair and score it.
 
     python -m tools.eval --data DIR --ckpt PATH [--steps N] [--limit K] [--seed S]   # one model
+    python -m tools.eval --data DIR --ckpt PATH --lora FILE[:SCALE]                   # + a LoRA from another tool
     python -m tools.eval --data DIR --base                                           # the base, no semantics
     python -m tools.eval --ablation [--train-steps N] [--steps N] [--out runs/ablation]  # train + score each scheme
     python -m tools.eval --ablation --schemes xattn-double,xattn-every2,xattn-half  # scheme B's cheaper options
@@ -50,10 +51,11 @@ from checkpoint import command, differing, read_metadata, run_config, trained_fi
 from extras.fp8 import BASE_DTYPES
 from extras.schemes import parameter_count
 from flux_model import PRESETS
-from pipeline import (ROOT, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, find_setup, generate, is_trained_key,
-                      load_pipeline, run_classes)
+from pipeline import (ROOT, SAMPLE_STEPS, SEM_GUIDANCE, SEM_STRENGTH, attention_maps, check_not_lora, find_setup,
+                      generate, is_trained_key, load_pipeline, parse_lora, run_classes)
 from sem_cross_attn import SemanticConfig
-from viz import attention_figure, check_can_make, check_image_out, grid, loss_curves, sweep_figure, to_pil_gray, to_pil_rgb
+from viz import (attention_figure, check_can_make, check_image_out, grid, loss_curves, sweep_figure, to_pil_gray,
+                 to_pil_rgb)
 from tools import metrics
 from tools.synth import (TEST_SET, TRAIN_SET, NotSynthSet, ensure_set, ir_read_back, mean_ir, redraw, render_scene,
                          set_scenes)
@@ -555,7 +557,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "synth-test"), help="held-out pairs (rgb/, sem/, ir/)")
     ap.add_argument("--ckpt", default=None, help="a train.py output, or its run folder (its final.safetensors)")
     ap.add_argument("--base", action="store_true", help="evaluate the base model without semantic weights")
-    ap.add_argument("--steps", type=int, default=20, help="sampling (Euler) steps per image")
+    ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                    help="one model scored: a LoRA file from another tool applied to the base at SCALE (default 1.0) "
+                         "on top of --ckpt, as sample.py --lora does; repeatable")
+    ap.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampling (Euler) steps per image")
     ap.add_argument("--limit", type=int, default=None, help="only the first K pairs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=None)
@@ -617,10 +622,14 @@ def main(argv=None) -> int:
     if args.ckpt and args.base:
         raise ValueError("--ckpt and --base: pick one (--ckpt scores a train.py output, --base the base model "
                          "without semantic weights)")
+    if args.lora and args.ablation:
+        raise ValueError("--lora applies to one model scored (--ckpt or --base), not to the ablation's runs")
+    args.loras = [parse_lora(text) for text in args.lora or []]  # the files exist, the scales are numbers
     if args.ablation:
         return run_ablation(args)
     if args.ckpt:
         args.ckpt = str(trained_file(args.ckpt))  # a run folder -> its final.safetensors; a resume.pt is refused
+        check_not_lora(args.ckpt, "--ckpt", f"--lora {args.ckpt}[:SCALE]")
     return run_sweep(args) if args.sweep else run_eval(args)
 
 
@@ -681,12 +690,12 @@ def run_eval(args) -> int:
     if args.protocol:  # built first: a missing package or weight file fails before any generation
         from tools.protocol import ThermalGenProtocol
         protocol = ThermalGenProtocol(lpips_weights=args.lpips_weights, fid_weights=args.fid_weights)
-    pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype)
+    pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype, loras=args.loras)
     how = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
     summ = evaluate(pipe, ds, how, limit=args.limit, decoys=decoys, save_dir=Path(args.save) if args.save else None,
                     progress=args.progress, protocol=protocol, fid=fid)
     name = args.ckpt or "base"
-    extra = {"ckpt": name} | asdict(how)
+    extra = {"ckpt": name} | asdict(how) | ({"loras": [[str(f), v] for f, v in args.loras]} if args.loras else {})
     rows = {name: summ}
     try:
         if protocol is not None:
@@ -724,7 +733,7 @@ def run_sweep(args) -> int:
     decoys = decoy_names(args)
     decoy_ids(ds.classes, decoys)
     net = load_fid_model(args.fid_model) if args.fid_model else None
-    pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype)
+    pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype, loras=args.loras)
     field = {"strength": "sem_strength", "guidance": "sem_guidance"}[args.sweep]
     base = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
     rows, lines, failed = {}, [], None
