@@ -497,3 +497,23 @@ def test_cached_prompts_need_no_encoder_files(t5_folder, clip_folder, tmp_path, 
     bf16 = te.PromptCache(tmp_path / "cache", t5_folder[0], clip_folder[0], t5_max_length=40, dtype=torch.bfloat16)
     assert bf16(["a thermal image"])[0].dtype == torch.bfloat16  # another dtype's entry: computed again
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # and stored in its place
+
+
+def test_the_encoders_in_bf16_stay_within_bf16_rounding_of_the_fp32_reference(t5_folder, clip_folder, clip_vocab):
+    """The commands run T5 and CLIP in bf16 (pipeline.text_condition), the smallest dtype they have: through their
+    layers the embeddings stay within 2^-5 of transformers' fp32 models (bf16 rounds each value by up to 2^-9)."""
+    folder, hf = t5_folder
+    prompts = [PROMPTS[1], PROMPTS[0]]
+    ids = _hf_t5_tokenizer(folder / "spiece.model")(prompts, padding="max_length", max_length=40, truncation=True,
+                                                     return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = hf(input_ids=ids).last_hidden_state
+    ours = te.load_t5(folder, max_length=40, dtype=torch.bfloat16)(prompts).float()  # [2, 40, 32]
+    assert ours.dtype == torch.float32 and 1e-5 < _max_rel(ours, ref) <= 2 ** -5  # 0.017 measured
+    clip_dir, clip_hf = clip_folder
+    clip_ids = _hf_clip_tokenizer(clip_vocab)(prompts, padding="max_length", max_length=77, truncation=True,
+                                              return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled_ref = clip_hf(input_ids=clip_ids).pooler_output
+    pooled = te.load_clip(clip_dir, dtype=torch.bfloat16)(prompts).float()  # [2, D]
+    assert 1e-5 < _max_rel(pooled, pooled_ref) <= 2 ** -5  # 0.007 measured
