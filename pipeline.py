@@ -36,7 +36,7 @@ from torch import Tensor
 import data
 from checkpoint import CheckpointError, check_state_dict, read_header, read_safetensors, run_config, shard_files
 from flow import Condition, denoise, get_noise, get_schedule, make_condition, pack, text_ids, unpack
-from extras.checkpoint_forms import detect_preset, load_flux
+from extras.checkpoint_forms import detect_preset, load_flux, transformer_source
 from extras.fp8 import BASE_DTYPES
 from extras.condition_cache import ConditionCache
 from extras.schemes import BASELINES, PRESETS as SCHEME_PRESETS, attach
@@ -138,13 +138,6 @@ NOT_BASES = ("ae.safetensors",)  # files of weights/ that are never the transfor
 IMG_IN_WIDTHS = {128: "a Canny/Depth checkpoint", 384: "a Fill checkpoint"}
 
 
-def base_source(path: Path) -> Path:
-    """The transformer inside a Hugging Face snapshot folder (its transformer/), else `path` itself."""
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "transformer").is_dir():
-        return path / "transformer"
-    return path
-
-
 def base_layout(path: Path) -> tuple[str | None, str, bool]:
     """What a file or folder is, judged from its header alone: (preset, "", True) for a FLUX base transformer in any
     form load_flux reads ("dev" with guidance_in: dev and Kontext share a layout; "schnell" without); (None, why,
@@ -152,7 +145,7 @@ def base_layout(path: Path) -> tuple[str | None, str, bool]:
     autoencoder, a LoRA, a text encoder)."""
     try:
         preset = detect_preset(path)
-        files, _ = shard_files(base_source(path))
+        files, _ = shard_files(transformer_source(path))
         shapes = {k: e["shape"] for f in files for k, e in read_header(f)[0].items()}
     except CheckpointError as e:
         return None, str(e).removeprefix(f"{path}: "), False
@@ -208,7 +201,7 @@ def base_id(path: Path) -> str:
     """The identity of a transformer checkpoint's weights, whatever its name, path or storage form: a hash of its
     first block's query-norm scale rounded to fp8 (IDENTITY_KEYS). Two trainings of FLUX give other scales; the same
     weights renamed, linked, or stored in bf16 or fp8 give the same id."""
-    for f in shard_files(base_source(Path(path)))[0]:
+    for f in shard_files(transformer_source(path))[0]:
         key = next((k for k in read_header(f)[0] if k.endswith(IDENTITY_KEYS)), None)
         if key is not None:
             scale = read_safetensors(f, keys=[key])[key].to(torch.float8_e4m3fn)  # [head_dim]

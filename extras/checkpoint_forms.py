@@ -84,7 +84,7 @@ def _diffusers_hint(params: FluxParams):
     return hint
 
 
-def _source(path) -> Path:
+def transformer_source(path) -> Path:
     """What to read: a file, an index, or a folder (a Hugging Face snapshot's transformer/ when given the snapshot).
     A folder of several safetensors files needs the index that joins them."""
     p = Path(path)
@@ -184,7 +184,7 @@ def _diffusers_source(keys) -> bool:
 def _read(path, model: Flux, device, convert) -> tuple[dict | Iterator, dict, list[str], bool | None]:
     """read_flux_checkpoint's parts, a diffusers transformer left as its shard-by-shard stream: (the tensors, the
     weight scales, the notes, whether the file has fp8 Linear weights: None where the tensors are a dict)."""
-    src, what = _source(path), f"FLUX transformer {path}"
+    src, what = transformer_source(path), f"FLUX transformer {path}"
     chosen, note = _transformer_keys(header_keys(src))
     notes = [note] if note else []
     if _diffusers_source(chosen.values()):
@@ -256,7 +256,7 @@ def load_flux(path, params: FluxParams | str = "dev", device="cpu", dtype=torch.
 def detect_preset(path) -> str:
     """Guess a preset from a checkpoint's keys without loading tensors (dev and Kontext share a layout); any form
     load_flux reads."""
-    keys = set(_transformer_keys(header_keys(_source(path)))[0].values())
+    keys = set(_transformer_keys(header_keys(transformer_source(path)))[0].values())
     if "transformer_blocks.0.attn.norm_k.weight" in keys:  # diffusers' names
         return "dev" if "time_text_embed.guidance_embedder.linear_1.weight" in keys else "schnell"
     return flux_preset(keys, path)
