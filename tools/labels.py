@@ -25,9 +25,13 @@ Without --mapping the model's labels choose it: all Cityscapes names -> cityscap
 Hot classes: person and rider (ADE20K: person, animal). Vehicles are cold unless --hot-vehicles: an RGB image cannot
 tell a running engine from a parked car, so the labeller cannot either.
 
-transformers is imported only here (requirements-test.txt pins the tested version); weights are read from
-safetensors only, nothing is downloaded, and a model that needs its own Python code (an auto_map in its config) is
-refused. Every problem is one line: data.DataError naming the file or folder.
+transformers is imported only here (requirements-test.txt pins the tested version). Weights are read from
+*.safetensors, else from a pytorch_model.bin (what many Hub models, the README's SegFormer among them, ship on their
+main branch) through torch.load(weights_only=True): only tensors and plain containers are unpickled, so a pickle that
+would build any other object (and could run code) is refused before anything in it runs, and the file must hold a
+flat {name: tensor} state dict. Nothing is downloaded, a model that needs its own Python code (an auto_map in its
+config) is refused, and so are weights that leave any of the model's parameters unset. Every problem is one line:
+data.DataError naming the file or folder.
 """
 
 import argparse
@@ -43,7 +47,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import command, write_atomic
+from checkpoint import CheckpointError, command, load_torch_state, write_atomic
 from data import (DataError, SemClass, classes_from_rows, list_images, load_classes, open_image, palette, rgb01,
                   save_classes)
 
@@ -191,7 +195,8 @@ def load_mapping(spec: str, hot_vehicles: bool = False) -> Mapping:
 # The model
 
 UNIVERSAL = ("mask2former", "maskformer", "oneformer")  # mask + class queries (AutoModelForUniversalSegmentation)
-MODEL_FILES = "config.json, model.safetensors, preprocessor_config.json"
+MODEL_FILES = "config.json, model.safetensors or pytorch_model.bin, preprocessor_config.json"
+PICKLED_WEIGHTS = "pytorch_model.bin"  # transformers' name for torch.save'd weights
 
 
 def _transformers():
@@ -225,12 +230,27 @@ def _check_model_dir(folder: Path):
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder}: no config.json: not a Hugging Face model folder ({MODEL_FILES})")
     _refuse_custom_code(folder)
-    if not any(folder.glob("*.safetensors")):
-        raise DataError(f"{folder}: no *.safetensors weights; only safetensors are read (a pytorch_model.bin is a "
-                        "pickle, which can run code: convert it where you trust it)")
+    if not any(folder.glob("*.safetensors")) and not (folder / PICKLED_WEIGHTS).is_file():
+        sharded = " (a sharded pytorch_model.bin is not read)" if any(folder.glob("pytorch_model-*.bin")) else ""
+        raise DataError(f"{folder}: no weights: neither *.safetensors nor {PICKLED_WEIGHTS}{sharded}")
     if not (folder / "preprocessor_config.json").is_file():
         raise DataError(f"{folder}: no preprocessor_config.json: the model's image processor (resize, normalisation) "
                         "is needed")
+
+
+def read_pickled_weights(path: Path) -> dict:
+    """A pytorch_model.bin -> {name: tensor}, read with torch.load(weights_only=True) (checkpoint.load_torch_state):
+    a pickle that needs any global beyond tensors and plain containers fails before anything in it runs. Anything but
+    a flat state dict of tensors is refused."""
+    try:
+        state = load_torch_state(path)
+    except CheckpointError as e:
+        raise DataError(str(e)) from None
+    bad = next(((k, v) for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
+    if bad is not None:
+        raise DataError(f"{path}: not a state dict of tensors ({bad[0]!r} holds a {type(bad[1]).__name__}); "
+                        "expected the weights transformers saves as pytorch_model.bin")
+    return state
 
 
 class Segmenter:
@@ -250,12 +270,27 @@ class Segmenter:
                 self.processor = tf.AutoProcessor.from_pretrained(folder, **local)
             else:
                 self.processor = tf.AutoImageProcessor.from_pretrained(folder, use_fast=False, **local)
-            auto = (tf.AutoModelForUniversalSegmentation if self.kind in UNIVERSAL
-                    else tf.AutoModelForSemanticSegmentation)
-            self.model = auto.from_pretrained(folder, use_safetensors=True, **local)
-        except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # a missing backbone package too
+            if any(folder.glob("*.safetensors")):
+                auto = (tf.AutoModelForUniversalSegmentation if self.kind in UNIVERSAL
+                        else tf.AutoModelForSemanticSegmentation)
+                self.model, info = auto.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
+                                                        **local)
+            else:  # pytorch_model.bin: read here, safely, and handed over as a state dict
+                state = read_pickled_weights(folder / PICKLED_WEIGHTS)
+                classes = (tf.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING if self.kind in UNIVERSAL
+                           else tf.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING)
+                self.model, info = classes[type(config)].from_pretrained(None, config=config, state_dict=state,
+                                                                         output_loading_info=True)
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:  # a missing backbone too
             first = str(e).strip().split("\n")[0]
             raise DataError(f"{folder}: transformers cannot load it as a segmentation model ({first})") from None
+        params = dict(self.model.named_parameters())
+        missing = sorted(k for k in info["missing_keys"] if k in params)  # a loss's buffer may be absent
+        if missing:  # transformers fills them with random numbers, and the maps would be made with those
+            raise DataError(f"{folder}: the weights leave {len(missing)} of the model's parameters unset (e.g. "
+                            f"{missing[0]}): not weights of this config.json's model")
         self.model.eval().requires_grad_(False).to(self.device)
         self.id2label = {int(k): str(v) for k, v in config.id2label.items()}
 

@@ -20,15 +20,23 @@ its utils/metrics.py), run through the same library code (torchmetrics 1.6.2, th
 Inputs: IR images [B, 1, H, W] (or [B, H, W]) in [0, 1], prediction and ground truth of the same size; anything
 non-finite or outside [0, 1] is refused (ThermalGen clamps its outputs to [0, 1] before scoring).
 
+Which scores: any of psnr, ssim, lpips, fid. By default psnr and ssim, plus lpips when its weight file is given and
+fid when its weight file (or a feature network) is given, so a CPU install with torchmetrics alone scores PSNR and
+SSIM. A score asked for whose package or file is missing is an error, never left out.
+
 Nothing is downloaded. LPIPS needs torchvision's alexnet-owt-7be5be79.pth and FID torch-fidelity's
 weights-inception-2015-12-05-6726825d.pth: pass their paths, or put them in torch's hub cache
-(<torch.hub.get_dir()>/checkpoints/). The packages are in requirements-extras.txt; each missing piece is one line
-saying what to install or which file to get from where.
+(<torch.hub.get_dir()>/checkpoints/) and ask for the score by name. The packages are in requirements-extras.txt;
+each missing piece is one line saying what to install or which file to get from where. Each package is imported on
+its own, and a failure names the package that actually fails: torchmetrics imports torchvision (and transformers)
+whenever they are installed, so a torchvision built for another torch breaks even PSNR and SSIM, and is named.
 """
 
 import contextlib
+import importlib
 import os
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -42,20 +50,44 @@ INCEPTION = ("weights-inception-2015-12-05-6726825d.pth",
              "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
              "weights-inception-2015-12-05-6726825d.pth")
 INSTALL = "pip install -r requirements-extras.txt"
+CPU_WHEELS = "a CPU-only torch takes the CPU wheels of https://download.pytorch.org/whl/cpu"
+
+
+def default_scores(lpips_weights=None, fid_weights=None, fid_model=None) -> tuple[str, ...]:
+    """The scores asked for when none are named: PSNR and SSIM (torchmetrics alone), LPIPS when its weight file is
+    given, FID when its weight file or a feature network is given."""
+    return (("psnr", "ssim") + (("lpips",) if lpips_weights else ())
+            + (("fid",) if fid_weights or fid_model is not None else ()))
+
+
+def _failing_package(e: BaseException, package: str) -> str:
+    """The package whose import raised `e`: the innermost module whose top-level code was running. Importing
+    torchmetrics runs torchvision's __init__ when torchvision is installed, so its failure is torchvision's."""
+    running = [frame.f_globals.get("__name__", "") for frame, _ in traceback.walk_tb(e.__traceback__)
+               if frame.f_code.co_name == "<module>"]
+    return running[-1].split(".")[0] if running and running[-1] else package
 
 
 def _need(package: str, what: str):
-    """Import a package the protocol needs, or one line saying how to get it. torchvision built for another torch
-    (PyPI's CUDA wheel beside a CPU-only torch) fails at import with a RuntimeError: said as such."""
+    """Import one package the protocol needs, or one line naming the package that fails: `package` not installed,
+    a module it imports not installed, or a package that raises on import (torchvision built for another torch:
+    PyPI's CUDA wheel beside a CPU-only torch raises a RuntimeError)."""
     try:
-        return __import__(package)
-    except ImportError:
-        raise ValueError(f"{what} needs the {package} package, which is not installed: {INSTALL}") from None
-    except Exception as e:  # a torchvision that does not fit this torch
+        return importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        if e.name == package:
+            raise ValueError(f"{what} needs the {package} package, which is not installed: {INSTALL}") from None
+        raise ValueError(f"{what} needs {package}, which imports {e.name or 'a module'}, not installed: {INSTALL}"
+                         ) from None
+    except Exception as e:
         first = str(e).strip().split("\n")[0]
-        raise ValueError(f"{what} needs {package}, which does not load with torch {torch.__version__} ({first}): "
-                         f"install the {package} build made for this torch (a CPU-only torch takes the CPU wheels of "
-                         "https://download.pytorch.org/whl/cpu)") from None
+        culprit = _failing_package(e, package)
+        if culprit == package:
+            raise ValueError(f"{what} needs {package}, which does not load with torch {torch.__version__} "
+                             f"({first}): install the {package} build made for this torch ({CPU_WHEELS})") from None
+        raise ValueError(f"{what} needs {package}, which imports the installed {culprit}, and {culprit} does not load "
+                         f"with torch {torch.__version__} ({first}): install the {culprit} build made for this torch "
+                         f"({CPU_WHEELS}), or uninstall {culprit} if nothing you run needs it") from None
 
 
 def _weights(path, name_url: tuple[str, str], what: str, flag: str) -> Path:
@@ -101,18 +133,25 @@ def _grey_batch(x, name: str) -> Tensor:
 
 
 class ThermalGenProtocol:
-    """Accumulates ThermalGen's four scores over batches: update(preds, targets) ..., then compute().
+    """Accumulates ThermalGen's scores over batches: update(preds, targets) ..., then compute().
 
-    scores: which of psnr, ssim, lpips, fid (PSNR and SSIM need torchmetrics only). lpips_weights / fid_weights: the
-    local weight files (default: torch's hub cache). fid_model: a feature network [b, 3, H, W] in [0, 1] -> [b, D]
-    used in place of the Inception (its FIDs are not ThermalGen's; for tests and other feature spaces)."""
+    scores: which of psnr, ssim, lpips, fid (None: default_scores, PSNR and SSIM plus what weights are given for;
+    PSNR and SSIM need torchmetrics only). lpips_weights / fid_weights: the local weight files (default: torch's hub
+    cache). fid_model: a feature network [b, 3, H, W] in [0, 1] -> [b, D] used in place of the Inception (its FIDs
+    are not ThermalGen's; for tests and other feature spaces)."""
 
-    def __init__(self, scores=SCORES, lpips_weights=None, fid_weights=None, device="cpu",
+    def __init__(self, scores=None, lpips_weights=None, fid_weights=None, device="cpu",
                  fid_model: nn.Module | None = None):
+        scores = default_scores(lpips_weights, fid_weights, fid_model) if scores is None else tuple(scores)
         if unknown := [s for s in scores if s not in SCORES]:
             raise ValueError(f"unknown score(s) {', '.join(unknown)}; choose from {', '.join(SCORES)}")
-        what = "the ThermalGen protocol"
-        _need("torchmetrics", what)
+        if not scores:
+            raise ValueError(f"no score asked for; choose from {', '.join(SCORES)}")
+        self.scores = tuple(s for s in SCORES if s in scores)  # each once, in the protocol's order
+        # each package imported on its own, the ones the others import first, so a failure names the one that fails
+        if "lpips" in scores:
+            _need("torchvision", "ThermalGen's LPIPS (AlexNet)")
+        _need("torchmetrics", "ThermalGen's scores (" + ", ".join(s.upper() for s in self.scores) + ")")
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
         self.device = torch.device(device)
         self.metrics = {}
@@ -121,17 +160,17 @@ class ThermalGenProtocol:
         if "ssim" in scores:
             self.metrics["ssim"] = StructuralSimilarityIndexMeasure(data_range=1.0)
         if "lpips" in scores:
-            _need("torchvision", "ThermalGen's LPIPS (AlexNet)")
             from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
             file = _weights(lpips_weights, ALEXNET, "ThermalGen's LPIPS", "--lpips-weights")
             with _hub_holding(file, ALEXNET[0]):
                 self.metrics["lpips"] = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
         if "fid" in scores:
-            from torchmetrics.image.fid import FrechetInceptionDistance
             if fid_model is not None:
+                from torchmetrics.image.fid import FrechetInceptionDistance
                 self.metrics["fid"] = FrechetInceptionDistance(feature=fid_model, normalize=True)
             else:
                 _need("torch_fidelity", "ThermalGen's FID (torch-fidelity's Inception-v3)")
+                from torchmetrics.image.fid import FrechetInceptionDistance
                 file = _weights(fid_weights, INCEPTION, "ThermalGen's FID", "--fid-weights")
                 self.metrics["fid"] = FrechetInceptionDistance(feature=2048, normalize=True,
                                                                feature_extractor_weights_path=str(file))
@@ -164,10 +203,11 @@ class ThermalGenProtocol:
         return {name: float(m.compute()) for name, m in self.metrics.items()} | {"n_images": self.n_images}
 
 
-def thermalgen_scores(preds, targets, lpips_weights=None, fid_weights=None, scores=SCORES, device="cpu",
+def thermalgen_scores(preds, targets, lpips_weights=None, fid_weights=None, scores=None, device="cpu",
                       batch_size: int = 16, fid_model: nn.Module | None = None) -> dict:
-    """ThermalGen's PSNR, SSIM, LPIPS and FID of predictions against ground truths: IR [N, 1, H, W] in [0, 1]
-    (tensors, or sequences of [1, H, W] / [H, W] images of one size). See ThermalGenProtocol for the arguments."""
+    """ThermalGen's PSNR, SSIM, LPIPS and FID (those asked for; see default_scores) of predictions against ground
+    truths: IR [N, 1, H, W] in [0, 1] (tensors, or sequences of [1, H, W] / [H, W] images of one size). See
+    ThermalGenProtocol for the arguments."""
     preds, targets = (torch.stack(list(x)) if not torch.is_tensor(x) else x for x in (preds, targets))
     protocol = ThermalGenProtocol(scores, lpips_weights, fid_weights, device, fid_model)
     for i in range(0, len(preds), batch_size):

@@ -1,8 +1,11 @@
 """
-Tests for tools/importers.py on fake MFNet / FMB folders: the pairs and class tables written, bit depth kept, every
-refusal naming the file, and a failed import leaving nothing behind.
+Tests for tools/importers.py on fake folders in each set's published layout: the pairs and class tables written, bit
+depth kept, JPEGs copied byte for byte, PST900's projection holes filled, FLIR's split files found where the release
+and its VOC-style repackagings put them, the same output from one worker process or two, every refusal naming the
+file, and a failed import leaving nothing behind.
 """
 
+import json
 
 import numpy as np
 import pytest
@@ -171,7 +174,10 @@ def test_labelled_sets_respect_the_split_and_make_ir_one_channel(tmp_path, name,
     assert ds.names == ["00100D"] and data.load_classes(tmp_path / "test" / "classes.json") == classes
     assert {c.name for c in classes if c.hot} == hot
     ir = Image.open(tmp_path / "test" / "ir" / "00100D.png")
-    assert ir.mode == "L" and np.array_equal(np.asarray(ir), irs["test"]["00100D"])
+    expected = irs["test"]["00100D"]
+    if name == "pst900":  # its zeros are projection holes (test_pst900_projection_holes_are_filled)
+        expected = importers.fill_holes(expected)[0]
+    assert ir.mode == "L" and np.array_equal(np.asarray(ir), expected)
     labels = np.asarray(Image.open(src / "test" / dirs[2] / "00100D.png"))
     assert ds[0]["sem_ids"].tolist() == labels.tolist()
     assert [c.name for c in importers.PST900_CLASSES] == ["background", "fire_extinguisher", "backpack",
@@ -228,15 +234,15 @@ def test_rgb_ir_sets_write_rgb_and_ir_for_labels_py(tmp_path, capsys):
     assert importers.import_llvip(tmp_path / "LLVIP", tmp_path / "llvip", split="test") == 1
     ir = Image.open(tmp_path / "llvip" / "ir" / "190001.png")
     assert ir.mode == "L" and np.array_equal(np.asarray(ir), irs["190001"])
-    assert sorted(p.name for p in (tmp_path / "llvip" / "rgb").iterdir()) == ["190001.png"]
+    assert sorted(p.name for p in (tmp_path / "llvip" / "rgb").iterdir()) == ["190001.jpg"]  # its JPEG, as it is
 
     fake_flir(tmp_path / "align")
     importers.main(["flir", str(tmp_path / "align"), str(tmp_path / "flir")])  # --split train: align_train.txt
     out = capsys.readouterr().out
     assert f"python -m tools.labels {tmp_path / 'flir'} {tmp_path / 'flir'} --model DIR" in out
-    assert sorted(p.name for p in (tmp_path / "flir" / "ir").iterdir()) == ["FLIR_00002.png", "FLIR_00005.png"]
+    assert sorted(p.name for p in (tmp_path / "flir" / "ir").iterdir()) == ["FLIR_00002.jpeg", "FLIR_00005.jpeg"]
     assert importers.import_flir(tmp_path / "align", tmp_path / "flir-test", split="test") == 1
-    assert (tmp_path / "flir-test" / "rgb" / "FLIR_08863.png").is_file()
+    assert (tmp_path / "flir-test" / "rgb" / "FLIR_08863.jpg").is_file()
 
 
 def test_rgb_ir_set_errors_name_the_file(tmp_path):
@@ -245,7 +251,8 @@ def test_rgb_ir_set_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match=r"align_train.txt: 1 listed file\(s\) are not in .*FLIR_00005_RGB.jpg"):
         importers.import_flir(tmp_path / "align", tmp_path / "o1")
     (tmp_path / "align" / "align_validation.txt").unlink()
-    with pytest.raises(DataError, match="align_validation.txt: no such split file"):
+    with pytest.raises(DataError, match="no split file for --split test: none of align_validation.txt, "
+                                        "ImageSets/Main/test.txt, ImageSets/Main/val.txt"):
         importers.import_flir(tmp_path / "align", tmp_path / "o2", split="test")
 
     fake_m3fd(tmp_path / "m3fd")
@@ -313,3 +320,118 @@ def test_a_split_file_with_a_byte_order_mark_lists_its_first_stem(tmp_path):
     assert (src / "test.txt").read_bytes().startswith(b"\xef\xbb\xbf")
     assert importers.import_mfnet(src, tmp_path / "test", split="test") == 2
     assert data.PairedDataset(tmp_path / "test").names == ["00002N", "00003D"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLIR's VOC-style split files, PST900's projection holes, JPEGs kept as they are, and the worker processes
+
+
+def test_flir_split_files_under_imagesets_main_are_found(tmp_path, capsys):
+    """Repackagings of FLIR aligned list the pairs VOC-style, one id per line, in ImageSets/Main/{train,val}.txt."""
+    src = tmp_path / "FLIR_aligned"
+    fake_flir(src)
+    for f in ("align_train.txt", "align_validation.txt"):
+        (src / f).unlink()
+    (src / "ImageSets" / "Main").mkdir(parents=True)
+    (src / "ImageSets" / "Main" / "train.txt").write_text("FLIR_00002\nFLIR_00005\n")
+    (src / "ImageSets" / "Main" / "val.txt").write_text("FLIR_08863\n")
+    assert importers.import_flir(src, tmp_path / "train") == 2
+    assert sorted(data.list_images(tmp_path / "train" / "ir")) == ["FLIR_00002", "FLIR_00005"]
+    assert importers.import_flir(src, tmp_path / "test", split="test") == 1  # val.txt: the held-out pairs
+    assert importers.import_flir(src, tmp_path / "val", split="val") == 1
+    assert sorted(data.list_images(tmp_path / "test" / "rgb")) == ["FLIR_08863"]
+    (src / "align_train.txt").write_text("FLIR_00005_PreviewData\n")  # the release's own file comes first
+    assert importers.import_flir(src, tmp_path / "release") == 1
+    (src / "ImageSets" / "Main" / "val.txt").unlink()
+    with pytest.raises(DataError, match="no split file for --split val: none of ImageSets/Main/val.txt"):
+        importers.import_flir(src, tmp_path / "o", split="val")
+
+
+def test_fill_holes_fills_from_the_edge_inward_and_leaves_the_rest():
+    ir = np.full((9, 12), 90, np.uint8)
+    ir[:, :6] = 30
+    ir[3:6, 4:8] = 0                                                   # a hole across the 30 | 90 edge
+    ir[0, 11] = 0                                                      # one in a corner
+    filled, n = importers.fill_holes(ir)
+    assert n == 13 and filled.dtype == np.uint8 and filled.min() > 0
+    assert np.array_equal(filled[ir > 0], ir[ir > 0])
+    assert filled[0, 11] == 90 and 30 < filled[4, 5] < 90               # the corner's neighbours; the edge between
+    assert filled[3, 4] < filled[3, 7]                                  # each side of the hole keeps its side's level
+    wide = np.full((6, 6), 7, np.uint16)
+    wide[1:, :] = 0                                                    # five rows deep, filled ring by ring
+    assert np.array_equal(importers.fill_holes(wide)[0], np.full((6, 6), 7, np.uint16))
+    none = np.full((4, 4), 5, np.uint8)
+    assert importers.fill_holes(none)[1] == 0 and importers.fill_holes(none)[0] is none
+
+
+def test_pst900_projection_holes_are_filled_and_counted(tmp_path, capsys):
+    src = tmp_path / "pst900"
+    irs = fake_labelled(src, ("rgb", "thermal", "labels"), {"train": ["00001", "00002"], "test": ["00100"]}, 5)
+    for split, names in irs.items():
+        for name, g in names.items():
+            g = np.maximum(g, 1)                                       # no zero but the holes below
+            if name == "00002":
+                g[:, :5] = 0                                           # the projection leaves a strip ...
+                g[10:14, 20:30] = 0                                    # ... and a gap
+            irs[split][name] = g
+            save(np.repeat(g[..., None], 3, 2), src / split / "thermal" / f"{name}.png")
+    out = tmp_path / "out"
+    assert importers.import_pst900(src, out) == 2
+    assert f"filled 200 thermal pixel(s) of 0 (projection holes), {100 * 200 / (2 * 32 * 48):.2f}% of the set's " \
+           "thermal pixels, in 1 of 2 image(s)" in capsys.readouterr().out
+    got = np.asarray(Image.open(out / "ir" / "00002.png"))
+    hole = irs["train"]["00002"] == 0
+    assert got.min() > 0 and np.array_equal(got[~hole], irs["train"]["00002"][~hole])
+    assert np.array_equal(np.asarray(Image.open(out / "ir" / "00001.png")), irs["train"]["00001"])
+    assert json.loads((out / "ir_filled.json").read_text())["pairs"] == {"00002": 200}
+    data.check(out)
+    (src / "test" / "thermal" / "00100.png").unlink()
+    save(np.zeros((32, 48), np.uint8), src / "test" / "thermal" / "00100.png")
+    with pytest.raises(DataError, match=r"00100\.png: every pixel is 0"):
+        importers.import_pst900(src, tmp_path / "o", split="test")
+
+
+def fake_llvip_jpeg(src, n=5, hw=(64, 80)):
+    """LLVIP as released: visible/<split>/*.jpg and infrared/<split>/*.jpg (grey stored as 3-channel JPEG)."""
+    rng = np.random.default_rng(7)
+    for d in ("visible", "infrared"):
+        (src / d / "train").mkdir(parents=True)
+    for i in range(n):
+        save(rng.integers(0, 256, (*hw, 3), dtype=np.uint8), src / "visible" / "train" / f"{10001 + i:06d}.jpg",
+             quality=90)
+        _, g3 = grey_as_rgb(rng, hw)
+        save(g3, src / "infrared" / "train" / f"{10001 + i:06d}.jpg", quality=90)
+    return src
+
+
+def folder_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_llvip_jpegs_are_copied_as_they_are_and_two_workers_write_what_one_writes(tmp_path):
+    src = fake_llvip_jpeg(tmp_path / "LLVIP")
+    assert importers.import_llvip(src, tmp_path / "one", workers=1) == 5
+    importers.main(["llvip", str(src), str(tmp_path / "two"), "--workers", "2"])
+    one = folder_bytes(tmp_path / "one")
+    assert one == folder_bytes(tmp_path / "two") and len(one) == 10
+    for name in ("010001", "010005"):
+        for d, sub in (("visible", "rgb"), ("infrared", "ir")):
+            assert one[f"{sub}/{name}.jpg"] == (src / d / "train" / f"{name}.jpg").read_bytes()
+    rgb = data.load_rgb(tmp_path / "one" / "rgb" / "010001.jpg")        # the loader reads the copied JPEGs
+    ir = data.load_ir(tmp_path / "one" / "ir" / "010001.jpg")
+    assert rgb.shape == (3, 64, 80) and ir.shape == (1, 64, 80)
+    expected = np.asarray(Image.open(src / "infrared" / "train" / "010001.jpg").convert("RGB"), np.float32).mean(2)
+    assert np.allclose(ir[0].numpy() * 255, expected, atol=1e-3)
+
+
+def test_a_bad_pair_stops_every_worker_and_leaves_nothing(tmp_path):
+    src = fake_llvip_jpeg(tmp_path / "LLVIP")
+    rng = np.random.default_rng(8)
+    save(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8), src / "infrared" / "train" / "010003.jpg")  # false colour
+    for workers in (1, 2):
+        with pytest.raises(DataError, match=r"010003\.jpg: a colour infrared image"):
+            importers.import_llvip(src, tmp_path / f"o{workers}", workers=workers)
+        assert not (tmp_path / f"o{workers}").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LLVIP"]
+    with pytest.raises(DataError, match="--workers 0: at least 1"):
+        importers.import_llvip(src, tmp_path / "o", workers=0)

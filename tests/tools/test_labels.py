@@ -106,11 +106,11 @@ def test_missing_model_and_missing_transformers_are_one_line(tmp_path, segformer
     assert "no such folder" in one_line_error(capsys, [str(src), out, "--model", str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     assert "no config.json" in one_line_error(capsys, [str(src), out, "--model", str(tmp_path / "empty")])
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    (pickled / "config.json").write_text((segformer / "config.json").read_text())
-    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    assert "only safetensors" in one_line_error(capsys, [str(src), out, "--model", str(pickled)])
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((segformer / "config.json").read_text())
+    assert "neither *.safetensors nor pytorch_model.bin" in one_line_error(capsys, [str(src), out, "--model",
+                                                                               str(no_weights)])
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     assert "pip install transformers" in one_line_error(capsys, [str(src), out, "--model", str(segformer)])
     assert not (tmp_path / "out").exists()
@@ -179,3 +179,65 @@ def test_a_model_with_its_own_code_is_refused_before_transformers_reads_it(tmp_p
     err = one_line_error(capsys, [str(src), str(tmp_path / "out"), "--model", str(custom)])
     assert f"{custom / 'config.json'}: the model needs its own Python code (auto_map); refused" in err
     assert not (tmp_path / "out").exists()
+
+
+def model_folder(segformer, folder, state=None):
+    """`segformer`'s config and image processor with weights saved by torch.save as pytorch_model.bin (`state`, or
+    the model's own state dict), as the Hub's older models ship them."""
+    from transformers import SegformerForSemanticSegmentation
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (folder / name).write_text((segformer / name).read_text())
+    if state is None:
+        model = SegformerForSemanticSegmentation.from_pretrained(segformer)
+        model.save_pretrained(folder, safe_serialization=False)  # transformers' own pytorch_model.bin
+        (folder / "config.json").write_text((segformer / "config.json").read_text())
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    assert not list(folder.glob("*.safetensors"))
+    return folder
+
+
+def test_a_pytorch_model_bin_labels_as_its_safetensors_save(tmp_path, segformer):
+    """The README's example SegFormer ships pytorch_model.bin only: read with weights_only=True, it labels exactly as
+    the same weights saved as safetensors."""
+    pickled = model_folder(segformer, tmp_path / "pickled")
+    src = rgb_ir_folder(tmp_path / "src")
+    assert labels.label_folder(src, tmp_path / "from-safetensors", segformer) == 3
+    assert labels.label_folder(src, tmp_path / "from-bin", pickled) == 3
+    for stem in ("000", "001", "002"):
+        a, b = (np.asarray(Image.open(tmp_path / d / "sem" / f"{stem}.png")) for d in ("from-safetensors", "from-bin"))
+        assert np.array_equal(a, b)
+    data.check(tmp_path / "from-bin")
+
+
+class RunsCode:
+    """Unpickled by plain pickle, this would call exec and create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_a_pickle_that_would_run_code_or_hold_other_things_is_refused(tmp_path, segformer, capsys):
+    src, out = rgb_ir_folder(tmp_path / "src", sizes=((32, 32),)), str(tmp_path / "out")
+    marker = tmp_path / "ran"
+    weights = dict(torch.load(model_folder(segformer, tmp_path / "good") / "pytorch_model.bin", weights_only=True))
+    evil = model_folder(segformer, tmp_path / "evil", weights | {"x": RunsCode(marker)})
+    err = one_line_error(capsys, [str(src), out, "--model", str(evil)])
+    assert f"{evil / 'pytorch_model.bin'}: holds a pickled Python object (exec)" in err and "refused" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+    nested = model_folder(segformer, tmp_path / "nested", {"state_dict": weights})
+    assert "not a state dict of tensors ('state_dict' holds a dict)" in one_line_error(
+        capsys, [str(src), out, "--model", str(nested)])
+    name = next(k for k in weights if k.startswith("decode_head.classifier.weight"))
+    partial = model_folder(segformer, tmp_path / "partial", {k: v for k, v in weights.items() if k != name})
+    assert f"leave 1 of the model's parameters unset (e.g. {name})" in one_line_error(
+        capsys, [str(src), out, "--model", str(partial)])
+    garbage = model_folder(segformer, tmp_path / "garbage", {})
+    (garbage / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    assert "pytorch_model.bin: " in one_line_error(capsys, [str(src), out, "--model", str(garbage)])
+    assert not marker.exists() and not (tmp_path / "out").exists()

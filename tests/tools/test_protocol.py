@@ -206,6 +206,78 @@ def test_missing_packages_and_weights_are_one_line(tmp_path, monkeypatch):
     assert "torchmetrics package" in one_line(e)
 
 
+def fresh_imports(monkeypatch, *packages):
+    """The packages (and their submodules) dropped from sys.modules for the test, so the next import runs their code
+    again, as a new process would (monkeypatch puts the loaded ones back afterwards)."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in packages:
+            monkeypatch.delitem(sys.modules, name)
+
+
+def broken_package(tmp_path, monkeypatch, name, error):
+    """An installed `name` whose import raises `error`, as a torchvision built for another torch does."""
+    folder = tmp_path / "site" / name
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text(f"raise RuntimeError({error!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+
+def test_psnr_and_ssim_need_torchmetrics_only_and_a_broken_torchvision_is_named(tmp_path, monkeypatch):
+    """A CPU install: PSNR and SSIM score without torchvision, equal to the scores with every package loaded; a
+    torchvision that does not load (torchmetrics imports it whenever it is installed) is named, not torchmetrics."""
+    pred, target = ir_pairs()
+    before = protocol.thermalgen_scores(pred, target, scores=("psnr", "ssim"), batch_size=4)
+    assert protocol.ThermalGenProtocol().scores == ("psnr", "ssim")  # the default without weight files
+    loaded = sys.modules["torchmetrics"]
+    fresh_imports(monkeypatch, "torchmetrics", "lightning_utilities")
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed
+    assert protocol.thermalgen_scores(pred, target, batch_size=4) == before
+    assert sys.modules["torchmetrics"] is not loaded  # imported again, without torchvision
+    with pytest.raises(ValueError) as e:
+        protocol.ThermalGenProtocol(scores=("psnr", "lpips"))
+    assert one_line(e).startswith("ThermalGen's LPIPS (AlexNet) needs the torchvision package, which is not "
+                                  "installed")
+
+    fresh_imports(monkeypatch, "torchmetrics", "lightning_utilities")
+    monkeypatch.delitem(sys.modules, "torchvision")
+    broken_package(tmp_path, monkeypatch, "torchvision", "operator torchvision::nms does not exist")
+    with pytest.raises(ValueError) as e:
+        protocol.ThermalGenProtocol(scores=("psnr", "ssim"))
+    text = one_line(e)
+    assert text.startswith("ThermalGen's scores (PSNR, SSIM) needs torchmetrics, which imports the installed "
+                           "torchvision, and torchvision does not load with torch")
+    assert "(operator torchvision::nms does not exist): install the torchvision build" in text
+    assert "uninstall torchvision" in text and "torchmetrics, which does not load" not in text
+
+
+def test_an_import_failure_names_the_package_that_fails(tmp_path, monkeypatch):
+    """A package that raises on import is named, also when another package imports it; a missing dependency is
+    named as such."""
+    broken_package(tmp_path, monkeypatch, "pkg_broken", "built for another torch")
+    (tmp_path / "site" / "pkg_user").mkdir()
+    (tmp_path / "site" / "pkg_user" / "__init__.py").write_text("import pkg_broken\n")
+    (tmp_path / "site" / "pkg_needy").mkdir()
+    (tmp_path / "site" / "pkg_needy" / "__init__.py").write_text("import pkg_absent_dependency\n")
+    for package, expected in (
+            ("pkg_broken", "X needs pkg_broken, which does not load with torch"),
+            ("pkg_user", "X needs pkg_user, which imports the installed pkg_broken, and pkg_broken does not load"),
+            ("pkg_needy", "X needs pkg_needy, which imports pkg_absent_dependency, not installed"),
+            ("pkg_not_there", "X needs the pkg_not_there package, which is not installed")):
+        with pytest.raises(ValueError) as e:
+            protocol._need(package, "X")
+        assert one_line(e).startswith(expected)
+
+
+def test_the_default_scores_follow_the_weights_given():
+    assert protocol.default_scores() == ("psnr", "ssim")
+    assert protocol.default_scores(lpips_weights="a.pth") == ("psnr", "ssim", "lpips")
+    assert protocol.default_scores(fid_weights="i.pth") == ("psnr", "ssim", "fid")
+    assert protocol.default_scores(fid_model=small_feature_net()) == ("psnr", "ssim", "fid")
+    assert protocol.ThermalGenProtocol(("ssim", "psnr", "ssim")).scores == ("psnr", "ssim")
+    with pytest.raises(ValueError, match="no score asked for"):
+        protocol.ThermalGenProtocol(())
+
+
 def test_inputs_outside_the_protocol_are_refused():
     pred, target = ir_pairs(n=2)
     with pytest.raises(ValueError, match="outside"):
