@@ -482,6 +482,7 @@ def run_config(path) -> dict:
 #     changed_settings         what a --resume would change about the run (refused by the trainers)
 #     resume_command           the command that continues a stopped run (torchrun's under torchrun)
 #     trim_log                 log lines past the state a run continues from are dropped (no duplicate steps)
+#     write_numbered           OUT/checkpoints/step_000500.safetensors beside `latest`, the newest K of them kept
 
 LOCK = "run.lock"
 
@@ -517,9 +518,11 @@ def claim(out: Path, files: tuple[str, ...], finished: str, resume: bool, overwr
                          "to start over (the earlier run is removed only once the new one has written its first "
                          "checkpoint)")
     read = {Path(k).resolve() for k in keep if k}
-    if overwrite and (held := [n for n in earlier if (out / n).resolve() in read]):
-        raise ValueError(f"{out / held[0]} is the file this run starts from (--init) and --overwrite would replace "
-                         f"it: copy it elsewhere first, or give the new run another --out")
+    # a file the run reads, or a folder that holds one (an --init from OUT/checkpoints/)
+    held = [n for n in earlier if any(r == (out / n).resolve() or (out / n).resolve() in r.parents for r in read)]
+    if overwrite and held:
+        raise ValueError(f"{out / held[0]} is or holds the file this run starts from (--init) and --overwrite would "
+                         f"replace it: copy it elsewhere first, or give the new run another --out")
     if not master:
         return None
     out.mkdir(parents=True, exist_ok=True)
@@ -542,8 +545,8 @@ REPLACED = ".replaced"
 
 
 def set_aside(out: Path, files: tuple[str, ...]) -> Path | None:
-    """Move the earlier run's `files` from `out` into OUT/.replaced (renames, nothing copied); returns that folder,
-    None when there was nothing to move."""
+    """Move the earlier run's `files` (or folders) from `out` into OUT/.replaced (renames, nothing copied); returns
+    that folder, None when there was nothing to move."""
     out, aside = Path(out), Path(out) / REPLACED
     earlier = [n for n in files if (out / n).exists()]
     if not earlier:
@@ -566,7 +569,9 @@ def restore(aside: Path | None, files: tuple[str, ...]) -> None:
         return
     out = aside.parent
     for n in files:
-        if (aside / n).exists() or (out / n).exists():
+        if (out / n).is_dir():  # a folder of files (OUT/checkpoints)
+            shutil.rmtree(out / n)
+        else:
             (out / n).unlink(missing_ok=True)
     for f in aside.iterdir():
         os.replace(f, out / f.name)
@@ -650,6 +655,22 @@ def trim_log(path: Path, step: int) -> None:
     if dropped:
         print(f"note: {path}: dropped {dropped} unreadable line(s) (a write cut short)")
     write_atomic(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
+NUMBERED = re.compile(r"step_(\d+)\.safetensors")  # OUT/checkpoints/step_000500.safetensors
+
+
+def write_numbered(weights: Path, folder: Path, step: int, keep: int) -> Path:
+    """A copy of `weights` (a run's latest.safetensors, metadata and all) as folder/step_NNNNNN.safetensors, written
+    atomically; then only the `keep` highest-numbered step_*.safetensors of the folder stay (0: every one). Other
+    files in the folder are never touched. Returns the new file."""
+    path = Path(folder) / f"step_{step:06d}.safetensors"
+    write_atomic(path, lambda tmp: shutil.copyfile(weights, tmp))
+    if keep:
+        numbered = sorted((int(m[1]), p) for p in Path(folder).iterdir() if (m := NUMBERED.fullmatch(p.name)))
+        for _, old in numbered[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,11 @@ Dataset layout (what PairedDataset reads, and what tools/importers.py and tools/
     root/classes.json      optional; without it the synthetic classes (DEFAULT_CLASSES) are used
 
 Files pair up by stem; .png .jpg .jpeg .bmp .tif .tiff are read (any case). Sides must be multiples of 16
-(8x VAE downsampling times FLUX's 2x2 patches); otherwise pass size=S (--size S): the shorter side is resized
-to S and the centre SxS is cropped. Sizes that disagree inside a pair are an error, never silently resized.
+(8x VAE downsampling times FLUX's 2x2 patches); otherwise pass size=S (--size S): every pair is then served at
+about S*S pixels at its own aspect ratio, each side the nearest multiple of 16, and only the few pixels that
+rounding cuts are cropped from the centre (served_size, resize_pair; crop_note says how many). Pairs served at
+different sizes fall into buckets, one per size; a training batch comes from one bucket. Sizes that disagree
+inside a pair are an error, never silently resized.
 
 classes.json:
     {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "hot": false}, ...]}
@@ -49,6 +52,7 @@ Commands (python data.py -h):
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -469,34 +473,108 @@ def match_stems(where, files: dict[str, dict[str, Path]]) -> list[str]:
     return sorted(every)
 
 
-def _center_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """[C, H, W] -> [C, size, size]: shorter side resized to `size`, then the centre cropped (resize_pair)."""
+def served_size(w: int, h: int, size: int | None) -> tuple[int, int]:
+    """(width, height) at which a w x h image is served. size=None: as stored. size=S: about S*S pixels at the image's
+    own aspect ratio, each side the nearest multiple of 16 (at least 16). 640x480 at 512 -> 592x448, 1280x720 at
+    512 -> 688x384, a square at 512 -> 512x512."""
+    if not size:
+        return w, h
+    scale = math.sqrt(size * size / (w * h))
+    return (max(MULTIPLE, round(w * scale / MULTIPLE) * MULTIPLE),
+            max(MULTIPLE, round(h * scale / MULTIPLE) * MULTIPLE))
+
+
+def _cover(w: int, h: int, out_w: int, out_h: int) -> tuple[int, int]:
+    """The size w x h is resized to, aspect kept, before its centre out_w x out_h is cropped: the smallest that
+    covers the crop, so only what rounding the sides to multiples of 16 changed in the aspect ratio is cut."""
+    scale = max(out_w / w, out_h / h)
+    return max(out_w, round(w * scale)), max(out_h, round(h * scale))
+
+
+def _resize_crop(x: torch.Tensor, out_w: int, out_h: int, mode: str) -> torch.Tensor:
+    """[C, H, W] -> [C, out_h, out_w]: resized (aspect kept) to cover out_w x out_h, then the centre cropped."""
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    nw, nh = _cover(w, h, out_w, out_h)
     if (nh, nw) != (h, w):
         x = F.interpolate(x[None].float(), size=(nh, nw), mode=mode, antialias=mode == "bicubic")[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top:top + size, left:left + size]
+    top, left = (nh - out_h) // 2, (nw - out_w) // 2
+    return x[:, top:top + out_h, left:left + out_w]
+
+
+def crop_note(sizes, size: int | None) -> str:
+    """One line saying how much of the images (stored sizes (w, h), one per pair) serving them at `size` crops: the
+    pixels lost to rounding the sides to multiples of 16 (served_size). "" when nothing is cropped."""
+    counts, lines, least = Counter(sizes), [], 1.0
+    for (w, h), n in sorted(counts.items()):
+        out_w, out_h = served_size(w, h, size)
+        nw, nh = _cover(w, h, out_w, out_h)
+        if (nw, nh) == (out_w, out_h):
+            continue
+        side, kept = ("width", out_w / nw) if nw != out_w else ("height", out_h / nh)
+        least = min(least, kept)
+        lines.append(f"{w}x{h} -> {out_w}x{out_h} keeps {math.floor(kept * 1000) / 10}% of its {side} ({n} pair"
+                     f"{'s' if n > 1 else ''})")
+    if not lines:
+        return ""
+    more = f"; {len(lines) - 3} more sizes, the least kept {math.floor(least * 1000) / 10}%" if len(lines) > 3 else ""
+    return (f"--size {size} crops the centre to sides that are multiples of {MULTIPLE}: " + "; ".join(lines[:3])
+            + more)
+
+
+def trained_sizes(run_cfg: dict) -> list[tuple[int, int]]:
+    """The (width, height) a train.py output was trained at, from its run config: "train_sizes" (one [w, h] per
+    bucket), else "size" S as SxS (runs from before buckets), else [] (the stored sizes of an unknown set)."""
+    rows = run_cfg.get("train_sizes")
+    if isinstance(rows, list) and rows and all(isinstance(r, list) and len(r) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in r) for r in rows):
+        return [(w, h) for w, h in rows]
+    size = run_cfg.get("size")
+    return [(size, size)] if isinstance(size, int) and not isinstance(size, bool) and size > 0 else []
+
+
+FAR = 2.0  # sampling at more than twice, or less than half, the pixels of every training size gets a note
+
+
+def size_note(served, trained) -> str:
+    """One line when images served at `served` sizes [(w, h), ...] hold more than FAR times, or less than 1/FAR of,
+    the pixels of every `trained` size (trained_sizes); "" when none does or the training sizes are unknown."""
+    if not trained:
+        return ""
+    areas = [w * h for w, h in trained]
+    far = [(w, h) for w, h in served if all(max(w * h / a, a / (w * h)) > FAR for a in areas)]
+    if not far:
+        return ""
+    w, h = far[0]
+    nearest = min(areas, key=lambda a: abs(math.log(w * h / a)))
+    ratio = w * h / nearest
+    how = f"{ratio:.1f}x the" if ratio > 1 else f"1/{1 / ratio:.1f} of the"
+    where = f"{len(far)} of {len(served)} images are" if len(served) > 1 else "the image is"
+    side = round(math.sqrt(nearest) / MULTIPLE) * MULTIPLE
+    return (f"{where} sampled far from the training size: {w}x{h} is {how} pixels of the nearest training size "
+            f"({', '.join(f'{tw}x{th}' for tw, th in trained[:3])}{' ...' if len(trained) > 3 else ''}); the model "
+            f"has not seen that scale: --size {side} samples at about the training size")
 
 
 def resize_pair(size: int | None, classes, rgb: torch.Tensor, ids: torch.Tensor, ir: torch.Tensor | None = None):
-    """The one preprocessing of training, evaluation and sampling: size=S resizes the shorter side to S and crops the
-    centre SxS (rgb [3, H, W] and ir [1, H, W] bicubic with antialias, clamped back into their ranges, since bicubic
-    overshoots; label ids [H, W] nearest-exact, which never mixes labels); None keeps them. Returns (rgb, colour
-    [3, S, S] rendered from the ids, ids, ir)."""
+    """The one preprocessing of training, evaluation and sampling. size=S serves the pair at about S*S pixels at its
+    own aspect ratio, sides multiples of 16 (served_size): resized to cover that size, then the centre cropped (only
+    the few pixels the rounding of the sides cuts; crop_note says how many). rgb [3, H, W] and ir [1, H, W] bicubic
+    with antialias, clamped back into their ranges (bicubic overshoots); label ids [H, W] nearest-exact, which never
+    mixes labels. None keeps them. Returns (rgb, colour [3, H', W'] rendered from the ids, ids, ir)."""
     if size:
-        rgb = _center_square(rgb, size, "bicubic").clamp(-1, 1)
-        ids = _center_square(ids[None].float(), size, "nearest-exact")[0].long()  # exact for ids < 2^24
-        ir = None if ir is None else _center_square(ir, size, "bicubic").clamp(0, 1)
+        out_w, out_h = served_size(rgb.shape[-1], rgb.shape[-2], size)
+        rgb = _resize_crop(rgb, out_w, out_h, "bicubic").clamp(-1, 1)
+        ids = _resize_crop(ids[None].float(), out_w, out_h, "nearest-exact")[0].long()  # exact for ids < 2^24
+        ir = None if ir is None else _resize_crop(ir, out_w, out_h, "bicubic").clamp(0, 1)
     return rgb, render_semantic(ids, classes), ids, ir
 
 
 def load_pair(rgb_path, sem_path, classes, size: int | None, max_pixels=None):
     """One user's (visible, semantic map) pair -> (rgb [3, H, W], sem colour [3, H, W], ids [H, W] long).
 
-    The two must have the same size. size=None needs sides that are multiples of 16; size=S resizes and
-    centre-crops as training does (resize_pair). max_pixels: the image size limit (None: see pixel_limit()).
+    The two must have the same size. size=None needs sides that are multiples of 16; size=S serves the pair at about
+    S*S pixels, aspect kept, as training does (resize_pair). max_pixels: the image size limit (None: see
+    pixel_limit()).
     """
     rgb = load_rgb(rgb_path, max_pixels)
     ids, sem = load_semantic(sem_path, classes, max_pixels)
@@ -507,20 +585,23 @@ def load_pair(rgb_path, sem_path, classes, size: int | None, max_pixels=None):
         rgb, sem, ids, _ = resize_pair(size, classes, rgb, ids)
     elif rgb.shape[1] % MULTIPLE or rgb.shape[2] % MULTIPLE:
         raise DataError(f"{rgb_path}: {rgb.shape[2]}x{rgb.shape[1]} is not a multiple of {MULTIPLE} on each side; "
-                        "pass --size S to resize and centre-crop")
+                        "pass --size S to serve it at about SxS pixels, aspect kept")
     return rgb, sem, ids
 
 
 class PairedDataset(torch.utils.data.Dataset):
     """(rgb, sem, ir) triples from root/{rgb,sem,ir}/<stem>.* (see the module docstring).
 
-    size=None keeps each image's size (sides must be multiples of 16); size=S gives SxS: shorter side
-    resized to S (BICUBIC with antialias for rgb/ir, NEAREST for semantic ids so they stay valid labels),
-    then centre-cropped. classes: None -> root/classes.json if present, else DEFAULT_CLASSES; or a path, or
-    a sequence of SemClass. max_pixels: the image size limit (None: see pixel_limit()).
+    size=None keeps each image's size (sides must be multiples of 16); size=S serves each pair at about S*S
+    pixels at its own aspect ratio, sides multiples of 16 (served_size, resize_pair: bicubic with antialias for
+    rgb/ir, nearest for the semantic ids so they stay valid labels; crop_note() says what the rounding crops).
+    classes: None -> root/classes.json if present, else DEFAULT_CLASSES; or a path, or a sequence of SemClass.
+    max_pixels: the image size limit (None: see pixel_limit()).
 
-    item = {"name": stem, "rgb": [3,S,S] in [-1,1], "sem": colour [3,S,S] in [-1,1], "sem_ids": [S,S] long,
-            "ir": [1,S,S] in [0,1]}
+    sizes[i] / served[i]: pair i's (width, height) on disk / as served. buckets(): the pairs grouped by served size
+    (a training batch is drawn from one bucket).
+    item = {"name": stem, "rgb": [3,H,W] in [-1,1], "sem": colour [3,H,W] in [-1,1], "sem_ids": [H,W] long,
+            "ir": [1,H,W] in [0,1]}   (H, W: served[i])
     """
 
     def __init__(self, root, size=None, classes=None, max_pixels=None):
@@ -529,8 +610,10 @@ class PairedDataset(torch.utils.data.Dataset):
             raise DataError(f"{root}: no such dataset folder")
         missing = [d + "/" for d in FOLDERS if not (root / d).is_dir()]
         if missing:
+            labels = (f"; make sem/ from rgb/ with a segmentation model: python -m tools.labels {root} {root} "
+                      "--model DIR" if "sem/" in missing else "")
             raise DataError(f"{root}: missing folder(s) {', '.join(missing)}; expected {root}/rgb, sem, ir "
-                            "with matching file stems")
+                            f"with matching file stems{labels}")
         valid_size = isinstance(size, int) and not isinstance(size, bool) and size > 0 and size % MULTIPLE == 0
         if size is not None and not valid_size:
             raise DataError(f"{root}: size={size!r}; it must be a positive multiple of {MULTIPLE}")
@@ -561,8 +644,9 @@ class PairedDataset(torch.utils.data.Dataset):
                             + (f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""))
         if unaligned and size is None:
             raise DataError(f"{root}: {len(unaligned)} pair(s) have sides that are not multiples of {MULTIPLE} "
-                            f"(e.g. {', '.join(unaligned[:3])}); pass size=S (--size S) to resize the shorter "
-                            "side to S and centre-crop SxS")
+                            f"(e.g. {', '.join(unaligned[:3])}); pass size=S (--size S) to serve them at about SxS "
+                            "pixels, aspect kept")
+        self.served = [served_size(w, h, size) for w, h in self.sizes]
 
     def __len__(self):
         return len(self.names)
@@ -580,15 +664,27 @@ class PairedDataset(torch.utils.data.Dataset):
             rgb, sem, ids, ir = resize_pair(self.size, self.classes, rgb, ids, ir)
         return {"name": name, "rgb": rgb, "sem": sem, "sem_ids": ids, "ir": ir}
 
-    def validate(self, progress: bool = False, one_size: bool = False) -> None:
-        """Decode every semantic map through the class palette (the headers and sizes were checked on construction)
-        and, with `one_size` and no size=S, ask every pair to have the same size (a training set's cached tokens are
-        one tensor): one DataError naming every problem, before any work is done with the set."""
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """The pairs grouped by served (width, height), in order of size: {(w, h): [pair index, ...]}. Every training
+        batch comes from one bucket (its cached tokens are one [N_b, L_b, 64] tensor)."""
+        groups = {}
+        for i, shape in enumerate(self.served):
+            groups.setdefault(shape, []).append(i)
+        return dict(sorted(groups.items()))
+
+    def crop_note(self) -> str:
+        """One line saying how much of the images the served size crops ("" when nothing is): crop_note."""
+        return crop_note(self.sizes, self.size)
+
+    def describe_buckets(self) -> str:
+        """"592x448 (12 pairs), 688x384 (3 pairs)": the buckets in one line."""
+        return ", ".join(f"{w}x{h} ({len(idx)} pair{'s' if len(idx) > 1 else ''})"
+                         for (w, h), idx in self.buckets().items())
+
+    def validate(self, progress: bool = False) -> None:
+        """Decode every semantic map through the class palette (the headers and sizes were checked on construction):
+        one DataError naming every problem, before any work is done with the set."""
         failures = []
-        sizes = sorted(set(self.sizes)) if one_size and self.size is None else []
-        if len(sizes) > 1:
-            failures.append(f"pairs of {len(sizes)} sizes (" + ", ".join(
-                f"{w}x{h}: {self.sizes.count((w, h))}" for w, h in sizes[:5]) + "); pass --size S to use one size")
         for name in tqdm(self.names, desc="checking semantic maps", disable=not progress):
             try:
                 semantic_ids(open_image(self.files["sem"][name], self.max_pixels), self.files["sem"][name],
@@ -602,7 +698,8 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def fingerprint(self, progress: bool = False) -> str:
         """A hash of what the set serves: every file's bytes (not its name, size or time: two swapped files of one size
-        and time differ), the class table and the size. The files are read once per dataset object."""
+        and time differ), the class table, the size and (with a size) the sizes it is served at, which the sizing
+        rule decides. The files are read once per dataset object."""
         if getattr(self, "_content", None) is None:
             h = hashlib.sha256()
             for name in tqdm(self.names, desc="hashing the dataset", disable=not progress):
@@ -612,7 +709,8 @@ class PairedDataset(torch.utils.data.Dataset):
                         while chunk := f.read(1 << 20):
                             h.update(chunk)
             self._content = h.hexdigest()
-        served = json.dumps([self._content, self.size, [c.__dict__ for c in self.classes]])
+        sizing = [[list(shape) for shape in self.served]] if self.size else []  # no size: served as stored, as before
+        served = json.dumps([self._content, self.size, [c.__dict__ for c in self.classes]] + sizing)
         return hashlib.sha256(served.encode()).hexdigest()[:20]
 
 
@@ -640,7 +738,9 @@ def check(root, size=None, progress=False, max_pixels=None) -> str:
     sizes = Counter(ds.sizes)
     lines = [f"{root}: {len(ds)} pairs",
              "sizes on disk: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items())),
-             f"served as: {'%dx%d (resize + centre crop)' % (size, size) if size else 'stored size'}",
+             f"served at: {f'about {size}x{size} pixels, aspect kept' if size else 'the stored sizes'}; "
+             f"{len(ds.buckets())} bucket(s), each training batch from one: {ds.describe_buckets()}",
+             *([ds.crop_note()] if ds.crop_note() else []),
              f"ir: min {ir_min:.3f} mean {ir_sum / max(ir_n, 1):.3f} max {ir_max:.3f}",
              f"{'id':>5} {'name':<16} {'hot':<4} {'pixels':>8} {'images':>7}"]
     total = max(pixels.sum().item(), 1)
@@ -701,7 +801,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("check", help="decode every pair of a dataset folder and summarise it")
     p.add_argument("root")
-    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--size", type=int, default=None,
+                   help="serve every pair at about SxS pixels at its own aspect ratio, sides multiples of 16, as "
+                        "train.py --size S does (default: the stored sizes)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help=f"largest image, width x height (default: ${PIXELS_ENV}, else {MAX_PIXELS})")
     args = parser.parse_args(argv)

@@ -74,10 +74,6 @@ PRESETS: dict[str, FluxParams] = {
 # Embeddings: sinusoidal timestep, MLP, rotary positions
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Embeddings: sinusoidal timestep, MLP, rotary positions
-
-
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000, time_factor: float = 1000.0) -> Tensor:
     """[B] (t in [0,1], or a guidance value) -> [B, dim] as concat(cos, sin); t is scaled by 1000 first."""
     t = time_factor * t

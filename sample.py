@@ -5,14 +5,17 @@ Generate the infrared image for a visible image and its semantic map.
                      [--seed S] [--attn PATH]
 
 The steps (pipeline.py builds the model and runs them; flow.py is the sampler):
-    data.load_pair     -> rgb, sem [3, H, W] in [-1, 1] and the class ids, checked (same size, multiples of 16)
+    data.load_pair     -> rgb, sem [3, H, W] in [-1, 1] and the class ids, checked (same size, multiples of 16;
+                          --size S: about SxS pixels at the pair's own aspect ratio, as training serves its pairs)
     load_pipeline      -> base transformer + autoencoder, the trained semantic module / LoRA from --ckpt, then each
                           --lora file (a LoRA trained elsewhere: kohya / ComfyUI, diffusers, ai-toolkit) at its scale
     generate           -> x_cond tokens, seeded noise, Euler over FLUX's shifted schedule, VAE decode -> IR [1, H, W]
     --attn             -> the cross-attention maps at mid-denoising for one query pixel per class (viz.py)
 
 The semantic palette is --classes, else the one the checkpoint was trained with (its run config), else the
-synthetic one. Every flag and output name is checked before anything loads; outputs are written by rename.
+synthetic one. One note says what --size crops, and one when the image holds more than twice or less than half the
+pixels of every size the checkpoint was trained at (data.size_note). Every flag and output name is checked before
+anything loads; outputs are written by rename.
 """
 
 import argparse
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
                     help="semantic classifier-free guidance w: v = v_without + w (v_with - v_without); "
                          "w != 1 doubles the sampling time")
     ap.add_argument("--size", type=int, default=None,
-                    help="resize shorter side to S and centre-crop to SxS, as training does")
+                    help="serve the pair at about SxS pixels at its own aspect ratio, sides multiples of 16, as "
+                         "train.py --size S serves its pairs (default: the stored size, sides multiples of 16)")
     ap.add_argument("--classes", default=None,
                     help="classes.json of the semantic palette (default: the checkpoint's, else synthetic)")
     ap.add_argument("--attn", default=None, help="also write a picture of the semantic cross-attention maps")
@@ -101,8 +105,12 @@ def main(argv=None) -> int:
         check_not_lora(ckpt, "--ckpt", f"--lora {ckpt}[:SCALE]")
     classes, source = semantic_classes(args, ckpt)
     rgb, sem, ids = data.load_pair(args.rgb, args.sem, classes, args.size)  # [3, H, W] x 2, [H, W]
+    if crop := data.crop_note([data.image_size(args.rgb)], args.size):
+        print(f"note: {crop}")
     pipe = load_pipeline(ckpt, device, setup=setup, base_dtype=args.base_dtype, loras=args.loras)
     print(f"semantic weights: {ckpt or 'none (base model)'} (scheme {pipe.scheme}); classes: {source}")
+    if far := data.size_note([(rgb.shape[-1], rgb.shape[-2])], data.trained_sizes(pipe.cfg)):
+        print(f"note: {far}")
     if pipe.guidance is not None or args.guidance is not None:
         print(f"guidance input: {args.guidance if args.guidance is not None else pipe.guidance}"
               + ("" if args.guidance is not None else " (the base's sampling default; --guidance to change it)"))

@@ -5,6 +5,7 @@ Staged training of semantic-guided infrared generation on FLUX (rectified flow, 
     python train.py --stage joint --init runs/warmup/final.safetensors      # + LoRA on the backbone
     python train.py --stage joint --init runs/warmup --init-lora lora.safetensors  # the LoRA starts from a file
     python train.py --stage finetune --init runs/joint/final.safetensors    # only the strength scales/gates
+    python train.py --stage warmup --val-data data/synth-test --sample-every 200 --tensorboard   # held-out scores
     torchrun --nproc_per_node 8 train.py --stage joint ...                  # data parallel over GPUs
     python train.py --stage base --scheme none           # the tiny demo's RGB-conditioned base (weights/demo)
 
@@ -36,6 +37,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -43,17 +45,18 @@ from tqdm import tqdm
 
 import data
 from checkpoint import (changed_settings, claim, command, load_state, read_header, resume_command, restore,
-                        run_config, save_atomic, save_state, set_aside, settle, trained_file, trim_log)
+                        run_config, save_atomic, save_state, set_aside, settle, trained_file, trim_log,
+                        write_numbered)
 from extras.fp8 import BASE_DTYPES
 from flow import denoise, flow_loss, get_noise, get_schedule, make_condition, pack, sample_t, unpack
 from flux_model import PRESETS, Flux
 from latents import encode_dataset, encode_jittered, semantic_batch, tokens_path
-from pipeline import (DEFAULT_PROMPT, ROOT, SAMPLING_DEFAULTS, SCHEMES, Setup, Stopper, base_condition_cache,
-                      build_model, check_not_lora, check_run_config, check_same_base, find_setup, is_trained_key,
-                      load_trained, note_cpu_fp32, resolve_device, text_condition)
+from pipeline import (DEFAULT_PROMPT, ROOT, SAMPLING_DEFAULTS, SCHEMES, Pipeline, Setup, Stopper,
+                      base_condition_cache, build_model, check_not_lora, check_run_config, check_same_base, find_setup,
+                      generate, is_trained_key, load_trained, note_cpu_fp32, resolve_device, text_condition)
 from sem_cross_attn import ATTENTION_FORMS, DEFAULT_B, SCHEMES as MODULE_SCHEMES, SemanticConfig
 from vae import AutoEncoder, load_ae
-from viz import grid, to_pil_gray, to_pil_rgb
+from viz import grid, save_image, to_pil_gray, to_pil_rgb
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,7 +111,9 @@ class TrainConfig:
     stage: str = opt("warmup", "warmup | joint | finetune (the design's stages); base (the tiny demo's base)")
     scheme: str = opt("xattn", "xattn (B) | zeroconv (A) | adapter (C) | overlay (pixel blend baseline) | none")
     data: str = opt("", "dataset folder (rgb/, sem/, ir/); default: the synthetic set, generated on first use")
-    size: int = opt(0, "resize + centre-crop to SxS; 0 keeps the files' size (multiples of 16)")
+    size: int = opt(0, "serve every pair at about SxS pixels at its own aspect ratio, sides multiples of 16 (a set "
+                       "of several image shapes trains in buckets, one shape a batch); 0 keeps the files' size "
+                       "(multiples of 16)")
     out: str | None = opt(None, "default: runs/<stage>")
     init: str = opt("", "the previous stage's output")
     resume: bool = opt(False, "continue from <out>/resume.pt")
@@ -174,11 +179,20 @@ class TrainConfig:
                             "(FSDP2, extras/fsdp.py: one unit per transformer block with its semantic module) "
                             "instead of replicating them (DDP); one process: no effect")
     log_every: int = opt(10, "steps between log.jsonl lines")
-    sample_every: int = opt(0, "steps between sample grids; 0: at the end only")
-    sample_steps: int = opt(10, "Euler steps of the sample grids (0: no grids)")
-    ckpt_every: int = opt(100, "steps between latest.safetensors + resume.pt")
+    sample_every: int = opt(0, "steps between sample grids (and validations); 0: at the end only")
+    sample_steps: int = opt(10, "Euler steps of the sample grids and validations (0: no grids)")
+    val_data: str = opt("", "a held-out folder (rgb/, sem/, ir/, the training data's classes): its first --val-count "
+                            "pairs are sampled wherever a grid is (seed i for pair i, the run's sampling settings, "
+                            "--sample-steps) into samples/val_step_N.png, and scored as tools.eval scores (PSNR, "
+                            "SSIM, miss, decoy hallucination) into log.jsonl; default: no validation")
+    val_count: int = opt(8, "validation pairs (the first of --val-data in name order)")
+    ckpt_every: int = opt(100, "steps between latest.safetensors + resume.pt, and a numbered "
+                               "checkpoints/step_N.safetensors")
+    keep_last: int = opt(5, "numbered checkpoints kept (the newest); 0: every one")
+    tensorboard: bool = opt(False, "also log the loss, lr, validation scores and grids to <out>/tb (needs the "
+                                   "tensorboard package)")
     device: str = opt("", "default: cuda:LOCAL_RANK if available, else cpu")
-    progress: bool = opt(True, "progress bar")
+    progress: bool = opt(True, "progress bar (loss, it/s)")
     overwrite: bool = opt(False, "start over in an --out that holds another run (its weights, resume state and log)")
 
 
@@ -273,7 +287,7 @@ def memory_defaults(cfg: TrainConfig, setup: Setup, device: torch.device) -> Tra
                                    gradient_checkpointing=bool(cfg.gradient_checkpointing))
     from tools.memory_plan import BATCHES, GIB, choose, plan_for
     pairs = data.PairedDataset(cfg.data, size=cfg.size or None)  # the headers only: the token grid of the data
-    side = math.ceil(math.sqrt(max(w * h for w, h in pairs.sizes) / 256)) if not cfg.size else cfg.size // 16
+    side = math.ceil(math.sqrt(max(w * h for w, h in pairs.served) / 256))  # the largest bucket, as a square
     semantic = semantic_config(cfg) if cfg.scheme in MODULE_SCHEMES else DEFAULT_B  # none / overlay: B's, as a bound
     card = torch.cuda.get_device_properties(device).total_memory
     where = f"a {cfg.stage} step at {side * 16}x{side * 16} on the {base} base, this {card / GIB:.0f} GiB card"
@@ -342,6 +356,26 @@ def check_numbers(cfg: TrainConfig) -> None:
         raise ValueError(f"--size must be a multiple of 16 (8x VAE downsampling x 2x2 patches), got {cfg.size}")
     if cfg.stage in LORA_STAGES and cfg.lora_rank < 1:
         raise ValueError(f"--lora-rank must be at least 1, got {cfg.lora_rank}")
+
+
+def check_logging(cfg: TrainConfig) -> None:
+    """The validation, numbered-checkpoint and TensorBoard flags: one ValueError naming the flag."""
+    if cfg.keep_last < 0:
+        raise ValueError(f"--keep-last must be 0 (keep every numbered checkpoint) or more, got {cfg.keep_last}")
+    if cfg.val_count < 1:
+        raise ValueError(f"--val-count must be at least 1, got {cfg.val_count}")
+    if cfg.val_data:
+        if not Path(cfg.val_data).is_dir():
+            raise ValueError(f"--val-data {cfg.val_data}: no such folder")
+        if Path(cfg.val_data).resolve() == Path(cfg.data or ROOT / "data" / "synth").resolve():
+            raise ValueError(f"--val-data {cfg.val_data} is the training data: give a held-out folder")
+        if cfg.sample_steps < 1:
+            raise ValueError("--val-data samples its pairs with --sample-steps Euler steps: give at least 1")
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package)
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
 def check_config(cfg: TrainConfig, setup: Setup, want: dict) -> dict | None:
@@ -449,6 +483,8 @@ def check_init_lora(cfg: TrainConfig, setup: Setup, got: dict | None):
 
 
 def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedDataset:
+    """--data (default: the synthetic set, generated on first use) at --size. The master says in one line what the
+    sizing crops, and in one line the buckets when the pairs are served at several sizes."""
     root = Path(cfg.data) if cfg.data else ROOT / "data" / "synth"
     if not cfg.data and not root.is_dir():
         if setup.kind != "demo":
@@ -461,18 +497,25 @@ def dataset_for(cfg: TrainConfig, setup: Setup, master: bool) -> data.PairedData
     ds = data.PairedDataset(root, size=cfg.size or None)
     if len(ds) == 0:
         raise ValueError(f"{root}: empty dataset")
+    if master and len(ds.buckets()) > 1:
+        print(f"{root}: {len(ds)} pairs in {len(ds.buckets())} buckets, each batch from one (drawn in proportion to "
+              f"its pairs): {ds.describe_buckets()}")
+    if master and ds.crop_note():
+        print(f"note: {root}: {ds.crop_note()}")
     return ds
 
 
 def encode_latents(cfg: TrainConfig, setup: Setup, ds: data.PairedDataset, device, dtype, master: bool):
-    """(latents, ae): the dataset's latent tokens (latents.encode_dataset; --sem-jitter adds misaligned copies of
-    every map, the same for every run on this data) and the autoencoder, its encoder freed (the decoder stays for
-    the sample grids)."""
+    """(latents, ae): the dataset's latent tokens, one dict per bucket of pairs served at one size
+    (latents.encode_dataset; --sem-jitter adds misaligned copies of every map to each, the same for every run on
+    this data) and the autoencoder, its encoder freed (the decoder stays for the sample grids)."""
     ae = load_ae(setup.ae, device=device, dtype=dtype)
     latents = encode_dataset(ds, ae, setup.ae, cfg.overlay_alpha, device, dtype, master, cfg.progress)
     if cfg.sem_jitter:
-        latents["jittered"] = encode_jittered(latents, ds.classes, ae, tokens_path(ds, setup.ae, cfg.overlay_alpha),
-                                              cfg.sem_jitter, device, dtype, master=master, progress=cfg.progress)
+        jittered = encode_jittered(latents, ds.classes, ae, tokens_path(ds, setup.ae, cfg.overlay_alpha),
+                                   cfg.sem_jitter, device, dtype, master=master, progress=cfg.progress)
+        for bucket, copies in zip(latents, jittered):
+            bucket["jittered"] = copies
     del ae.encoder
     return latents, ae
 
@@ -519,12 +562,13 @@ def select_trainable(model: Flux, stage: str) -> list[tuple[str, torch.nn.Parame
     return params
 
 
-def describe(cfg: TrainConfig, model: Flux, n_train: int, tensors: int, latents: dict, world: int) -> None:
+def describe(cfg: TrainConfig, model: Flux, n_train: int, tensors: int, latents: list[dict], world: int) -> None:
     """What trains, of how much, on what (the master prints it)."""
-    N, L, _ = latents["ir"].shape
+    N = sum(len(b["ir"]) for b in latents)
+    tokens = " or ".join(str(L) for L in sorted({b["ir"].shape[1] for b in latents}))  # [N_b, L_b, 64] each
     print(f"stage {cfg.stage}, scheme {cfg.scheme}: {n_train:,} trainable of "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters ({tensors} tensors); {N} training pairs of {L} "
-          "tokens")
+          f"{sum(p.numel() for p in model.parameters()):,} parameters ({tensors} tensors); {N} training pairs of "
+          f"{tokens} tokens")
     if cfg.fsdp and world == 1:
         print("note: --fsdp in one process has nothing to shard: training as a single process (start it with "
               "torchrun --nproc_per_node N to shard)")
@@ -575,8 +619,8 @@ def forward_module(model: Flux, cfg: TrainConfig, device, ddp: bool):
 
 def condition(model: Flux, cfg: TrainConfig, latents: dict, idx: Tensor, text: tuple, device, dtype,
               variant: Tensor | None = None):
-    """The flow.Condition of the pairs `idx`: their RGB (overlay: blended) latent tokens, semantic input (`variant`:
-    each map's misaligned copy, --sem-jitter) and the prompt."""
+    """The flow.Condition of the pairs `idx` of one bucket's `latents`: their RGB (overlay: blended) latent tokens on
+    the bucket's token grid, semantic input (`variant`: each map's misaligned copy, --sem-jitter) and the prompt."""
     H, W = latents["sem_ids"].shape[-2:]
     image = latents["overlay" if cfg.scheme == "overlay" else "rgb"][idx].to(device).to(dtype)
     semcfg = model.semantic.config if model.semantic is not None else None
@@ -584,18 +628,25 @@ def condition(model: Flux, cfg: TrainConfig, latents: dict, idx: Tensor, text: t
     return make_condition(image, None if sem_in is None else sem_in.to(dtype), text, H // 16, W // 16)
 
 
-def get_batch(model: Flux, cfg: TrainConfig, latents: dict, text: tuple, g: torch.Generator, rank: int, world: int,
-              device, dtype):
+def get_batch(model: Flux, cfg: TrainConfig, latents: list[dict], text: tuple, g: torch.Generator, rank: int,
+              world: int, device, dtype):
     """(x0, noise, t, cond, guidance): flow_loss's arguments for this process's part of one global batch. The
-    global batch is drawn identically on every rank from the one generator `g`; each rank takes its slice."""
+    global batch is drawn identically on every rank from the one generator `g`; each rank takes its slice. It comes
+    from one bucket (pairs served at one size), drawn in proportion to its pairs, so every pair is as likely as
+    in a set of one size; its pairs are drawn with replacement, so a bucket smaller than the batch serves it too.
+    A set of one size draws no bucket: its batches are what they were before there were buckets."""
     n, part = cfg.batch_size * world, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    N, L, _ = latents["ir"].shape  # [N, L, 64] tokens
+    bucket = latents[0]
+    if len(latents) > 1:
+        pairs = torch.tensor([len(b["ir"]) for b in latents], dtype=torch.float)
+        bucket = latents[torch.multinomial(pairs, 1, generator=g).item()]
+    N, L, _ = bucket["ir"].shape  # [N_b, L_b, 64] tokens
     idx = torch.randint(N, (n,), generator=g)[part]
-    x0 = latents["ir"][idx].to(device)  # [B, L, 64]
+    x0 = bucket["ir"][idx].to(device)  # [B, L, 64]
     variant = None  # --sem-jitter: one of the misaligned copies of each map
     if cfg.sem_jitter:
-        variant = torch.randint(len(latents["jittered"]["sem"]), (n,), generator=g)[part]
-    cond = condition(model, cfg, latents, idx, text, device, dtype, variant)
+        variant = torch.randint(len(bucket["jittered"]["sem"]), (n,), generator=g)[part]
+    cond = condition(model, cfg, bucket, idx, text, device, dtype, variant)
     t = sample_t(n, g, cfg.t_sampling, cfg.logit_mean, cfg.logit_std, L)[part].to(device)
     noise = torch.randn((n, L, 64), generator=g)[part].to(device)
     if cfg.sem_drop:  # these samples train the prediction without the semantic input
@@ -609,19 +660,28 @@ def get_batch(model: Flux, cfg: TrainConfig, latents: dict, text: tuple, g: torc
 
 
 def run_files() -> tuple[str, ...]:
-    """What a run leaves in --out (with the LoRA exports, extras/lora_formats.py)."""
+    """What a run leaves in --out (with the LoRA exports, extras/lora_formats.py; two folders: the numbered
+    checkpoints and the TensorBoard events)."""
     from extras.lora_formats import EXPORTS
-    return ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl") + tuple(EXPORTS.values())
+    return ("resume.pt", "latest.safetensors", "final.safetensors", "log.jsonl", "checkpoints", "tb") + \
+        tuple(EXPORTS.values())
 
 
 class Log:
     """The master's log.jsonl: every --log-every steps the loss, lr, steps/s and the mean loss in 10 bins of t (the
-    bins gather the losses of every micro-step in between; they are part of the resume state)."""
+    bins gather the losses of every micro-step in between; they are part of the resume state); at each validation a
+    line of its own with the scores (val_psnr, val_ssim, val_miss, val_decoy, ...). With `tb` (--tensorboard) the
+    same numbers and the validation grids also go to TensorBoard event files in that folder."""
 
-    def __init__(self, path: Path | None, step: int, bins: list | None = None):
+    def __init__(self, path: Path | None, step: int, bins: list | None = None, tb: Path | None = None):
         self.file = open(path, "a") if path is not None else None
         self.bins = bins or [[0.0, 0] for _ in range(10)]
         self.t0, self.step = time.time(), step
+        self.tb = None
+        if tb is not None:
+            from torch.utils.tensorboard import SummaryWriter  # the tensorboard package (check_logging)
+            # a resumed run: the events an earlier process wrote after its resume state (past `step`) go
+            self.tb = SummaryWriter(str(tb), purge_step=step + 1 if step else None)
 
     def add(self, t: Tensor, per_sample: Tensor):
         for ti, li in zip(t.tolist(), per_sample.tolist()):
@@ -637,11 +697,29 @@ class Log:
                         + "\n")
         self.file.flush()
         self.bins = [[0.0, 0] for _ in range(10)]
+        if self.tb is not None:
+            for name, value in (("loss", loss), ("lr", lr), ("steps_per_s", sps)):
+                self.tb.add_scalar(f"train/{name}", value, step)
         return sps
+
+    def validation(self, step: int, scores: dict, image, seconds: float):
+        """The validation's line (scores: name -> number, None where undefined) and grid (a PIL image); the time it
+        took does not count against the training's steps/s."""
+        self.file.write(json.dumps({"step": step, **scores}) + "\n")
+        self.file.flush()
+        self.t0 += seconds
+        if self.tb is not None:
+            for name, value in scores.items():
+                if value is not None and name != "val_pairs":
+                    self.tb.add_scalar(f"val/{name.removeprefix('val_')}", value, step)
+            self.tb.add_image("val/grid", np.asarray(image), step, dataformats="HWC")  # [H, W, 3] uint8
+            self.tb.flush()
 
     def close(self):
         if self.file is not None:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def export(final: Path, cfg: TrainConfig, n_train: int) -> None:
@@ -675,14 +753,15 @@ def write_weights(path: Path, model: Flux, stage: str, meta: dict, write: bool =
 
 # settings a resumed run may change: they do not change what is computed (--steps is checked on its own)
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "log_every", "sample_every", "sample_steps", "ckpt_every",
-                     "device", "compile", "gradient_checkpointing", "fsdp", "steps", "lora_export_dtype")
+                     "device", "compile", "gradient_checkpointing", "fsdp", "steps", "lora_export_dtype", "val_data",
+                     "val_count", "keep_last", "tensorboard")
 
 
 def dataset_record(ds: data.PairedDataset) -> dict:
-    """What a resumed run must find again: the content of the pairs (data.PairedDataset.fingerprint), their count
-    and the class palette."""
+    """What a resumed run must find again: the content of the pairs (data.PairedDataset.fingerprint, which covers
+    --size and the sizes it serves), their count, the class palette and the buckets."""
     return {"fingerprint": ds.fingerprint(), "pairs": len(ds), "classes": [asdict(c) for c in ds.classes],
-            "root": str(ds.root)}
+            "root": str(ds.root), "buckets": [list(shape) for shape in ds.buckets()]}
 
 
 def dataset_changes(was: dict, now: dict) -> str:
@@ -694,7 +773,10 @@ def dataset_changes(was: dict, now: dict) -> str:
         what.append(f"{was.get('pairs')} -> {now['pairs']} pairs")
     if json.dumps(was.get("classes")) != json.dumps(now["classes"]):  # as recorded: colours as lists
         what.append("the class palette (classes.json) differs")
-    return "; ".join(what) or "the content of its files changed"
+    if was.get("buckets", now["buckets"]) != now["buckets"]:  # [w, h] of each bucket
+        was_at, now_at = (", ".join(f"{w}x{h}" for w, h in rows) for rows in (was["buckets"], now["buckets"]))
+        what.append(f"served at {was_at}, now at {now_at}")
+    return "; ".join(what) or "the content of its files (or the sizes --size serves them at) changed"
 
 
 def save_resume(path: Path, trainable, opt, step: int, g: torch.Generator, t_bins, cfg: TrainConfig, dataset: dict,
@@ -755,10 +837,10 @@ def load_resume(out: Path, trainable, opt, g: torch.Generator, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def gives_finite_loss(net, batch: tuple, use_cuda: bool) -> bool:
+def gives_finite_loss(net, batch: tuple, mixed: bool) -> bool:
     """The weights as they are now, on the last batch: finite loss? (A huge but finite weight can give NaN.)"""
     x0, noise, t, cond, guidance = batch
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=use_cuda):
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=mixed):
         return bool(torch.isfinite(flow_loss(net, x0, noise, t, cond, guidance)).all())
 
 
@@ -802,8 +884,10 @@ def sample_grid(model: Flux, net, ae: AutoEncoder, setup: Setup, cfg: TrainConfi
     was_training = net.training
     net.eval()
     x = pack(get_noise(B, H, W, seed=0, device=device, dtype=dtype))
-    x = denoise(net, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
-                setup.guidance if model.params.guidance_embed else None)  # the base's sampling guidance
+    # as the training step computes: the fp32 trainable modules under bf16 autocast meet a bf16 base
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        x = denoise(net, x, cond, get_schedule(cfg.sample_steps, x.shape[1], shift=setup.preset != "schnell"),
+                    setup.guidance if model.params.guidance_embed else None)  # the base's sampling guidance
     net.train(was_training)
     if not write:
         return path
@@ -815,6 +899,76 @@ def sample_grid(model: Flux, net, ae: AutoEncoder, setup: Setup, cfg: TrainConfi
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(rows, ["RGB", "semantic", "target", "prediction"]).save(path)
     return path
+
+
+@dataclass
+class Validation:
+    """--val-data: the held-out pairs sampled wherever a grid is, and a Pipeline over the model being trained with an
+    autoencoder of its own (the loop's has no encoder), so they are sampled as sample.py and tools.eval sample."""
+    ds: data.PairedDataset  # the held-out folder: its classes give the hot and the decoy classes
+    items: list[dict]  # its first --val-count pairs: "rgb", "sem" [3, H, W] in [-1, 1], "ir" [1, H, W], "sem_ids"
+    pipe: Pipeline
+
+
+def validation_set(cfg: TrainConfig, setup: Setup, ds: data.PairedDataset, model: Flux, want: dict, text: tuple,
+                   device, dtype, master: bool) -> Validation | None:
+    """--val-data read as the training data is read (dataset_for), with the training data's palette (a colour must
+    mean what the model learned it means); None without --val-data."""
+    if not cfg.val_data:
+        return None
+    held_out = dataset_for(dataclasses.replace(cfg, data=cfg.val_data), setup, master)
+    if held_out.classes != ds.classes:
+        raise ValueError(f"--val-data {cfg.val_data}: its classes differ from those of the training data {ds.root} "
+                         "(classes.json): the held-out pairs must use the same palette")
+    ae = load_ae(setup.ae, device=device, dtype=dtype).eval().requires_grad_(False)
+    guidance = setup.guidance if model.params.guidance_embed else None  # the base's sampling guidance
+    pipe = Pipeline(setup, model, ae, want, guidance, cfg.prompt, device, dtype, condition_cache=cfg.condition_cache,
+                    text=text)
+    return Validation(held_out, [held_out[i] for i in range(min(cfg.val_count, len(held_out)))], pipe)
+
+
+@torch.no_grad()
+def validate(val: Validation, net, cfg: TrainConfig, step: int, out: Path, log: Log, write: bool = True) -> None:
+    """Sample the validation pairs with the current weights as tools.eval does (pipeline.generate: pair i from seed
+    i, --sample-steps Euler steps, the sampling settings the outputs record), in batches of one size; then, where
+    `write` (the master), score them with tools.eval's own scoring (tools/metrics.py's formulas), draw RGB |
+    semantic | ground truth | prediction into OUT/samples/val_step_N.png, log the scores and print one line. Under
+    --fsdp every rank samples (the forward passes gather the shards)."""
+    start, was_training = time.time(), net.training
+    net.eval()
+    preds, by_size = {}, {}
+    for i, item in enumerate(val.items):
+        by_size.setdefault(tuple(item["rgb"].shape), []).append(i)
+    for same in by_size.values():
+        for k in range(0, len(same), cfg.batch_size):
+            idx = same[k:k + cfg.batch_size]
+            rgb, sem = (torch.stack([val.items[i][key] for i in idx]) for key in ("rgb", "sem"))  # [b, 3, H, W]
+            with torch.autocast(val.pipe.device.type, dtype=torch.bfloat16, enabled=val.pipe.dtype != torch.float32):
+                ir = generate(val.pipe, rgb, sem, steps=cfg.sample_steps, seed=idx,
+                              sem_strength=SAMPLING_DEFAULTS["sem_strength"],
+                              sem_guidance=SAMPLING_DEFAULTS["sem_guidance"])  # [b, 1, H, W] in [0, 1]
+            preds |= dict(zip(idx, ir.float().cpu()))
+    net.train(was_training)
+    if not write:
+        return
+    from tools.eval import score
+    pairs = [(item, preds[i]) for i, item in enumerate(val.items)]
+    s = score(val.ds, pairs)  # metrics.summarize: the hot classes, and the decoys (tools.eval.DECOY_NAMES) it has
+    numbers = {"val_psnr": s["psnr"], "val_ssim": s["ssim"], "val_miss": s["all"]["miss_rate"],
+               "val_decoy": s["decoy"]["hallucination_rate"], "val_hallucination": s["all"]["hallucination_rate"]}
+    scores = {k: v if math.isfinite(v) else None for k, v in numbers.items()}  # a rate over no region: NaN -> null
+    scores["val_pairs"] = len(pairs)
+    rows = [[to_pil_rgb(item["rgb"]), to_pil_rgb(item["sem"]), to_pil_gray(item["ir"]), to_pil_gray(pred)]
+            for item, pred in pairs]
+    image = grid(rows, ["RGB", "semantic", "ground truth", "prediction"])
+    path = out / "samples" / f"val_step_{step:06d}.png"
+    save_image(image, path)
+    log.validation(step, scores, image, time.time() - start)
+    def rate(n, d):
+        return f"{100 * n / d:.1f}% ({n}/{d})" if d else "n/a (0/0)"
+    tqdm.write(f"step {step}: validation on {len(pairs)} pairs of {val.ds.root}: PSNR {s['psnr']:.2f} dB, SSIM "
+               f"{s['ssim']:.4f}, miss {rate(s['all']['missed'], s['all']['gt_hot'])}, decoy hallucination "
+               f"{rate(s['decoy']['hallucinated'], s['decoy']['gt_cold'])} ({path})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -882,6 +1036,7 @@ def run(cfg: TrainConfig) -> int:
         print(setup.describe())
     cfg = resolve(cfg, setup)  # every flag left unset: the stage's or the scheme's value
     check_numbers(cfg)
+    check_logging(cfg)
     cfg = memory_defaults(cfg, setup, device)  # the batch and checkpointing: given, the run's own, or planned
     want = stage_config(cfg, setup)  # the run config every output carries
     init_lora = check_init_lora(cfg, setup, check_config(cfg, setup, want))
@@ -890,6 +1045,7 @@ def run(cfg: TrainConfig) -> int:
     use_cuda = device.type == "cuda"
     # base weights (fp8: its linear weights in float8, the rest in this); trainable weights stay fp32
     dtype = BASE_DTYPES.get(cfg.base_dtype) or (torch.bfloat16 if use_cuda else torch.float32)
+    mixed = dtype != torch.float32  # a bf16 (or fp8) base: the fp32 trainable modules run under bf16 autocast
     if master:
         note_cpu_fp32(setup, device, cfg.base_dtype, dtype)
     # from here on the lock is held: every way out releases it, and --overwrite's earlier run is put back unless the
@@ -899,6 +1055,7 @@ def run(cfg: TrainConfig) -> int:
         # ---- latents (VAE encoder used once, then freed), the prompt, the model, what trains, the optimiser
         ds = dataset_for(cfg, setup, master)
         want["classes"] = [asdict(c) for c in ds.classes]  # the palette: sampling reads label-id maps with it
+        want["train_sizes"] = [list(shape) for shape in ds.buckets()]  # [w, h] per bucket: sampling notes a far size
         latents, ae = encode_latents(cfg, setup, ds, device, dtype, master)
         text = text_condition(setup, PRESETS[setup.preset], 1, cfg.prompt, device, dtype)  # (txt, txt_ids, y), B 1
         model = build(cfg, setup, want, device, dtype, init_lora)
@@ -918,6 +1075,7 @@ def run(cfg: TrainConfig) -> int:
         opt = make_optimizer(cfg, model, trainable)
         ddp = world > 1 and not fsdp
         net, fwd = forward_module(model, cfg, device, ddp)
+        val = validation_set(cfg, setup, ds, model, want, text, device, dtype, master)  # None without --val-data
 
         # ---- state: one generator for data order, t and noise (identical on every rank), the step, the log
         g = torch.Generator().manual_seed(cfg.seed)
@@ -931,7 +1089,8 @@ def run(cfg: TrainConfig) -> int:
             meta["resume_overrides"] = json.dumps(overrides)
         if master and cfg.overwrite:
             aside = set_aside(out, run_files())  # the earlier run: removed at this run's first checkpoint
-        log, good = Log(out / "log.jsonl" if master else None, step, t_bins), None
+        log, good = Log(out / "log.jsonl" if master else None, step, t_bins,
+                        out / "tb" if master and cfg.tensorboard else None), None
         bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}/{cfg.scheme}",
                    disable=not (master and cfg.progress))
         stopper.at_once = False  # from here a signal stops the loop after the step, with a resume state
@@ -945,7 +1104,7 @@ def run(cfg: TrainConfig) -> int:
             for micro in range(cfg.grad_accum):
                 x0, noise, t, cond, guidance = get_batch(model, cfg, latents, text, g, rank, world, device, dtype)
                 with grad_sync(fwd, ddp, last=micro == cfg.grad_accum - 1):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
                         per_sample = flow_loss(fwd, x0, noise, t, cond, guidance)  # [B]
                     loss = per_sample.mean() / cfg.grad_accum
                     loss.backward()
@@ -956,20 +1115,26 @@ def run(cfg: TrainConfig) -> int:
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
             opt.step()
             step += 1
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", refresh=False)  # tqdm adds it/s
             bar.update(1)
 
             if master and (step % cfg.log_every == 0 or step == cfg.steps):
-                bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{log.write(step, loss_sum, lr):.2f}")
+                log.write(step, loss_sum, lr)
             if takes_part and cfg.sample_every and step % cfg.sample_every == 0:
-                sample_grid(model, net, ae, setup, cfg, latents, text, device, dtype,
-                            out / "samples" / f"step_{step:06d}.png", write=master)
+                if val is not None:  # the held-out pairs, sampled and scored
+                    validate(val, net, cfg, step, out, log, write=master)
+                else:  # a few training pairs
+                    sample_grid(model, net, ae, setup, cfg, latents[0], text, device, dtype,
+                                out / "samples" / f"step_{step:06d}.png", write=master)
             stop = on_any_rank(stopper.signal is not None, world, device)
             if step % cfg.ckpt_every == 0 or stop or step == cfg.steps:
                 # only weights that still give a finite loss are ever written as good ones
-                if not on_every_rank(gives_finite_loss(net, (x0, noise, t, cond, guidance), use_cuda), world, device):
+                if not on_every_rank(gives_finite_loss(net, (x0, noise, t, cond, guidance), mixed), world, device):
                     return diverged(f"the weights after step {step} give a non-finite loss", good)
                 if takes_part:
                     write_weights(out / "latest.safetensors", model, cfg.stage, meta, master, fsdp)
+                    if master and step % cfg.ckpt_every == 0:  # + checkpoints/step_N, the newest --keep-last kept
+                        write_numbered(out / "latest.safetensors", out / "checkpoints", step, cfg.keep_last)
                     save_resume(out / "resume.pt", trainable, opt, step, g, log.bins, cfg, dataset, master, fsdp)
                     good = out / "latest.safetensors"
                 settle(aside)  # this run has a checkpoint: the run it replaces goes
@@ -984,11 +1149,14 @@ def run(cfg: TrainConfig) -> int:
             write_weights(final, model, cfg.stage, meta, master, fsdp)
         if master:
             export(final, cfg, n_train)
-        if takes_part and cfg.sample_every == 0 and cfg.sample_steps > 0:
-            path = sample_grid(model, net, ae, setup, cfg, latents, text, device, dtype,
-                               out / "samples" / f"step_{step:06d}.png", write=master)
-            if master:
-                print(f"wrote {path}")
+        if takes_part and cfg.sample_every == 0 and cfg.sample_steps > 0:  # at the end only
+            if val is not None:
+                validate(val, net, cfg, step, out, log, write=master)
+            else:
+                path = sample_grid(model, net, ae, setup, cfg, latents[0], text, device, dtype,
+                                   out / "samples" / f"step_{step:06d}.png", write=master)
+                if master:
+                    print(f"wrote {path}")
         if world > 1:
             dist.barrier()  # the ranks leave together: one that tears down while another still writes can abort
     except KeyboardInterrupt:  # a signal before the loop, or a second one in it

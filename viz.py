@@ -38,10 +38,11 @@ def heat(values: np.ndarray) -> np.ndarray:
 
 
 def grid(images: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
-    """Rows of equally sized pictures on one canvas (each enlarged `scale` times), with optional column labels."""
+    """Rows of pictures on one canvas (each enlarged `scale` times), with optional column labels. Every cell is as
+    large as the largest picture; a smaller one sits in its cell's top-left corner (pairs of several sizes)."""
     if scale != 1:
         images = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row] for row in images]
-    w, h = images[0][0].size
+    w, h = max(im.width for row in images for im in row), max(im.height for row in images for im in row)
     top = 12 if labels else 0
     cols = max(len(r) for r in images)
     canvas = Image.new("RGB", (cols * (w + pad) + pad, top + len(images) * (h + pad) + pad), (255, 255, 255))
@@ -146,6 +147,7 @@ def loss_curves(logs: dict[str, Path], out: Path, width=640, height=320, smooth=
     series = {}
     for name, path in logs.items():
         rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+        rows = [r for r in rows if "loss" in r]  # not the validation lines (train.py --val-data)
         if rows:
             x = np.array([r["step"] for r in rows], float)
             y = np.log10(np.maximum([r["loss"] for r in rows], 1e-8))

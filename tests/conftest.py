@@ -145,6 +145,28 @@ def make_dataset_root(root, names=("a",), hw=(32, 32)):
     return root
 
 
+REAL_SIZES = {"msrs": (640, 480), "pst900": (1280, 720), "llvip": (1280, 1024)}  # their frames' (width, height)
+
+
+def make_real_size_set(root, sets=REAL_SIZES, per_set=1):
+    """A dataset folder of pairs at the frame sizes of published RGB-T sets (<set>_<i>.png): smooth ramps in rgb/ and
+    ir/ (small PNGs), and a label-id map with a person (id 4) in the leftmost tenth of the width and a running car
+    (id 6) in the rightmost tenth, sky (id 0) between, so what a crop cuts from the sides shows in the labels."""
+    import numpy as np
+    import data
+    for d in data.FOLDERS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for name, (w, h) in sets.items():
+        ramp = np.broadcast_to(np.linspace(0, 255, w).astype(np.uint8), (h, w))  # [H, W]
+        ids = np.zeros((h, w), np.uint8)
+        ids[:, : w // 10], ids[:, w - w // 10:] = 4, 6
+        for i in range(per_set):
+            save_image(np.stack([ramp] * 3, axis=-1), root / "rgb" / f"{name}_{i}.png")
+            save_image(ids, root / "sem" / f"{name}_{i}.png")
+            save_image(255 - ramp, root / "ir" / f"{name}_{i}.png")
+    return root
+
+
 def check_strength_per_sample(model, x: dict, sem, base) -> None:
     """With the semantic module acting: strength 0 is the base model `base`; a per-sample strength [1, 0] gives
     sample 0 the full update and sample 1 the base; a strength of another batch size is refused."""

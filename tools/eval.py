@@ -506,7 +506,8 @@ def run_ablation(args) -> int:
             print(json.dumps(jsonable(summary_line(f"{scheme} seed {seed}", per_seed[name][seed]["aligned"]))))
             if seed == seeds[0]:
                 pipes[scheme], logs[name] = pipe, run / "log.jsonl"
-                log_rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+                log_rows = [r for l in (run / "log.jsonl").read_text().splitlines() if l.strip()
+                            if "loss" in (r := json.loads(l))]  # the training lines (not validation lines)
                 sps = float(np.median([r["steps_per_s"] for r in log_rows[1:]] or [log_rows[-1]["steps_per_s"]]))
                 cfg = pipe.cfg.get("semantic")
                 extras[name] = {
@@ -551,6 +552,14 @@ def run_ablation(args) -> int:
     return 0
 
 
+def size_notes(ds, pipe) -> None:
+    """A line saying what --size crops, and one when pairs are sampled far from the size the model was trained at
+    (data.crop_note, data.size_note)."""
+    for note in (ds.crop_note(), data.size_note(ds.served, data.trained_sizes(pipe.cfg))):
+        if note:
+            print(f"note: {note}")
+
+
 @command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
@@ -563,7 +572,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampling (Euler) steps per image")
     ap.add_argument("--limit", type=int, default=None, help="only the first K pairs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--size", type=int, default=None,
+                    help="serve every pair at about SxS pixels at its own aspect ratio, sides multiples of 16, as "
+                         "train.py --size S does (default: the stored sizes)")
     ap.add_argument("--base-dtype", default=None, choices=list(BASE_DTYPES),
                     help="how the base is stored: fp8 (1 byte per linear weight) | bf16 | fp32")
     ap.add_argument("--decoys", default=None, help="cold classes that look like hot ones, comma-separated "
@@ -574,6 +585,9 @@ def main(argv=None) -> int:
                     help="TorchScript feature network for FID (user-supplied), run on the evaluation's predictions")
     ap.add_argument("--protocol", default=None, choices=("thermalgen",),
                     help="also score as ThermalGen's evaluation does (tools/protocol.py; requirements-extras.txt)")
+    ap.add_argument("--metrics", default=None, metavar="psnr,ssim[,lpips,fid]",
+                    help="--protocol: the scores, comma-separated (default: psnr,ssim, plus lpips when "
+                         "--lpips-weights is given and fid when --fid-weights is given)")
     ap.add_argument("--lpips-weights", default=None, help="--protocol: torchvision's alexnet-owt-7be5be79.pth")
     ap.add_argument("--fid-weights", default=None,
                     help="--protocol: torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
@@ -625,12 +639,38 @@ def main(argv=None) -> int:
     if args.lora and args.ablation:
         raise ValueError("--lora applies to one model scored (--ckpt or --base), not to the ablation's runs")
     args.loras = [parse_lora(text) for text in args.lora or []]  # the files exist, the scales are numbers
+    args.metrics = protocol_scores(args)
     if args.ablation:
         return run_ablation(args)
     if args.ckpt:
         args.ckpt = str(trained_file(args.ckpt))  # a run folder -> its final.safetensors; a resume.pt is refused
         check_not_lora(args.ckpt, "--ckpt", f"--lora {args.ckpt}[:SCALE]")
     return run_sweep(args) if args.sweep else run_eval(args)
+
+
+def protocol_scores(args) -> list[str] | None:
+    """--metrics as a list of score names (None: protocol.default_scores), checked against --protocol and the weight
+    flags: a flag that changes nothing is refused rather than ignored."""
+    given = [flag for flag, v in (("--metrics", args.metrics), ("--lpips-weights", args.lpips_weights),
+                                  ("--fid-weights", args.fid_weights)) if v is not None]
+    if given and not args.protocol:
+        raise ValueError(f"{', '.join(given)}: no effect without --protocol thermalgen (add it to score its metrics)")
+    if args.protocol and (args.sweep or args.ablation):
+        raise ValueError("--protocol scores one model (--ckpt or --base), not a --sweep or the --ablation")
+    if args.metrics is None:
+        return None
+    from tools.protocol import SCORES
+    names = [n.strip().lower() for n in args.metrics.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in SCORES]:
+        raise ValueError(f"--metrics {args.metrics!r}: unknown score(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(SCORES)}")
+    if not names:
+        raise ValueError(f"--metrics is empty; choose from {', '.join(SCORES)}")
+    for flag, score in (("--lpips-weights", "lpips"), ("--fid-weights", "fid")):
+        if getattr(args, flag[2:].replace("-", "_")) and score not in names:
+            raise ValueError(f"{flag} is for {score.upper()}, which --metrics {args.metrics} leaves out: add {score} "
+                             f"to --metrics or drop {flag}")
+    return names
 
 
 def decoy_names(args) -> list[str] | None:
@@ -688,9 +728,13 @@ def run_eval(args) -> int:
         scenes = ceiling_scenes(args.data, ds)
     protocol = None
     if args.protocol:  # built first: a missing package or weight file fails before any generation
-        from tools.protocol import ThermalGenProtocol
-        protocol = ThermalGenProtocol(lpips_weights=args.lpips_weights, fid_weights=args.fid_weights)
+        from tools.protocol import SCORES, ThermalGenProtocol
+        protocol = ThermalGenProtocol(args.metrics, lpips_weights=args.lpips_weights, fid_weights=args.fid_weights)
+        left = [name for name in SCORES if name not in protocol.scores]
+        print(f"--protocol thermalgen scores {','.join(protocol.scores)}"
+              + (f" (not {','.join(left)}: ask with --metrics)" if left else ""))
     pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype, loras=args.loras)
+    size_notes(ds, pipe)
     how = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
     summ = evaluate(pipe, ds, how, limit=args.limit, decoys=decoys, save_dir=Path(args.save) if args.save else None,
                     progress=args.progress, protocol=protocol, fid=fid)
@@ -734,6 +778,7 @@ def run_sweep(args) -> int:
     decoy_ids(ds.classes, decoys)
     net = load_fid_model(args.fid_model) if args.fid_model else None
     pipe = load_pipeline(args.ckpt, base_dtype=args.base_dtype, loras=args.loras)
+    size_notes(ds, pipe)
     field = {"strength": "sem_strength", "guidance": "sem_guidance"}[args.sweep]
     base = Sampling(args.steps, args.seed, args.sem_strength, args.sem_guidance, args.sem_shift, args.sem_coarse)
     rows, lines, failed = {}, [], None

@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tools.train_ae", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default="", help="dataset folder (rgb/, sem/, ir/); default: the synthetic set")
-    ap.add_argument("--size", type=int, default=0, help="resize + centre-crop to SxS; 0 keeps the files' size")
+    ap.add_argument("--size", type=int, default=0,
+                    help="serve every image at about SxS pixels at its own aspect ratio (data.resize_pair); 0 keeps "
+                         "the files' size")
     ap.add_argument("--out", default=str(ROOT / "runs" / "ae"), help="writes OUT/ae.safetensors")
     ap.add_argument("--init", default="", help="continue from this autoencoder")
     ap.add_argument("--steps", type=int, default=3000)
@@ -102,17 +104,31 @@ def load_resume(path: Path, ae: AutoEncoder, opt, g: torch.Generator, a: argpars
     return int(state["step"])
 
 
-def load_images(a: argparse.Namespace) -> torch.Tensor:
-    """Every visible, semantic and infrared (as 3 channels) image of the dataset: [3N, 3, H, W] in [-1, 1]."""
+def load_images(a: argparse.Namespace) -> list[torch.Tensor]:
+    """Every visible, semantic and infrared (as 3 channels) image of the dataset, one stack per served size (a set of
+    several image shapes, data.PairedDataset.buckets): [3N_b, 3, H_b, W_b] each, in [-1, 1]."""
     root = Path(a.data) if a.data else ensure_set(ROOT / "data" / "synth", TRAIN_SET, a.progress)
     ds = data.PairedDataset(root, size=a.size or None)
     if len(ds) == 0:
         raise ValueError(f"{root}: empty dataset")
-    images = []
+    if ds.crop_note():
+        print(f"note: {root}: {ds.crop_note()}")
+    by_size: dict[tuple, list[torch.Tensor]] = {}
     for i in range(len(ds)):
         it = ds[i]
-        images += [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]]
-    return torch.stack(images)
+        by_size.setdefault(tuple(it["rgb"].shape), []).extend(
+            [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]])
+    return [torch.stack(images) for images in by_size.values()]
+
+
+def draw(stacks: list[torch.Tensor], batch: int, g: torch.Generator) -> torch.Tensor:
+    """A batch of one size: the stack drawn in proportion to its images (none drawn when there is one), then
+    `batch` of its images with replacement -> [B, 3, H, W]."""
+    images = stacks[0]
+    if len(stacks) > 1:
+        counts = torch.tensor([len(s) for s in stacks], dtype=torch.float)
+        images = stacks[torch.multinomial(counts, 1, generator=g).item()]
+    return images[torch.randint(len(images), (batch,), generator=g)]
 
 
 def run(a: argparse.Namespace) -> int:
@@ -126,7 +142,7 @@ def run(a: argparse.Namespace) -> int:
     stopper, aside = Stopper(), None  # a signal before the loop stops the command at once
     try:
         device = resolve_device(a.device)
-        images = load_images(a)  # [3N, 3, H, W]
+        images = load_images(a)  # [3N_b, 3, H_b, W_b] per served size
         g = torch.Generator().manual_seed(a.seed)
         torch.manual_seed(a.seed)
         ae = (load_ae(a.init, device=device) if a.init else AutoEncoder(AE_PRESETS["tiny"])).to(device).train()
@@ -139,14 +155,15 @@ def run(a: argparse.Namespace) -> int:
         if a.overwrite:
             aside = set_aside(out, RUN_FILES)  # the earlier run: removed once this one has written its own
         stopper.at_once = False
-        print(f"training the autoencoder on {len(images)} images, steps {start}..{a.steps}")
+        print(f"training the autoencoder on {sum(len(s) for s in images)} images, steps {start}..{a.steps}")
         bar = tqdm(range(start, a.steps), desc="ae", initial=start, total=a.steps, disable=not a.progress)
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, a)
-            x = images[torch.randint(len(images), (a.batch_size,), generator=g)]  # [B, 3, H, W]
-            if a.crop and a.crop < x.shape[-1]:
-                top, left = torch.randint(0, x.shape[-2] - a.crop + 1, (2,), generator=g).tolist()
+            x = draw(images, a.batch_size, g)  # [B, 3, H, W]
+            if a.crop and a.crop < min(x.shape[-2:]):
+                top = torch.randint(0, x.shape[-2] - a.crop + 1, (1,), generator=g).item()
+                left = torch.randint(0, x.shape[-1] - a.crop + 1, (1,), generator=g).item()
                 x = x[..., top:top + a.crop, left:left + a.crop]
             x = x.to(device)
             mean, logvar = ae.encode_dist(x)  # [B, 16, h, w] each
@@ -183,11 +200,12 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def finish(ae: AutoEncoder, images: torch.Tensor, a: argparse.Namespace, device) -> None:
-    """FLUX's scale/shift make latents zero-mean, unit-variance: re-estimate them for this autoencoder, then write
-    OUT/ae.safetensors."""
+def finish(ae: AutoEncoder, images: list[torch.Tensor], a: argparse.Namespace, device) -> None:
+    """FLUX's scale/shift make latents zero-mean, unit-variance: re-estimate them for this autoencoder over every
+    image (each stack of one size), then write OUT/ae.safetensors."""
     with torch.no_grad():
-        means = torch.cat([ae.encode_dist(images[i:i + 64].to(device))[0].cpu() for i in range(0, len(images), 64)])
+        means = torch.cat([ae.encode_dist(s[i:i + 64].to(device))[0].flatten().cpu()  # [64 * 16 * h * w]
+                           for s in images for i in range(0, len(s), 64)])
     ae.params.shift_factor = float(means.mean())
     ae.params.scale_factor = float(1.0 / means.std())
     if not (math.isfinite(ae.params.shift_factor) and math.isfinite(ae.params.scale_factor)):

@@ -3,7 +3,8 @@ atomic, and a fuzz test over the safetensors header/metadata parser finds no cra
 BFL's own FLUX file loads from the core alone, with hints that name the real problem (the other forms of the
 checkpoint: tests/extras/test_checkpoint_forms.py). A run folder is claimed by one live process, an earlier run's
 files are never touched without --resume or --overwrite, settings changes are named, the resume command is the one
-that was used, and the log keeps no line past the state a run continues from. Bad input is one line and exit 2."""
+that was used, the log keeps no line past the state a run continues from, and numbered checkpoints keep the newest
+K. Bad input is one line and exit 2."""
 
 import json
 import os
@@ -486,3 +487,37 @@ def test_trim_log_drops_a_partial_last_line(tmp_path, capsys):
     checkpoint.trim_log(log, 5)
     assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == [1]
     assert "dropped 1 unreadable line" in capsys.readouterr().out
+
+
+def test_numbered_copies_keep_the_newest_k_by_number_and_nothing_else_goes(tmp_path):
+    weights = tmp_path / "latest.safetensors"
+    save_atomic({"w": torch.ones(2)}, weights, {"config": "{}"})
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")  # not a numbered checkpoint: never touched
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):  # numbers, not names, say which is newest
+        path = checkpoint.write_numbered(weights, folder, step, keep=2)
+        assert path.read_bytes() == weights.read_bytes() and read_metadata(path) == {"config": "{}"}
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "step_1000000.safetensors",
+                                                         "step_1000001.safetensors"]
+    for step in (6, 7, 8):
+        checkpoint.write_numbered(weights, folder, step, keep=0)  # 0: every one stays
+    assert len(list(folder.glob("step_*.safetensors"))) == 5
+    assert not list(folder.glob(".*.tmp"))  # written by rename
+
+
+def test_an_overwrite_puts_back_a_folder_of_checkpoints_and_refuses_an_init_inside_it(tmp_path):
+    files = ("state.pt", "checkpoints")
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_000002.safetensors").write_text("old")
+    (out / "state.pt").write_text("old state")
+    with pytest.raises(ValueError, match="checkpoints is or holds the file this run starts from"):
+        checkpoint.claim(out, files, "final.bin", resume=False, overwrite=True,
+                         keep=(str(out / "checkpoints" / "step_000002.safetensors"),))
+    aside = checkpoint.set_aside(out, files)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step_000001.safetensors").write_text("new")  # the new run's, then it fails
+    checkpoint.restore(aside, files)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002.safetensors"]
+    assert (out / "state.pt").read_text() == "old state" and not aside.exists()

@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data
-from conftest import make_dataset_root as make_root, save_image as save  # noqa: E402
+from conftest import REAL_SIZES, make_dataset_root as make_root, make_real_size_set, save_image as save  # noqa: E402
 from tools import importers  # noqa: E402
 from tools import synth  # noqa: E402
 from data import DataError, SemClass  # noqa: E402
@@ -386,7 +386,7 @@ def test_dataset_non_multiple_of_16_needs_size(tmp_path):
         data.PairedDataset(tmp_path)
     with pytest.raises(DataError, match="positive multiple of 16"):
         data.PairedDataset(tmp_path, size=20)
-    assert data.PairedDataset(tmp_path, size=16)[0]["rgb"].shape == (3, 16, 16)
+    assert data.PairedDataset(tmp_path, size=32)[0]["rgb"].shape == (3, 32, 48)  # about 32x32 pixels at 5:3
 
 
 def test_dataset_size_crops_centre_and_keeps_ids_valid(tmp_path):
@@ -572,7 +572,7 @@ def test_fuzz_valid_dataset_folders_are_read(spec):
         ds = data.PairedDataset(root, size=size, classes=FULL)
         item = ds[0]
         shown = (h, w) if orient not in (5, 6, 7, 8) else (w, h)  # these orientations swap the sides
-        want = (size, size) if size else shown
+        want = data.served_size(shown[1], shown[0], size)[::-1]  # (H, W); no size: as shown
         assert len(ds) == 1 and item["name"] == "x"
         assert item["rgb"].shape == (3, *want) and item["sem"].shape == (3, *want) and item["ir"].shape == (1, *want)
         assert item["sem_ids"].shape == want and item["sem_ids"].dtype == torch.long
@@ -587,6 +587,80 @@ def test_misalign_moves_the_labels_and_coarsens_them_to_cells():
     coarse = data.misalign(ids, down=4)
     assert coarse.unique().numel() == 4 and torch.equal(coarse[:4, :4], torch.full((4, 4), int(ids[2, 2])))
     assert torch.equal(data.misalign(ids), ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizing: --size S is about SxS pixels at the frame's own aspect ratio; several shapes are buckets
+
+def test_real_frames_keep_their_aspect_ratio_at_sides_that_are_multiples_of_16(tmp_path):
+    """MSRS 640x480, PST900 1280x720, LLVIP 1280x1024 read at --size 128: each side within rounding (8 px) of the
+    aspect-true size of 128x128 pixels and a multiple of 16, and the labels at both side edges survive (a square
+    centre crop would cut the outer eighth to fifth of the width)."""
+    ds = data.PairedDataset(make_real_size_set(tmp_path / "d"), size=128)
+    for name, (w, h) in REAL_SIZES.items():
+        i = ds.names.index(f"{name}_0")
+        item = ds[i]
+        H, W = item["sem_ids"].shape
+        scale = (128 * 128 / (w * h)) ** 0.5
+        assert W % 16 == 0 and H % 16 == 0 and abs(W - w * scale) <= 8 and abs(H - h * scale) <= 8, (name, W, H)
+        assert item["rgb"].shape == (3, H, W) and item["ir"].shape == (1, H, W) and ds.served[i] == (W, H)
+        assert item["sem_ids"][:, 0].eq(4).all() and item["sem_ids"][:, -1].eq(6).all(), name  # both edges kept
+    # at the --size 512 class of settings (headers only): the pixel budget at the frame's own shape
+    assert [data.served_size(w, h, 512) for w, h in REAL_SIZES.values()] == [(592, 448), (688, 384), (576, 464)]
+    assert data.served_size(512, 512, 512) == (512, 512) and data.served_size(480, 640, 512) == (448, 592)
+    assert data.served_size(640, 480, None) == (640, 480)
+
+
+def test_what_the_sizing_crops_is_said_in_one_line(tmp_path, capsys):
+    assert data.crop_note([(640, 480)] * 3, 512) == ("--size 512 crops the centre to sides that are multiples of 16: "
+                                                     "640x480 -> 592x448 keeps 99.1% of its width (3 pairs)")
+    assert data.crop_note([(1280, 720)], 512).endswith("1280x720 -> 688x384 keeps 99.2% of its height (1 pair)")
+    assert data.crop_note([(512, 512), (1024, 1024)], 512) == "" and data.crop_note([(640, 480)], None) == ""
+    make_real_size_set(tmp_path / "msrs", {"msrs": (640, 480)}, per_set=2)
+    data.main(["check", str(tmp_path / "msrs"), "--size", "512"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("--size")] == [data.crop_note([(640, 480)] * 2, 512)]
+    assert "served at: about 512x512 pixels, aspect kept; 1 bucket(s), each training batch from one: 592x448 " \
+           "(2 pairs)" in out
+    data.main(["check", str(tmp_path / "msrs")])  # 640x480 is a multiple of 16: served as stored, nothing cropped
+    out = capsys.readouterr().out
+    assert "--size" not in out and "640x480 (2 pairs)" in out
+
+
+def test_a_folder_of_several_shapes_is_grouped_into_buckets_by_served_size(tmp_path, capsys):
+    root = make_real_size_set(tmp_path / "d", per_set=2)
+    ds = data.PairedDataset(root, size=128)  # names sort as llvip_*, msrs_*, pst900_*
+    assert ds.served == [(144, 112)] * 4 + [(176, 96)] * 2  # LLVIP's 5:4 and MSRS' 4:3 round to one shape at 128
+    assert ds.buckets() == {(144, 112): [0, 1, 2, 3], (176, 96): [4, 5]}
+    assert ds.describe_buckets() == "144x112 (4 pairs), 176x96 (2 pairs)"
+    data.main(["check", str(root), "--size", "128"])
+    out = capsys.readouterr().out
+    assert "2 bucket(s), each training batch from one: 144x112 (4 pairs), 176x96 (2 pairs)" in out
+    assert len([line for line in out.splitlines() if line.startswith("--size 128 crops")]) == 1  # one for the set
+    assert data.PairedDataset(root).buckets().keys() == {(640, 480), (1280, 720), (1280, 1024)}  # stored sizes
+    prints = {s: data.PairedDataset(root, size=s).fingerprint() for s in (None, 128, 256)}
+    assert len(set(prints.values())) == 3  # the size setting is part of what the set serves
+
+
+def test_sampling_far_from_the_training_size_is_noted(tmp_path):
+    assert data.trained_sizes({"train_sizes": [[592, 448], [688, 384]], "size": 512}) == [(592, 448), (688, 384)]
+    assert data.trained_sizes({"size": 512}) == [(512, 512)]  # a run from before buckets
+    assert data.trained_sizes({"size": 0}) == [] == data.trained_sizes({"train_sizes": [["x", 1]]})
+    note = data.size_note([(1280, 720)], [(592, 448)])
+    assert note.startswith("the image is sampled far from the training size: 1280x720 is 3.5x the pixels")
+    assert note.endswith("--size 512 samples at about the training size")
+    assert "1/4.0 of the pixels" in data.size_note([(256, 256)], [(512, 512)])
+    assert data.size_note([(688, 384)], [(512, 512)]) == "" and data.size_note([(64, 64)], []) == ""
+    assert data.size_note([(64, 64), (512, 512)], [(512, 512)]).startswith("1 of 2 images are sampled far")
+
+
+def test_a_folder_without_semantic_maps_points_to_the_label_maker(tmp_path):
+    root = make_root(tmp_path / "d")
+    for f in (root / "sem").iterdir():
+        f.unlink()
+    (root / "sem").rmdir()
+    with pytest.raises(DataError, match=r"missing folder\(s\) sem/.*python -m tools\.labels .*d .*d --model DIR"):
+        data.check(root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -613,14 +687,15 @@ def test_sampling_resizes_a_pair_as_training_does(tmp_path):
     assert rgb.min() >= -1 and rgb.max() <= 1  # bicubic overshoot clamped
 
 
-def test_validate_names_every_bad_semantic_map_and_the_sizes(tmp_path):
+def test_validate_names_every_bad_semantic_map_and_another_size_is_a_bucket(tmp_path):
     root = make_root(tmp_path / "d", names=("a", "b", "c", "d"))
     for n in ("b", "d"):
         save(np.full((32, 32, 3), 7, np.uint8), root / "sem" / f"{n}.png")  # a colour in no class
-    make_root(root, names=("e",), hw=(16, 16))  # and one pair of another size
-    with pytest.raises(DataError, match=r"3 problem\(s\) with its 5 pairs") as e:
-        data.PairedDataset(root).validate(one_size=True)
-    assert "b.png" in str(e.value) and "d.png" in str(e.value) and "16x16: 1, 32x32: 4" in str(e.value)
+    make_root(root, names=("e",), hw=(16, 16))  # and one pair of another size: a bucket of its own, no problem
+    with pytest.raises(DataError, match=r"2 problem\(s\) with its 5 pairs") as e:
+        data.PairedDataset(root).validate()
+    assert "b.png" in str(e.value) and "d.png" in str(e.value)
+    assert data.PairedDataset(root).buckets() == {(16, 16): [4], (32, 32): [0, 1, 2, 3]}
 
 
 def test_the_fingerprint_follows_content_not_names_sizes_or_times(tmp_path):

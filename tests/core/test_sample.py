@@ -131,6 +131,31 @@ def test_sampling_reads_the_map_with_the_checkpoints_classes(run_train, tmp_path
         assert rc == 2 and "not in the class palette" in capsys.readouterr().err
 
 
+def test_sampling_says_what_size_crops_and_when_it_is_far_from_the_training_size(run_train, tmp_path, capsys):
+    """A run on the world's 64x64 pairs records its size; the 128x128 example (4x the pixels) gets one note saying
+    so and which --size samples near it; an MSRS-sized 640x480 pair at --size 64 comes out 80x48 (its aspect, at
+    sides of 16) with one note on the rows cut, and no note on the size."""
+    w = tmp_path / "w"
+    assert run_train(w, "--stage", "warmup", "--steps", "1") == 0
+    assert json.loads(read_metadata(w / "final.safetensors")["config"])["train_sizes"] == [[64, 64]]
+    ex = ROOT / "examples"
+    capsys.readouterr()
+    assert sample.main([str(ex / "rgb.png"), str(ex / "sem.png"), "-o", str(tmp_path / "a.png"), "--ckpt", str(w),
+                        "--steps", "1"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the image is sampled far from the training size: 128x128 is 4.0x the pixels of the "
+                     "nearest training size (64x64); the model has not seen that scale: --size 64 samples at about "
+                     "the training size"]
+    Image.new("RGB", (640, 480), (90, 90, 90)).save(tmp_path / "rgb.png")
+    Image.new("L", (640, 480), 0).save(tmp_path / "sem.png")  # label ids: all sky
+    assert sample.main([str(tmp_path / "rgb.png"), str(tmp_path / "sem.png"), "-o", str(tmp_path / "b.png"),
+                        "--ckpt", str(w), "--steps", "1", "--size", "64"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert Image.open(tmp_path / "b.png").size == (80, 48)
+    assert notes == ["note: --size 64 crops the centre to sides that are multiples of 16: 640x480 -> 80x48 keeps "
+                     "80.0% of its height (1 pair)"]
+
+
 def test_ckpt_takes_a_run_folder_and_points_from_a_resume_state_to_the_weights(run_train, tmp_path, capsys):
     w = tmp_path / "w"
     assert run_train(w, "--stage", "warmup", "--steps", "1") == 0

@@ -1,7 +1,9 @@
 """train.py end to end on the tiny preset: every stage runs with the default scheme B (and the plain model) and
 writes only what it trains, the defaults are the stage's and the scheme's, resume reproduces an uninterrupted run
-(also after SIGTERM), a NaN stops with the last good weights intact, and bad options fail with one line before
-anything is written. The opt-in mechanisms' training tests are in tests/extras/test_train_*.py."""
+(also after SIGTERM), a NaN stops with the last good weights intact, held-out pairs are sampled and scored as
+tools.eval scores them, numbered checkpoints keep the newest K and load like final, TensorBoard is optional, and bad
+options fail with one line before anything is written. The opt-in mechanisms' training tests are in
+tests/extras/test_train_*.py."""
 
 import dataclasses
 import json
@@ -101,7 +103,7 @@ def test_condition_dropout_and_misaligned_maps_train_and_are_recorded(run_train,
     assert len(cached) == 1
     jit = read_safetensors(cached[0])
     n = len(PairedDataset(env / "synth"))
-    assert jit["sem"].shape[:2] == (4, n) and jit["sem_pixels"].shape[:2] == (4, n)
+    assert jit["64x64/sem"].shape[:2] == (4, n) and jit["64x64/sem_pixels"].shape[:2] == (4, n)  # one bucket
     capsys.readouterr()
     assert run_train(tmp_path / "w", "--stage", "warmup", "--steps", "1", "--sem-drop", "0.2") == 2
     err = capsys.readouterr().err
@@ -128,6 +130,151 @@ def test_sample_grid_written_at_the_end(run_train, tmp_path):
     from PIL import Image
     (png,) = (out / "samples").glob("*.png")
     assert Image.open(png).size[0] == 4 * (64 + 2) + 2  # RGB | semantic | target | prediction
+
+
+def test_a_bf16_base_trains_and_samples_on_the_cpu_too(run_train, tmp_path):
+    """--base-dtype bf16 on the CPU: the fp32 trainable modules run under bf16 autocast, as on a GPU, through the
+    step, the finite-loss check and the grid (without it the first matmul of fp32 and bf16 fails)."""
+    out = tmp_path / "bf16"
+    assert run_train(out, "--stage", "warmup", "--steps", "2", "--ckpt-every", "1", "--sample-steps", "2",
+                     "--base-dtype", "bf16") == 0
+    assert (out / "final.safetensors").is_file() and list((out / "samples").glob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# validation, numbered checkpoints, TensorBoard
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """3 synthetic pairs drawn apart from the world's training pairs."""
+    from tools.synth import write_synth
+    root = tmp_path_factory.mktemp("held_out") / "val"
+    write_synth(root, count=3, size=64, seed=5)
+    return root
+
+
+def test_validation_samples_and_scores_the_held_out_pairs_at_sample_every(run_train, held_out, tmp_path, capsys):
+    """At every --sample-every step the first --val-count held-out pairs are sampled into a grid and scored into
+    log.jsonl (beside the loss lines, which stay one a step), one printed line each; the scores are tools.eval's on
+    the same weights with the same settings."""
+    from PIL import Image
+    from tools.eval import Sampling, evaluate
+    import pipeline
+    out = tmp_path / "v"
+    assert run_train(out, "--stage", "warmup", "--steps", "4", "--sample-every", "2", "--sample-steps", "2",
+                     "--val-data", str(held_out), "--val-count", "2", "--ckpt-every", "2") == 0
+    for step in (2, 4):  # 2 rows: RGB | semantic | ground truth | prediction
+        assert Image.open(out / "samples" / f"val_step_{step:06d}.png").size == (4 * 66 + 2, 12 + 2 * 66 + 2)
+    assert not list((out / "samples").glob("step_*.png"))  # the held-out grid replaces the training pairs' grid
+    rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    val = [r for r in rows if "val_psnr" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(r["val_pairs"] == 2 for r in val)
+    assert set(val[0]) == {"step", "val_psnr", "val_ssim", "val_miss", "val_decoy", "val_hallucination", "val_pairs"}
+    printed = [l for l in capsys.readouterr().out.splitlines() if "validation on 2 pairs" in l]
+    assert [l.split(":")[0] for l in printed] == ["step 2", "step 4"] and "decoy hallucination" in printed[0]
+    pipe = pipeline.load_pipeline(out / "checkpoints" / "step_000004.safetensors", quiet=True)
+    s = evaluate(pipe, PairedDataset(held_out), Sampling(steps=2), limit=2, progress=False)
+    assert val[1]["val_psnr"] == pytest.approx(s["psnr"], rel=1e-6)
+    assert val[1]["val_ssim"] == pytest.approx(s["ssim"], rel=1e-6)
+    assert (val[1]["val_miss"], val[1]["val_decoy"]) == (s["all"]["miss_rate"], s["decoy"]["hallucination_rate"])
+
+
+def test_validation_at_the_end_without_sample_every(run_train, held_out, tmp_path):
+    out = tmp_path / "v"
+    assert run_train(out, "--stage", "warmup", "--steps", "2", "--sample-steps", "1", "--val-data", str(held_out)) == 0
+    assert [p.name for p in (out / "samples").iterdir()] == ["val_step_000002.png"]
+    val = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "val_psnr" in l]
+    assert len(val) == 1 and val[0]["val_pairs"] == 3  # --val-count 8, of a folder of 3
+
+
+def test_validation_pairs_of_two_sizes_share_one_grid(run_train, held_out, tmp_path):
+    import shutil
+    from PIL import Image
+    from tools.synth import write_synth
+    mixed, small = tmp_path / "mixed", tmp_path / "small"
+    shutil.copytree(held_out, mixed)
+    write_synth(small, count=1, size=32, seed=9)
+    for d in ("rgb", "sem", "ir"):
+        for f in (small / d).iterdir():
+            shutil.copy(f, mixed / d / f"small_{f.name}")
+    out = tmp_path / "v"
+    assert run_train(out, "--stage", "warmup", "--steps", "1", "--sample-steps", "1", "--val-data", str(mixed)) == 0
+    assert Image.open(out / "samples" / "val_step_000001.png").size == (4 * 66 + 2, 12 + 4 * 66 + 2)  # cells of 64
+    (val,) = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "val_psnr" in l]
+    assert val["val_pairs"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-data", "nowhere"], "--val-data nowhere: no such folder"),
+    (["--val-data", "TRAIN"], "is the training data"),
+    (["--val-data", "HELD"], "--sample-steps"),  # the run's --sample-steps 0
+    (["--val-data", "HELD", "--sample-steps", "1", "--val-count", "0"], "--val-count must be at least 1"),
+    (["--keep-last", "-1"], "--keep-last must be 0"),
+    (["--val-data", "PALETTE", "--sample-steps", "1"], "its classes differ"),
+])
+def test_bad_validation_and_checkpoint_flags_are_one_line(run_train, env, held_out, tmp_path, capsys, args, message):
+    import shutil
+    palette = tmp_path / "palette"
+    shutil.copytree(held_out, palette)
+    classes = json.loads((palette / "classes.json").read_text())
+    classes["classes"][5]["hot"] = True  # a class the training data has cold
+    (palette / "classes.json").write_text(json.dumps(classes))
+    where = {"TRAIN": str(env / "synth"), "HELD": str(held_out), "PALETTE": str(palette)}
+    out = tmp_path / "bad"
+    assert run_train(out, "--stage", "warmup", "--steps", "1", *[where.get(a, a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not (out / "final.safetensors").exists()
+
+
+def test_numbered_checkpoints_keep_the_last_k_and_load_like_final(run_train, tmp_path):
+    """--ckpt-every writes checkpoints/step_N.safetensors beside latest (the same file), the newest --keep-last stay
+    (0: all); each loads as sample.py and tools.eval load a run's output, with final's metadata."""
+    import pipeline
+    out = tmp_path / "k"
+    assert run_train(out, "--stage", "warmup", "--steps", "5", "--ckpt-every", "1", "--keep-last", "2") == 0
+    numbered = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert numbered == ["step_000004.safetensors", "step_000005.safetensors"]
+    assert (out / "checkpoints" / numbered[-1]).read_bytes() == (out / "latest.safetensors").read_bytes()
+    final = read_safetensors(out / "final.safetensors")
+    for name in numbered:
+        path = out / "checkpoints" / name
+        assert read_metadata(path) == read_metadata(out / "final.safetensors")
+        pipe = pipeline.load_pipeline(path, quiet=True)
+        assert pipe.ckpt == path and pipe.scheme == "xattn"
+    last = read_safetensors(out / "checkpoints" / numbered[-1])
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in final)
+    every = tmp_path / "all"
+    assert run_train(every, "--stage", "warmup", "--steps", "3", "--ckpt-every", "1", "--keep-last", "0") == 0
+    assert len(list((every / "checkpoints").iterdir())) == 3
+
+
+def test_tensorboard_without_the_package_is_one_line_before_any_work(run_train, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    out = tmp_path / "tb"
+    assert run_train(out, "--stage", "warmup", "--steps", "1", "--tensorboard") == 2
+    err = capsys.readouterr().err
+    assert err == "error: --tensorboard needs the tensorboard package: pip install tensorboard\n"
+    assert not out.exists()
+    assert run_train(out, "--stage", "warmup", "--steps", "1") == 0  # without the flag nothing needs it
+    assert not (out / "tb").exists()
+
+
+def test_tensorboard_logs_the_loss_and_the_validation(run_train, held_out, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    assert run_train(out, "--stage", "warmup", "--steps", "2", "--sample-every", "2", "--sample-steps", "1",
+                     "--val-data", str(held_out), "--val-count", "1", "--tensorboard") == 0
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/psnr", "val/miss", "val/decoy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in events.Images("val/grid")] == [2]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -372,19 +519,39 @@ def test_outputs_carry_the_class_palette_and_the_latent_cache_follows_it(run_tra
     assert latents.cache_key(ds, env / "weights" / "demo" / "ae.safetensors") != key
 
 
-def test_a_dataset_of_mixed_sizes_is_refused_naming_pixel_sizes(env, run_train, tmp_path, capsys):
-    import shutil
-    from tools.synth import write_synth
-    write_synth(tmp_path / "a", count=2, size=64, seed=0)
-    write_synth(tmp_path / "b", count=2, size=32, seed=1)
-    mixed = tmp_path / "mixed"
-    shutil.copytree(tmp_path / "a", mixed)
-    for d in ("rgb", "sem", "ir"):
-        for f in (tmp_path / "b" / d).iterdir():
-            shutil.copy(f, mixed / d / f"small_{f.name}")
-    assert run_train(tmp_path / "out", "--stage", "warmup", "--steps", "1", "--data", str(mixed)) == 2
-    err = capsys.readouterr().err
-    assert "32x32: 2" in err and "64x64: 2" in err and "--size" in err
+def test_a_mixed_size_set_trains_in_buckets_as_check_says_and_resumes_exactly(env, run_train, tmp_path, capsys,
+                                                                               monkeypatch):
+    """MSRS, PST900 and LLVIP frames (640x480, 1280x720, 1280x1024) in one folder at --size 128: data.py check and
+    train.py name the same two buckets, each batch is drawn from one and both are drawn, the crop is one line, the
+    run config records the sizes; stopped and resumed, the run equals an uninterrupted one (the bucket draws come
+    from the resumed generator)."""
+    import data
+    from conftest import make_real_size_set
+    root = make_real_size_set(tmp_path / "mixed", per_set=2)
+    data.main(["check", str(root), "--size", "128"])
+    checked = capsys.readouterr().out
+    shapes, real = [], train.get_batch
+
+    def recording(*args):
+        batch = real(*args)
+        shapes.append(tuple(batch[0].shape))  # x0 [B, L, 64]: one tensor, so one token grid a batch
+        return batch
+    monkeypatch.setattr(train, "get_batch", recording)
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = ("--stage", "warmup", "--data", str(root), "--size", "128", "--ckpt-every", "3", "--sample-steps", "1")
+    assert run_train(full, *flags, "--steps", "6") == 0
+    out = capsys.readouterr().out
+    buckets = "144x112 (4 pairs), 176x96 (2 pairs)"  # 5:4 and 4:3 round to one shape at this size
+    assert f"2 bucket(s), each training batch from one: {buckets}" in checked
+    assert f"6 pairs in 2 buckets, each batch from one (drawn in proportion to its pairs): {buckets}" in out
+    assert len([line for line in out.splitlines() if "--size 128 crops the centre" in line]) == 1
+    assert "6 training pairs of 63 or 66 tokens" in out  # 9x7 and 11x6 token grids
+    assert set(shapes) == {(2, 63, 64), (2, 66, 64)}
+    assert json.loads(read_metadata(full / "final.safetensors")["config"])["train_sizes"] == [[144, 112], [176, 96]]
+    assert run_train(part, *flags, "--steps", "3") == 0
+    assert run_train(part, *flags, "--steps", "6", "--resume") == 0
+    a, b = read_safetensors(full / "final.safetensors"), read_safetensors(part / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -396,7 +563,7 @@ def run_files(out: Path) -> dict:
 
 
 def test_a_failing_overwrite_leaves_the_earlier_run_whole(run_train, env, tmp_path, capsys):
-    """--overwrite with a typo'd --data, with bad dataset content (mixed sizes, an unknown colour in the last pair),
+    """--overwrite with a typo'd --data, with bad dataset content (an unknown colour in the last two pairs),
     or its own --init: one line, and the earlier run is as it was (no lock, nothing set aside)."""
     import shutil
     from conftest import save_image
@@ -502,11 +669,11 @@ def test_an_unreadable_latent_cache_is_encoded_again(run_train, tmp_path, capsys
         if broken == "truncated":
             cache.write_bytes(cache.read_bytes()[:-100])
         else:
-            save_atomic(tokens | {"ir": tokens["ir"] * float("nan")}, cache)
+            save_atomic(tokens | {"32x32/ir": tokens["32x32/ir"] * float("nan")}, cache)
         capsys.readouterr()
         assert run_train(tmp_path / broken, "--stage", "warmup", "--steps", "1", "--data", str(d)) == 0
         assert "cannot be used" in capsys.readouterr().out
-        assert torch.equal(read_safetensors(cache)["ir"], tokens["ir"])
+        assert torch.equal(read_safetensors(cache)["32x32/ir"], tokens["32x32/ir"])
 
 
 def test_on_a_gpu_with_an_official_base_the_batch_comes_from_the_memory_plan(env, monkeypatch, capsys):

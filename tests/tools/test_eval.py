@@ -3,6 +3,7 @@ cheaper options with their settings), refusing unknown names before any training
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -268,6 +269,31 @@ def test_the_thermalgen_protocol_fails_before_any_generation_when_a_piece_is_mis
                           "--protocol", "thermalgen", "--lpips-weights", str(env / "missing-alexnet.pth")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and ("torchvision" in err or "alexnet" in err.lower())
+
+
+def test_the_thermalgen_protocol_scores_psnr_and_ssim_without_torchvision(env, monkeypatch, capsys):
+    """A CPU install (no torchvision, no weight files): --metrics psnr,ssim (also the default) scores the
+    evaluation's own predictions as protocol.thermalgen_scores does; flags that would change nothing are refused."""
+    from tools import protocol
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    seen = []
+    update = protocol.ThermalGenProtocol.update
+    monkeypatch.setattr(protocol.ThermalGenProtocol, "update",
+                        lambda self, p, t: (seen.append((p.clone(), t.clone())), update(self, p, t))[1])
+    common = ["--data", str(env / "synth"), "--base", "--steps", "1", "--limit", "2", "--no-progress"]
+    assert evaluation.main(common + ["--protocol", "thermalgen", "--metrics", "psnr,ssim"]) == 0
+    out = capsys.readouterr().out
+    assert "--protocol thermalgen scores psnr,ssim (not lpips,fid: ask with --metrics)" in out
+    got = json.loads(out.strip().splitlines()[-1])["thermalgen"]
+    preds, targets = (torch.cat([pair[i] for pair in seen]) for i in (0, 1))
+    assert got == protocol.thermalgen_scores(preds, targets, scores=("psnr", "ssim")) and got["n_images"] == 2
+    for flags, message in ((["--metrics", "psnr"], "--metrics: no effect without --protocol thermalgen"),
+                           (["--protocol", "thermalgen", "--metrics", "psnr,mse"], "unknown score(s) mse"),
+                           (["--protocol", "thermalgen", "--metrics", "psnr", "--lpips-weights", "a.pth"],
+                            "--lpips-weights is for LPIPS, which --metrics psnr leaves out")):
+        assert evaluation.main(common + flags) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_run_recorded_before_a_setting_existed_is_reused_with_that_settings_default(env, in_process, tmp_path):

@@ -28,6 +28,20 @@ def test_autoencoder_training_writes_a_loadable_autoencoder(env, tmp_path):
     assert ae.params.scale_factor > 0 and ae.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 4, 4)
 
 
+def test_a_set_of_several_image_shapes_trains_one_shape_a_batch(tmp_path, capsys):
+    """Frames of two published sets' shapes at --size 96: each served at its own aspect ratio (data.served_size), one
+    stack per shape, every batch from one stack, and the run trains on both."""
+    from conftest import make_real_size_set
+    root = make_real_size_set(tmp_path / "set", {"msrs": (640, 480), "pst900": (1280, 720)}, per_set=2)
+    stacks = train_ae.load_images(train_ae.parse_args(["--data", str(root), "--size", "96"]))
+    assert sorted(tuple(s.shape) for s in stacks) == [(6, 3, 64, 128), (6, 3, 80, 112)]  # 3 images a pair
+    g = torch.Generator().manual_seed(0)
+    assert {tuple(train_ae.draw(stacks, 3, g).shape) for _ in range(20)} == {(3, 3, 64, 128), (3, 3, 80, 112)}
+    assert train_ae.main(["--data", str(root), "--size", "96", "--steps", "2", "--batch-size", "2", "--crop", "32",
+                          "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "crops the centre" in capsys.readouterr().out
+
+
 def test_sigterm_writes_ae_resume_state_and_resume_reproduces(env, tmp_path, capsys):
     """Kill a run from the test (SIGTERM) once its loop runs, resume, compare with an uninterrupted run."""
     full, killed = tmp_path / "full", tmp_path / "killed"
