@@ -875,9 +875,10 @@ def diverged(what: str, good: Path | None) -> int:
 @torch.no_grad()
 def sample_grid(model: Flux, net, ae: AutoEncoder, setup: Setup, cfg: TrainConfig, latents: dict, text: tuple,
                 device, dtype, path: Path, write: bool = True) -> Path:
-    """RGB | semantic | target | prediction for the first 4 training pairs, sampled with the current weights (net)
-    from the cached latents (the VAE encoder is not needed). Under --fsdp every rank runs the sampling (its forward
-    passes gather the shards) and only `write` draws and writes the grid."""
+    """RGB | semantic | target | prediction for the first 4 training pairs of one bucket's `latents` (the run passes
+    the first bucket), sampled with the current weights (net) from the cached latents (the VAE encoder is not
+    needed). Under --fsdp every rank runs the sampling (its forward passes gather the shards) and only `write` draws
+    and writes the grid."""
     idx = torch.arange(min(4, len(latents["ir"])))
     B, (H, W) = len(idx), latents["sem_ids"].shape[-2:]
     cond = condition(model, cfg, latents, idx, text, device, dtype)
