@@ -589,6 +589,15 @@ def load_pair(rgb_path, sem_path, classes, size: int | None, max_pixels=None):
     return rgb, sem, ids
 
 
+def draw_bucket(sizes: list[int], g: torch.Generator) -> int:
+    """Which bucket a training batch comes from: drawn from `g` in proportion to the buckets' `sizes` (their pairs),
+    so every pair is as likely as in a set of one size. One bucket draws nothing from `g`: a set of one size keeps
+    the random stream it had before there were buckets."""
+    if len(sizes) == 1:
+        return 0
+    return torch.multinomial(torch.tensor(sizes, dtype=torch.float), 1, generator=g).item()
+
+
 class PairedDataset(torch.utils.data.Dataset):
     """(rgb, sem, ir) triples from root/{rgb,sem,ir}/<stem>.* (see the module docstring).
 

@@ -632,14 +632,10 @@ def get_batch(model: Flux, cfg: TrainConfig, latents: list[dict], text: tuple, g
               world: int, device, dtype):
     """(x0, noise, t, cond, guidance): flow_loss's arguments for this process's part of one global batch. The
     global batch is drawn identically on every rank from the one generator `g`; each rank takes its slice. It comes
-    from one bucket (pairs served at one size), drawn in proportion to its pairs, so every pair is as likely as
-    in a set of one size; its pairs are drawn with replacement, so a bucket smaller than the batch serves it too.
-    A set of one size draws no bucket: its batches are what they were before there were buckets."""
+    from one bucket (pairs served at one size, data.draw_bucket); its pairs are drawn with replacement, so a bucket
+    smaller than the batch serves it too."""
     n, part = cfg.batch_size * world, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    bucket = latents[0]
-    if len(latents) > 1:
-        pairs = torch.tensor([len(b["ir"]) for b in latents], dtype=torch.float)
-        bucket = latents[torch.multinomial(pairs, 1, generator=g).item()]
+    bucket = latents[data.draw_bucket([len(b["ir"]) for b in latents], g)]
     N, L, _ = bucket["ir"].shape  # [N_b, L_b, 64] tokens
     idx = torch.randint(N, (n,), generator=g)[part]
     x0 = bucket["ir"][idx].to(device)  # [B, L, 64]
@@ -937,10 +933,9 @@ def validate(val: Validation, net, cfg: TrainConfig, step: int, out: Path, log: 
     --fsdp every rank samples (the forward passes gather the shards)."""
     start, was_training = time.time(), net.training
     net.eval()
-    preds, by_size = {}, {}
-    for i, item in enumerate(val.items):
-        by_size.setdefault(tuple(item["rgb"].shape), []).append(i)
-    for same in by_size.values():
+    preds = {}
+    for members in val.ds.buckets().values():  # pairs of one size
+        same = [i for i in members if i < len(val.items)]
         for k in range(0, len(same), cfg.batch_size):
             idx = same[k:k + cfg.batch_size]
             rgb, sem = (torch.stack([val.items[i][key] for i in idx]) for key in ("rgb", "sem"))  # [b, 3, H, W]

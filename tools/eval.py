@@ -650,7 +650,8 @@ def main(argv=None) -> int:
 
 def protocol_scores(args) -> list[str] | None:
     """--metrics as a list of score names (None: protocol.default_scores), checked against --protocol and the weight
-    flags: a flag that changes nothing is refused rather than ignored."""
+    flags: a flag that changes nothing is refused rather than ignored. The names themselves are checked where the
+    protocol is built, before any sampling."""
     given = [flag for flag, v in (("--metrics", args.metrics), ("--lpips-weights", args.lpips_weights),
                                   ("--fid-weights", args.fid_weights)) if v is not None]
     if given and not args.protocol:
@@ -659,13 +660,7 @@ def protocol_scores(args) -> list[str] | None:
         raise ValueError("--protocol scores one model (--ckpt or --base), not a --sweep or the --ablation")
     if args.metrics is None:
         return None
-    from tools.protocol import SCORES
-    names = [n.strip().lower() for n in args.metrics.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in SCORES]:
-        raise ValueError(f"--metrics {args.metrics!r}: unknown score(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(SCORES)}")
-    if not names:
-        raise ValueError(f"--metrics is empty; choose from {', '.join(SCORES)}")
+    names = [n.strip().lower() for n in args.metrics.split(",") if n.strip()]  # ThermalGenProtocol checks them
     for flag, score in (("--lpips-weights", "lpips"), ("--fid-weights", "fid")):
         if getattr(args, flag[2:].replace("-", "_")) and score not in names:
             raise ValueError(f"{flag} is for {score.upper()}, which --metrics {args.metrics} leaves out: add {score} "

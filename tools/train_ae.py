@@ -113,21 +113,20 @@ def load_images(a: argparse.Namespace) -> list[torch.Tensor]:
         raise ValueError(f"{root}: empty dataset")
     if ds.crop_note():
         print(f"note: {root}: {ds.crop_note()}")
-    by_size: dict[tuple, list[torch.Tensor]] = {}
-    for i in range(len(ds)):
-        it = ds[i]
-        by_size.setdefault(tuple(it["rgb"].shape), []).extend(
-            [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]])
-    return [torch.stack(images) for images in by_size.values()]
+    stacks = []
+    for members in ds.buckets().values():  # the pairs served at one size
+        images = []
+        for i in members:
+            it = ds[i]
+            images += [it["rgb"], it["sem"], data.ir_to_rgb(it["ir"][None])[0]]
+        stacks.append(torch.stack(images))
+    return stacks
 
 
 def draw(stacks: list[torch.Tensor], batch: int, g: torch.Generator) -> torch.Tensor:
-    """A batch of one size: the stack drawn in proportion to its images (none drawn when there is one), then
-    `batch` of its images with replacement -> [B, 3, H, W]."""
-    images = stacks[0]
-    if len(stacks) > 1:
-        counts = torch.tensor([len(s) for s in stacks], dtype=torch.float)
-        images = stacks[torch.multinomial(counts, 1, generator=g).item()]
+    """A batch of one size: the stack drawn as train.py draws its buckets (data.draw_bucket), then `batch` of its
+    images with replacement -> [B, 3, H, W]."""
+    images = stacks[data.draw_bucket([len(s) for s in stacks], g)]
     return images[torch.randint(len(images), (batch,), generator=g)]
 
 
